@@ -1,0 +1,152 @@
+"""`python -m dsv3`: size a config, build it, run one random-token forward.
+
+python -m dsv3 --seed-demo                      # the example this project started from
+python -m dsv3 --config presets/tiny.json --device cpu --dtype fp32 --batch 2 --seq 64
+python -m dsv3 --n-layers 4 --dim 256 --layer-config '{"2": {"ffn": "dense"}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+
+from .config import ConfigError, ModelArgs
+from .memory import check_fits, default_device
+from .params import count_params, estimate, human_bytes
+
+SEED_DEMO = {
+    "n_layers": 32,
+    "dim": 2048,
+    "layer_config": {5: {"n_heads": 32}, 10: {"moe_inter_dim": 4096}},
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dsv3", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="preset name, preset JSON or ModelArgs JSON file")
+    p.add_argument(
+        "--seed-demo",
+        action="store_true",
+        help="n_layers 32, dim 2048, overrides on layers 5 and 10, bf16, tokens (2, 128)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda when it fits, else meta for --seed-demo, cpu otherwise), cpu, cuda, meta",
+    )
+    p.add_argument(
+        "--dtype", default=None, help="fp32, bf16 or fp8 (default: fp32 on cpu, bf16 on cuda)"
+    )
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layer-config", help="per-layer overrides as JSON")
+    for f in dataclasses.fields(ModelArgs):
+        if f.name in ("layer_config", "dtype"):  # --dtype is the build dtype
+            continue
+        kind = {int: int, float: float}.get(type(f.default), str)
+        p.add_argument("--" + f.name.replace("_", "-"), dest="f_" + f.name, type=kind, default=None)
+    return p
+
+
+def _load_args(ns: argparse.Namespace) -> ModelArgs:
+    base: dict = {}
+    if ns.seed_demo:
+        base = json.loads(json.dumps(SEED_DEMO))
+    elif ns.config:
+        try:
+            from . import presets
+
+            return _with_flags(presets.load(ns.config).to_dict(), ns)
+        except ImportError:
+            with open(ns.config) as fh:
+                base = json.load(fh)
+            base = base.get("args", base)
+    return _with_flags(base, ns)
+
+
+def _with_flags(base: dict, ns: argparse.Namespace) -> ModelArgs:
+    for k, v in vars(ns).items():
+        if k.startswith("f_") and v is not None:
+            name = k[2:]
+            base[name] = (
+                {"none": None, "true": True, "false": False}.get(v, v) if isinstance(v, str) else v
+            )
+    if ns.layer_config:
+        try:
+            base["layer_config"] = json.loads(ns.layer_config)
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"--layer-config is not valid JSON: {e}", field="layer_config"
+            ) from None
+    return ModelArgs.from_dict(base)
+
+
+def _table(args: ModelArgs) -> str:
+    c = count_params(args)
+    lines = [f"{'layer':>5} {'ffn':>5} {'params':>16} {'active':>16}"]
+    for r in c["layers"]:
+        lines.append(f"{r['layer']:>5} {r['ffn']:>5} {r['total']:>16,} {r['active']:>16,}")
+    lines.append(f"{'':>5} {'':>5} {'total':>16} {'active':>16}")
+    lines.append(f"{'all':>5} {'':>5} {c['total']:>16,} {c['active']:>16,}")
+    for g, n in c["groups"].items():
+        lines.append(f"  {g:<16} {n:>16,}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        args = _load_args(ns)
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if ns.seed_demo:
+        ns.batch, ns.seq = 2, 128
+        ns.dtype = ns.dtype or "bf16"
+    device = ns.device
+    dtype = ns.dtype or ("fp32" if device == "cpu" else "bf16")
+    auto = device == "auto"
+    if auto:
+        device = default_device()
+        if ns.dtype is None:
+            dtype = "bf16" if device == "cuda" else "fp32"
+    if device != "meta":
+        need = estimate(args, dtype, ns.batch, ns.seq)["total_bytes"]
+        fits, why = check_fits(need, device)
+        if not fits and not auto:
+            print(f"error: {device}: {why}", file=sys.stderr)
+            return 2
+        if not fits:
+            print(f"{device}: {why}; running on meta (shapes only)")
+            device = "meta"
+    print(_table(args))
+    est = estimate(args, dtype, ns.batch, ns.seq)
+    print(f"weights ({dtype}): {human_bytes(est['weight_bytes'])}; device {device}")
+    from .model import Transformer
+
+    torch.manual_seed(ns.seed)
+    t0 = time.perf_counter()
+    try:
+        model = Transformer(args, device=device, dtype=dtype)
+        build_s = time.perf_counter() - t0
+        tokens = torch.randint(0, args.vocab_size, (ns.batch, ns.seq), device=device)
+        t0 = time.perf_counter()
+        out = model(tokens)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    print(f"build {build_s:.2f} s, forward {time.perf_counter() - t0:.3f} s")
+    print(out.size())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,500 @@
+"""Model configuration: `ModelArgs`, per-layer resolution and validation.
+
+`ModelArgs` carries every field of the DeepSeek-V3 reference `ModelArgs` (same names, same
+defaults: the 16B V2-Lite shape) plus three choices the reference hard-codes
+(`rope_scaling`, `gate_bias`, `attn_impl`) and `layer_config`, per-layer overrides.
+
+Configuration is resolved once: `args.for_layer(i)` returns a frozen `LayerArgs` with concrete
+values for layer i; modules are built from that and never look at `layer_config` themselves.
+Every value is validated at construction, for every layer's effective args, and a bad value
+raises `ConfigError` naming the field, the layer, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+BLOCK_SIZE = 128  # fp8 quantisation block (the reference's `block_size`)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the field, the layer, the value and
+    what is allowed; `field` and `layer` carry the first two for UIs that show errors in place."""
+
+    def __init__(self, message: str, field: str | None = None, layer: int | None = None):
+        super().__init__(message)
+        self.field = field
+        self.layer = layer
+
+
+# Fields a layer may override, with the type each must have.
+LAYER_FIELDS: dict[str, type | tuple] = {
+    "n_heads": int,
+    "q_lora_rank": int,
+    "kv_lora_rank": int,
+    "qk_nope_head_dim": int,
+    "v_head_dim": int,
+    "inter_dim": int,
+    "moe_inter_dim": int,
+    "n_routed_experts": int,
+    "n_shared_experts": int,
+    "n_activated_experts": int,
+    "n_expert_groups": int,
+    "n_limited_groups": int,
+    "score_func": str,
+    "route_scale": float,
+    "gate_bias": (bool, type(None)),
+    "attn_impl": str,
+    "ffn": str,
+}
+
+# Fields that shape the whole model (embedding, rotary tables, caches): never per layer.
+GLOBAL_ONLY = (
+    "vocab_size",
+    "dim",
+    "n_layers",
+    "n_dense_layers",
+    "max_batch_size",
+    "max_seq_len",
+    "dtype",
+    "scale_fmt",
+    "qk_rope_head_dim",
+    "original_seq_len",
+    "rope_theta",
+    "rope_factor",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "rope_scaling",
+)
+
+CHOICES: dict[str, tuple] = {
+    "dtype": ("bf16", "fp8"),
+    "scale_fmt": (None, "ue8m0"),
+    "score_func": ("softmax", "sigmoid"),
+    "rope_scaling": ("auto", "yarn", "none"),
+    "attn_impl": ("naive", "absorb"),
+    "ffn": ("dense", "moe"),
+}
+
+# Upper bounds keep a typo (dim=20480000) from reaching the allocator; they are far above any
+# published model. (minimum, maximum) per integer field.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "max_batch_size": (1, 1 << 16),
+    "max_seq_len": (1, 1 << 22),
+    "vocab_size": (1, 1 << 22),
+    "dim": (1, 1 << 16),
+    "inter_dim": (1, 1 << 20),
+    "moe_inter_dim": (1, 1 << 18),
+    "n_layers": (1, 1024),
+    "n_dense_layers": (0, 1024),
+    "n_heads": (1, 1024),
+    "n_routed_experts": (1, 1 << 14),
+    "n_shared_experts": (0, 1024),
+    "n_activated_experts": (1, 1 << 14),
+    "n_expert_groups": (1, 1 << 14),
+    "n_limited_groups": (1, 1 << 14),
+    "q_lora_rank": (0, 1 << 16),
+    "kv_lora_rank": (1, 1 << 16),
+    "qk_nope_head_dim": (0, 1 << 12),
+    "qk_rope_head_dim": (2, 1 << 12),
+    "v_head_dim": (1, 1 << 12),
+    "original_seq_len": (1, 1 << 22),
+    "beta_fast": (1, 1 << 12),
+    "beta_slow": (1, 1 << 12),
+}
+FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
+    # (low, high, text); low is exclusive where the text says "> "
+    "route_scale": (0.0, 1e6, "> 0"),
+    "rope_theta": (1.0, 1e12, "> 1"),
+    "rope_factor": (1.0, 1e6, ">= 1"),
+    "mscale": (0.0, 1e3, ">= 0"),
+}
+
+
+@dataclass(frozen=True)
+class LayerArgs:
+    """Concrete, validated arguments of one layer (the result of `ModelArgs.for_layer`)."""
+
+    layer_id: int
+    dim: int
+    ffn: Literal["dense", "moe"]
+    # attention (MLA)
+    n_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    attn_impl: Literal["naive", "absorb"]
+    softmax_scale: float
+    # feed-forward
+    inter_dim: int
+    moe_inter_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    n_activated_experts: int
+    n_expert_groups: int
+    n_limited_groups: int
+    score_func: Literal["softmax", "sigmoid"]
+    route_scale: float
+    gate_bias: bool
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ModelArgs:
+    """Model hyper-parameters. Defaults are the reference's (DeepSeek-V2-Lite, 16B).
+
+    Beyond the reference:
+        rope_scaling: "auto" applies YaRN only when max_seq_len > original_seq_len (the reference
+            rule); "yarn" always; "none" never (plain rotary, softmax scale without mscale).
+        gate_bias: the router's selection bias (`e_score_correction_bias`). None = the reference
+            rule (only when dim == 7168, i.e. DeepSeek-V3); True/False force it.
+        attn_impl: "naive" caches full per-head k/v; "absorb" caches the compressed kv and folds
+            wkv_b into q and the output. Same numbers, different memory.
+        layer_config: {layer index: {field: value}} per-layer overrides; keys may be strings of
+            ints (JSON). See LAYER_FIELDS for what may be overridden; `ffn` picks "dense"/"moe".
+    The `dtype` field is the reference's checkpoint dtype ("bf16" or "fp8"); the dtype a model is
+    built in is the `dtype` argument of `Transformer`.
+    """
+
+    max_batch_size: int = 8
+    max_seq_len: int = 4096 * 4
+    dtype: Literal["bf16", "fp8"] = "bf16"
+    scale_fmt: str | None = None
+    vocab_size: int = 102400
+    dim: int = 2048
+    inter_dim: int = 10944
+    moe_inter_dim: int = 1408
+    n_layers: int = 27
+    n_dense_layers: int = 1
+    n_heads: int = 16
+    # moe
+    n_routed_experts: int = 64
+    n_shared_experts: int = 2
+    n_activated_experts: int = 6
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    route_scale: float = 1.0
+    # mla
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # yarn
+    original_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_factor: float = 40
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    # beyond the reference
+    rope_scaling: Literal["auto", "yarn", "none"] = "auto"
+    gate_bias: bool | None = None
+    attn_impl: Literal["naive", "absorb"] = "absorb"
+    layer_config: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name != "layer_config":
+                _check_value(f.name, getattr(self, f.name), None)
+        self.layer_config = _normalise_layer_config(self.layer_config, self.n_layers)
+        self._validate()
+
+    # ------------------------------------------------------------------ resolution
+    @property
+    def use_yarn(self) -> bool:
+        """Whether the rotary tables and softmax scale use YaRN."""
+        if self.rope_scaling == "auto":
+            return self.max_seq_len > self.original_seq_len
+        return self.rope_scaling == "yarn"
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim**-0.5 of the default layer, times mscale**2 under YaRN (as the reference)."""
+        return self.for_layer(0).softmax_scale if self.n_layers else 0.0
+
+    def ffn_kind(self, layer_id: int) -> str:
+        return self.layer_config.get(layer_id, {}).get(
+            "ffn", "dense" if layer_id < self.n_dense_layers else "moe"
+        )
+
+    def for_layer(self, layer_id: int) -> LayerArgs:
+        """Layer `layer_id`'s concrete arguments, overrides applied."""
+        if not isinstance(layer_id, int) or not 0 <= layer_id < self.n_layers:
+            raise ConfigError(
+                f"layer {layer_id!r} is out of range: layers are 0..{self.n_layers - 1}",
+                field="layer_config",
+                layer=layer_id if isinstance(layer_id, int) else None,
+            )
+        over = self.layer_config.get(layer_id, {})
+        vals = {k: over.get(k, getattr(self, k)) for k in LAYER_FIELDS if k != "ffn"}
+        gate_bias = vals["gate_bias"]
+        if gate_bias is None:
+            gate_bias = self.dim == 7168  # the reference rule: only DeepSeek-V3 has the bias
+        qk_head_dim = vals["qk_nope_head_dim"] + self.qk_rope_head_dim
+        scale = qk_head_dim**-0.5
+        if self.use_yarn:
+            m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+            scale = scale * m * m
+        vals.update(
+            gate_bias=bool(gate_bias),
+            route_scale=float(vals["route_scale"]),
+            layer_id=layer_id,
+            dim=self.dim,
+            ffn=self.ffn_kind(layer_id),
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            softmax_scale=scale,
+        )
+        return LayerArgs(**vals)
+
+    def layers(self) -> list[LayerArgs]:
+        return [self.for_layer(i) for i in range(self.n_layers)]
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        if self.n_dense_layers > self.n_layers:
+            raise ConfigError(
+                f"n_dense_layers={self.n_dense_layers} exceeds n_layers={self.n_layers}; "
+                f"allowed: 0..{self.n_layers}",
+                field="n_dense_layers",
+            )
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(
+                f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary rotates pairs)",
+                field="qk_rope_head_dim",
+            )
+        if self.use_yarn and self.beta_slow >= self.beta_fast:
+            raise ConfigError(
+                f"beta_slow={self.beta_slow} must be < beta_fast={self.beta_fast} for YaRN",
+                field="beta_slow",
+            )
+        for i in range(self.n_layers):
+            _check_layer(self.for_layer(i), explicit=set(self.layer_config.get(i, {})))
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (layer_config keys as strings); `from_dict` inverts it."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["layer_config"] = {str(k): dict(v) for k, v in sorted(self.layer_config.items())}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
+        if not isinstance(d, dict):
+            raise ConfigError(f"model args must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown ModelArgs field(s): {', '.join(map(str, unknown))}; "
+                f"known: {', '.join(sorted(known))}",
+                field=str(unknown[0]),
+            )
+        return cls(**d)
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelArgs:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model args are not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def replace(self, **changes: Any) -> ModelArgs:
+        """A validated copy with `changes` applied."""
+        d = self.to_dict()
+        d.update(changes)
+        return ModelArgs.from_dict(d)
+
+
+# ---------------------------------------------------------------------- helpers
+def _where(layer: int | None) -> str:
+    return "" if layer is None else f" in layer {layer}"
+
+
+def _check_value(name: str, value: Any, layer: int | None) -> None:
+    """Type, choice and range of one field's value."""
+    where = _where(layer)
+    if name in CHOICES:
+        if value not in CHOICES[name]:
+            allowed = ", ".join(repr(c) for c in CHOICES[name])
+            raise ConfigError(
+                f"{name}={value!r}{where} is not allowed; choose one of {allowed}",
+                field=name,
+                layer=layer,
+            )
+        return
+    if name == "gate_bias":
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(
+                f"gate_bias={value!r}{where} must be true, false or null (reference rule)",
+                field=name,
+                layer=layer,
+            )
+        return
+    if name in INT_RANGES:
+        lo, hi = INT_RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(
+                f"{name}={value!r}{where} must be an integer in {lo}..{hi}", field=name, layer=layer
+            )
+        if not lo <= value <= hi:
+            raise ConfigError(
+                f"{name}={value}{where} is out of range; allowed: {lo}..{hi}",
+                field=name,
+                layer=layer,
+            )
+        return
+    if name in FLOAT_RANGES:
+        lo, hi, text = FLOAT_RANGES[name]
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok_type or not math.isfinite(value):
+            raise ConfigError(
+                f"{name}={value!r}{where} must be a finite number {text}", field=name, layer=layer
+            )
+        low_ok = value > lo if text.startswith(">") and not text.startswith(">=") else value >= lo
+        if not (low_ok and value <= hi):
+            raise ConfigError(
+                f"{name}={value}{where} is out of range; allowed: {text} and <= {hi:g}",
+                field=name,
+                layer=layer,
+            )
+        return
+    raise ConfigError(f"unknown field {name!r}{where}", field=name, layer=layer)
+
+
+def _check_layer(la: LayerArgs, explicit: set[str]) -> None:
+    """Cross-field rules on one layer's effective args. Errors name the field the user set when
+    the layer overrides it, else the global one."""
+    i = la.layer_id
+
+    def fail(name: str, msg: str) -> None:
+        # A rule broken by global values on every layer reads better without "in layer 0".
+        layer = i if explicit else None
+        raise ConfigError(f"{msg}{_where(layer)}", field=name, layer=layer)
+
+    if la.ffn == "moe":
+        if la.n_activated_experts > la.n_routed_experts:
+            name = "n_routed_experts" if "n_routed_experts" in explicit else "n_activated_experts"
+            fail(
+                name,
+                f"n_activated_experts={la.n_activated_experts} exceeds "
+                f"n_routed_experts={la.n_routed_experts}; allowed: 1..{la.n_routed_experts}",
+            )
+        if la.n_routed_experts % la.n_expert_groups:
+            fail(
+                "n_expert_groups",
+                f"n_routed_experts={la.n_routed_experts} is not divisible by "
+                f"n_expert_groups={la.n_expert_groups}; allowed: a divisor of "
+                f"{la.n_routed_experts}",
+            )
+        if la.n_limited_groups > la.n_expert_groups:
+            fail(
+                "n_limited_groups",
+                f"n_limited_groups={la.n_limited_groups} exceeds "
+                f"n_expert_groups={la.n_expert_groups}; allowed: 1..{la.n_expert_groups}",
+            )
+        per_group = la.n_routed_experts // la.n_expert_groups
+        if la.n_expert_groups > 1 and la.gate_bias and per_group < 2:
+            fail(
+                "n_expert_groups",
+                f"with the gate bias, groups are scored by their top-2 experts, so each group "
+                f"needs >= 2 experts; n_routed_experts={la.n_routed_experts} / "
+                f"n_expert_groups={la.n_expert_groups} = {per_group}",
+            )
+        if la.n_expert_groups > 1 and la.n_limited_groups * per_group < la.n_activated_experts:
+            fail(
+                "n_limited_groups",
+                f"n_limited_groups={la.n_limited_groups} groups of {per_group} experts hold "
+                f"fewer than n_activated_experts={la.n_activated_experts}; allowed: "
+                f"n_limited_groups >= {math.ceil(la.n_activated_experts / per_group)}",
+            )
+
+
+def _normalise_layer_config(lc: Any, n_layers: Any) -> dict[int, dict[str, Any]]:
+    """Int keys, known fields, checked types and choices; ranges/cross-field rules come later."""
+    if lc is None:
+        return {}
+    if not isinstance(lc, dict):
+        raise ConfigError(
+            f"layer_config must be a mapping of layer index -> overrides, got {type(lc).__name__}",
+            field="layer_config",
+        )
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int):
+        raise ConfigError(f"n_layers={n_layers!r} must be an integer", field="n_layers")
+    out: dict[int, dict[str, Any]] = {}
+    for key, over in lc.items():
+        layer = _layer_index(key, n_layers)
+        if layer in out:
+            raise ConfigError(f"layer {layer} appears twice in layer_config", field="layer_config")
+        if not isinstance(over, dict):
+            raise ConfigError(
+                f"layer_config[{key!r}] must be a mapping of field -> value, "
+                f"got {type(over).__name__}",
+                field="layer_config",
+                layer=layer,
+            )
+        clean: dict[str, Any] = {}
+        for name, value in over.items():
+            if name in GLOBAL_ONLY:
+                raise ConfigError(
+                    f"{name} cannot be overridden per layer (in layer {layer}): it is global; "
+                    f"per-layer fields: {', '.join(LAYER_FIELDS)}",
+                    field=str(name),
+                    layer=layer,
+                )
+            if name not in LAYER_FIELDS:
+                raise ConfigError(
+                    f"unknown per-layer field {name!r} in layer {layer}; "
+                    f"per-layer fields: {', '.join(LAYER_FIELDS)}",
+                    field=str(name),
+                    layer=layer,
+                )
+            if name == "route_scale" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            _check_value(name, value, layer)
+            clean[name] = value
+        out[layer] = clean
+    return dict(sorted(out.items()))
+
+
+def _layer_index(key: Any, n_layers: int) -> int:
+    if isinstance(key, bool):
+        key = repr(key)
+    if isinstance(key, str):
+        try:
+            key = int(key.strip())
+        except ValueError:
+            raise ConfigError(
+                f"layer_config key {key!r} is not a layer index; use integers 0..{n_layers - 1}",
+                field="layer_config",
+            ) from None
+    if not isinstance(key, int):
+        raise ConfigError(
+            f"layer_config key {key!r} is not a layer index; use integers 0..{n_layers - 1}",
+            field="layer_config",
+        )
+    if not 0 <= key < n_layers:
+        raise ConfigError(
+            f"layer_config names layer {key}, out of range: layers are 0..{n_layers - 1}",
+            field="layer_config",
+            layer=key,
+        )
+    return key

@@ -1,0 +1,128 @@
+"""Building blocks shared by attention and feed-forward: Linear (with fp8 block scales),
+RMSNorm, the SwiGLU MLP, the embedding, and fp8 block (de)quantisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BLOCK_SIZE
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """Shape of the per-128x128-block float32 scale of an (out, in) fp8 weight."""
+    return (-(-out_features // BLOCK_SIZE), -(-in_features // BLOCK_SIZE))
+
+
+def _expand_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(..., ceil(rows/128), ceil(cols/128)) -> (..., rows, cols), one value per element."""
+    s = scale.repeat_interleave(BLOCK_SIZE, dim=-2)[..., :rows, :]
+    return s.repeat_interleave(BLOCK_SIZE, dim=-1)[..., :cols]
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 weight (..., out, in) times its block scale -> `dtype`. Pure torch, runs on CPU."""
+    rows, cols = weight.shape[-2:]
+    return (weight.to(torch.float32) * _expand_scale(scale, rows, cols)).to(dtype)
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise fp8 quantisation: each 128x128 block gets scale = amax / 448, so the block's
+    largest magnitude maps to fp8's largest finite value. Returns (fp8 weight, float32 scale)."""
+    rows, cols = weight.shape[-2:]
+    w = weight.to(torch.float32)
+    pr, pc = (-rows) % BLOCK_SIZE, (-cols) % BLOCK_SIZE
+    padded = F.pad(w, (0, pc, 0, pr))
+    lead = padded.shape[:-2]
+    blocks = padded.unflatten(-2, (-1, BLOCK_SIZE)).unflatten(-1, (-1, BLOCK_SIZE))
+    # blocks: (..., rows/128, 128, cols/128, 128)
+    amax = blocks.abs().amax(dim=(-3, -1))  # (..., rows/128, cols/128)
+    scale = (amax / FP8_MAX).clamp_min(1e-12)
+    q = (w / _expand_scale(scale, rows, cols)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    assert scale.shape == (*lead, *scale_shape(rows, cols))
+    return q, scale
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). With an fp8 weight, a float32 `scale` buffer holds one factor per
+    128x128 block (the reference's layout and name) and the weight is dequantised on the fly to
+    the input's dtype. The scale is a buffer, not a parameter: it is not counted or trained."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False
+        )
+        if self.weight.dtype == FP8:
+            shape = scale_shape(out_features, in_features)
+            self.register_buffer("scale", torch.empty(shape, dtype=torch.float32, device=device))
+        else:
+            self.scale = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
+        else:
+            self.bias = None
+
+    def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.scale is None:
+            return self.weight
+        return dequantize(self.weight, self.scale, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, dtype={self.weight.dtype}"
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, eps 1e-6 as the reference."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, dtype=None, device=None):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(
+            torch.empty(dim, dtype=dtype, device=device), requires_grad=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int, dtype=None, device=None):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim, dtype=dtype, device=device)
+        self.w2 = Linear(inter_dim, dim, dtype=dtype, device=device)
+        self.w3 = Linear(dim, inter_dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Embedding(nn.Module):
+    """Token embedding (the reference's ParallelEmbedding on one rank)."""
+
+    def __init__(self, vocab_size: int, dim: int, dtype=None, device=None):
+        super().__init__()
+        self.vocab_size, self.dim = vocab_size, dim
+        self.weight = nn.Parameter(
+            torch.empty(vocab_size, dim, dtype=dtype, device=device), requires_grad=False
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight)

@@ -1,0 +1,89 @@
+"""How much memory there is, and whether an estimate fits: the guard before any allocation.
+
+The budget is `DSV3_MEMORY_LIMIT` when set (e.g. "8GiB", "512MB", "1e9"), else a safe fraction
+of what is free now: 90% of free CUDA memory, 80% of available RAM. The meta device is free.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from .params import human_bytes
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB' -> 8589934592. Raises ValueError naming the accepted forms."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size; use e.g. 8GiB, 512MB or 1e9")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def available_bytes(device: str | torch.device) -> tuple[int, str]:
+    """(bytes free now on `device`, a phrase saying what was measured)."""
+    dev = torch.device(device)
+    if dev.type == "meta":
+        return 2**62, "meta device (nothing is allocated)"
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        return (
+            free,
+            f"free CUDA memory on {torch.cuda.get_device_name(dev)} ({human_bytes(total)} total)",
+        )
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "available RAM"
+    except ImportError:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    return 2**62, "unknown (no psutil, no /proc/meminfo)"
+
+
+def memory_limit(device: str | torch.device) -> tuple[int, str]:
+    """The budget one build may use on `device`: DSV3_MEMORY_LIMIT or a fraction of free memory."""
+    env = os.environ.get("DSV3_MEMORY_LIMIT")
+    dev = torch.device(device)
+    if env and dev.type != "meta":
+        return parse_bytes(env), f"DSV3_MEMORY_LIMIT={env}"
+    free, what = available_bytes(dev)
+    frac = 0.9 if dev.type == "cuda" else 0.8
+    return int(free * frac), f"{int(frac * 100)}% of {what}"
+
+
+def check_fits(nbytes: float, device: str | torch.device) -> tuple[bool, str]:
+    """(fits, reason) for an allocation of `nbytes` on `device`."""
+    limit, what = memory_limit(device)
+    if nbytes <= limit:
+        return True, f"needs {human_bytes(nbytes)}, budget {human_bytes(limit)} ({what})"
+    return False, (
+        f"needs {human_bytes(nbytes)} but the budget is {human_bytes(limit)} ({what}); "
+        "try a smaller preset, bf16 or fp8, or the meta device"
+    )
+
+
+def default_device() -> str:
+    """cuda when present, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,252 @@
+"""The DeepSeek-V3 transformer: blocks built from per-layer resolved args, one init.
+
+Build path: modules are constructed on the meta device, moved with `to_empty` to the target
+device, and `init_weights()` fills them there (no CPU copy on the way to CUDA; a `meta` model
+is never allocated at all).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .attention import MLA
+from .config import ConfigError, LayerArgs, ModelArgs
+from .layers import FP8, MLP, Embedding, Linear, RMSNorm, dequantize, quantize_fp8
+from .moe import MoE
+from .rotary import precompute_freqs_cis
+
+__all__ = ["Block", "Transformer", "dequantize", "quantize_fp8", "resolve_dtype"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> tuple[str, torch.dtype, torch.dtype]:
+    """-> (name, weight dtype of Linear layers, dtype of everything else and of activations)."""
+    if dtype is None:
+        dtype = torch.get_default_dtype()
+    if isinstance(dtype, str):
+        key = {"float32": "fp32", "bfloat16": "bf16", "float8_e4m3fn": "fp8"}.get(dtype, dtype)
+        if key not in DTYPES:
+            raise ConfigError(
+                f"dtype={dtype!r} is not supported; choose one of fp32, bf16, fp8", field="dtype"
+            )
+        dtype = DTYPES[key]
+    if dtype == FP8:
+        return "fp8", FP8, torch.bfloat16
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(
+            f"dtype={dtype} is not supported; choose one of fp32, bf16, fp8", field="dtype"
+        )
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype], dtype, dtype
+
+
+class Block(nn.Module):
+    """Pre-norm attention + feed-forward (a dense MLP or an MoE, as `la.ffn` says)."""
+
+    def __init__(self, la: LayerArgs, max_seq_len: int, wdtype, dtype, device=None):
+        super().__init__()
+        self.layer_id = la.layer_id
+        self.attn = MLA(la, max_seq_len, dtype=wdtype, device=device)
+        if la.ffn == "dense":
+            self.ffn = MLP(la.dim, la.inter_dim, dtype=wdtype, device=device)
+        else:
+            self.ffn = MoE(la, dtype=wdtype, device=device)
+        self.attn_norm = RMSNorm(la.dim, dtype=dtype, device=device)
+        self.ffn_norm = RMSNorm(la.dim, dtype=dtype, device=device)
+
+    def forward(self, x, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), start_pos, cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3 style decoder. `Transformer(args, device=None, dtype=None)`:
+
+    device: anything torch accepts; "meta" builds shapes only (no memory, no init).
+    dtype: torch.float32 / torch.bfloat16 / "fp32" / "bf16" / "fp8" / None (torch's default).
+        "fp8" stores every Linear weight as float8_e4m3fn with float32 128x128 block scales and
+        computes in bfloat16; embedding, norms, router and head stay bfloat16 (as the reference).
+    progress: optional callback(layers_done, n_layers) during initialisation.
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ):
+        super().__init__()
+        if not isinstance(args, ModelArgs):
+            raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
+        self.args = args
+        self.dtype_name, wdtype, dtype = resolve_dtype(dtype)
+        self.compute_dtype = dtype
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        with torch.device("meta"):
+            self.embed = Embedding(args.vocab_size, args.dim, dtype=dtype)
+            self.layers = nn.ModuleList(
+                Block(args.for_layer(i), args.max_seq_len, wdtype, dtype)
+                for i in range(args.n_layers)
+            )
+            self.norm = RMSNorm(args.dim, dtype=dtype)
+            self.head = Linear(args.dim, args.vocab_size, dtype=dtype)
+        self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._filled = (0, 0)  # (batch, positions) held by the KV caches
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights(progress)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """The single place where weights get values (seeded by torch's global RNG).
+
+        | tensor                                   | init                          |
+        |------------------------------------------|-------------------------------|
+        | embed.weight                             | normal(0, 1)                  |
+        | every Linear / expert weight (out, in)   | normal(0, 1/sqrt(in))         |
+        | attn.wo, ffn.w2, experts.w2 (residual)   | normal(0, 1/sqrt(in * 2L))    |
+        | ffn.gate.weight                          | normal(0, 1/sqrt(dim))        |
+        | ffn.gate.bias (selection bias)           | zeros                         |
+        | RMSNorm weights                          | ones                          |
+        | fp8 weights + scale                      | the above, block-quantised    |
+
+        Variance-preserving widths keep activations O(1) through depth, the residual branches are
+        shrunk by the depth so the stream does not blow up, and the head gives O(1) logits. A
+        gate init with unit-variance logits spreads tokens over many experts.
+        """
+        n = len(self.layers)
+        resid = 1.0 / math.sqrt(2 * n)
+        self.embed.weight.normal_(0.0, 1.0)
+        self.norm.weight.fill_(1.0)
+        _init_linear(self.head, 1.0)
+        for i, block in enumerate(self.layers):
+            for name, mod in block.named_modules():
+                if isinstance(mod, RMSNorm):
+                    mod.weight.fill_(1.0)
+                elif isinstance(mod, Linear):
+                    _init_linear(mod, resid if name.endswith(("wo", "w2")) else 1.0)
+            ffn = block.ffn
+            if isinstance(ffn, MoE):
+                ffn.gate.weight.normal_(0.0, 1.0 / math.sqrt(ffn.dim))
+                if ffn.gate.bias is not None:
+                    ffn.gate.bias.zero_()
+                ex = ffn.experts
+                for name in ("w1", "w2", "w3"):
+                    w = getattr(ex, name)
+                    std = (resid if name == "w2" else 1.0) / math.sqrt(w.shape[-1])
+                    if w.dtype == FP8:
+                        for e in range(ex.n_experts):  # one expert at a time bounds temp memory
+                            q, s = quantize_fp8(
+                                torch.empty(w.shape[1:], device=w.device).normal_(0, std)
+                            )
+                            w[e].copy_(q)
+                            getattr(ex, f"{name}_scale")[e].copy_(s)
+                    else:
+                        w.normal_(0.0, std)
+            if progress is not None:
+                progress(i + 1, n)
+        self.reset_cache()
+
+    # ------------------------------------------------------------------ forward
+    def reset_cache(self) -> None:
+        """Drop every layer's KV cache (freed; reallocated by the next forward)."""
+        for block in self.layers:
+            block.attn.cache.clear()
+        self._filled = (0, 0)
+
+    def reserve_cache(self, batch: int, seq_len: int) -> None:
+        """Pre-size the KV caches for `batch` x `seq_len` so decoding never reallocates."""
+        like = torch.empty(0, dtype=self.compute_dtype, device=self.device)
+        for block in self.layers:
+            block.attn.cache.ensure(batch, min(seq_len, self.args.max_seq_len), like, keep=True)
+
+    def cache_bytes(self) -> int:
+        return sum(block.attn.cache.nbytes() for block in self.layers)
+
+    def _rotary(self, device: torch.device, start_pos: int, seqlen: int):
+        """(cos, sin) for positions start_pos..start_pos+seqlen-1, float32, cached per device so
+        that dtype casts of the model never touch them."""
+        if device not in self._rope:
+            self._rope[device] = precompute_freqs_cis(self.args, device=device)
+        cos, sin = self._rope[device]
+        return cos[start_pos : start_pos + seqlen], sin[start_pos : start_pos + seqlen]
+
+    def _check_input(self, tokens: torch.Tensor, start_pos: int) -> None:
+        a = self.args
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ConfigError("tokens must be a 2-D tensor (batch, seq_len)", field="tokens")
+        if tokens.dtype not in (torch.int32, torch.int64):
+            raise ConfigError(f"tokens must be integers, got {tokens.dtype}", field="tokens")
+        B, S = tokens.shape
+        if B == 0 or S == 0:
+            raise ConfigError(
+                f"empty input: batch={B}, seq_len={S}; both must be >= 1", field="tokens"
+            )
+        if B > a.max_batch_size:
+            raise ConfigError(
+                f"batch={B} exceeds max_batch_size={a.max_batch_size}; allowed: 1..{a.max_batch_size}",
+                field="max_batch_size",
+            )
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            raise ConfigError(f"start_pos={start_pos!r} must be an integer >= 0", field="start_pos")
+        if start_pos + S > a.max_seq_len:
+            raise ConfigError(
+                f"start_pos + seq_len = {start_pos + S} exceeds max_seq_len={a.max_seq_len}",
+                field="max_seq_len",
+            )
+        if start_pos > 0:
+            fb, ft = self._filled
+            if B > fb or start_pos > ft:
+                raise ConfigError(
+                    f"start_pos={start_pos} with batch={B} needs a KV cache holding positions "
+                    f"0..{start_pos - 1} for that batch (cache holds batch {fb} x {ft}); "
+                    f"run a forward from start_pos=0 first",
+                    field="start_pos",
+                )
+        if tokens.device.type != "meta":
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= a.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ConfigError(
+                    f"token id {bad} is outside the vocabulary; allowed: 0..{a.vocab_size - 1}",
+                    field="tokens",
+                )
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, all_logits: bool = False):
+        """tokens (B, S) -> logits (B, vocab) of the last position, or (B, S, vocab) with
+        `all_logits`. Positions start at `start_pos`; the KV cache must hold 0..start_pos-1."""
+        self._check_input(tokens, start_pos)
+        B, S = tokens.shape
+        tokens = tokens.to(self.device)
+        cos, sin = self._rotary(tokens.device, start_pos, S)
+        h = self.embed(tokens)  # (B, S, D)
+        for layer in self.layers:
+            h = layer(h, start_pos, cos, sin)
+        h = self.norm(h)
+        if not all_logits:
+            h = h[:, -1]  # (B, D)
+        self._filled = (B, start_pos + S)
+        return self.head(h)
+
+
+def _init_linear(mod: Linear, gain: float) -> None:
+    std = gain / math.sqrt(mod.in_features)
+    if mod.weight.dtype == FP8:
+        q, s = quantize_fp8(torch.empty(mod.weight.shape, device=mod.weight.device).normal_(0, std))
+        mod.weight.copy_(q)
+        mod.scale.copy_(s)
+    else:
+        mod.weight.normal_(0.0, std)
+    if mod.bias is not None:
+        mod.bias.zero_()

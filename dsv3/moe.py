@@ -1,0 +1,165 @@
+"""DeepSeekMoE: routed experts (stacked weights) + shared experts, and the token dispatch.
+
+Legend: T tokens, D model dim, I expert width, E routed experts, K activated experts per token,
+N = T*K routed (token, expert) pairs.
+
+Dispatch: sort the N pairs by expert (stable), gather their inputs, run each expert on its
+contiguous slice, scale by the routing weight and scatter-add back to tokens. Two
+implementations with one signature: `dispatch_loop` (a matmul per expert that received tokens)
+and `dispatch_grouped` (`torch._grouped_mm` over all experts at once); `dispatch` picks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LayerArgs
+from .layers import FP8, MLP, dequantize, scale_shape
+from .routing import Gate
+
+
+def _expert_weights(experts: GroupedExperts, dtype: torch.dtype):
+    return tuple(experts.effective(n, dtype) for n in ("w1", "w2", "w3"))
+
+
+def dispatch_loop(
+    x_ND: torch.Tensor,
+    counts: list[int],
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+) -> torch.Tensor:
+    """x sorted by expert (N, D), tokens per expert -> expert outputs (N, D), same order."""
+    out_ND = torch.empty_like(x_ND)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        h = x_ND[start : start + n]
+        out_ND[start : start + n] = F.linear(
+            F.silu(F.linear(h, w1_EID[e])) * F.linear(h, w3_EID[e]), w2_EDI[e]
+        )
+        start += n
+    return out_ND
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """`torch._grouped_mm` wants 16-byte aligned strides (and, on CUDA, bf16 on sm90+)."""
+    if not hasattr(torch, "_grouped_mm") or x.device.type == "meta":
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, *weights))
+
+
+def dispatch_grouped(
+    x_ND: torch.Tensor,
+    counts: list[int],
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as `dispatch_loop`, as three grouped matmuls."""
+    offs = torch.tensor(counts, device=x_ND.device).cumsum(0).to(torch.int32)
+    h1 = torch._grouped_mm(x_ND, w1_EID.transpose(-2, -1), offs=offs)  # (N, I)
+    h3 = torch._grouped_mm(x_ND, w3_EID.transpose(-2, -1), offs=offs)  # (N, I)
+    return torch._grouped_mm(F.silu(h1) * h3, w2_EDI.transpose(-2, -1), offs=offs)  # (N, D)
+
+
+def dispatch(x_ND, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
+    if impl == "grouped" or (impl == "auto" and grouped_mm_supported(x_ND, w1, w2, w3)):
+        return dispatch_grouped(x_ND, counts, w1, w2, w3)
+    return dispatch_loop(x_ND, counts, w1, w2, w3)
+
+
+class GroupedExperts(nn.Module):
+    """E routed SwiGLU experts with stacked weights: w1/w3 (E, I, D), w2 (E, D, I).
+    With fp8 weights, float32 buffers w1_scale/w2_scale/w3_scale hold each expert's block scales.
+    `load_state_dict` also takes the reference's per-expert keys (`E.w1.weight`, `E.w1.scale`)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, dtype=None, device=None):
+        super().__init__()
+        self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
+        shapes = {"w1": (inter_dim, dim), "w2": (dim, inter_dim), "w3": (inter_dim, dim)}
+        for name, (o, i) in shapes.items():
+            w = torch.empty(n_experts, o, i, dtype=dtype, device=device)
+            setattr(self, name, nn.Parameter(w, requires_grad=False))
+            if dtype == FP8:
+                s = torch.empty(n_experts, *scale_shape(o, i), dtype=torch.float32, device=device)
+                self.register_buffer(f"{name}_scale", s)
+        self._register_load_state_dict_pre_hook(self._stack_reference_keys)
+
+    def effective(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        w = getattr(self, name)
+        if w.dtype != FP8:
+            return w
+        return dequantize(w, getattr(self, f"{name}_scale"), dtype)
+
+    def _stack_reference_keys(self, state_dict, prefix, *args, **kwargs):
+        """Per-expert reference keys `prefix{e}.w1.weight` -> stacked `prefix w1`."""
+        for name in ("w1", "w2", "w3"):
+            for suffix, target in (("weight", name), ("scale", f"{name}_scale")):
+                keys = [f"{prefix}{e}.{name}.{suffix}" for e in range(self.n_experts)]
+                if prefix + target in state_dict or keys[0] not in state_dict:
+                    continue
+                if not all(k in state_dict for k in keys):
+                    continue  # partial sets are left for load_state_dict to report
+                state_dict[prefix + target] = torch.stack([state_dict.pop(k) for k in keys])
+
+    def forward(self, x_TD, weights_TK, idx_TK, counts_E: list[int], impl: str = "auto"):
+        """Routed experts' weighted sum per token (T, D)."""
+        T, K = idx_TK.shape
+        order_N = idx_TK.flatten().argsort(stable=True)  # pairs sorted by expert
+        token_N = order_N // K
+        x_ND = x_TD[token_N]
+        w1, w2, w3 = _expert_weights(self, x_TD.dtype)
+        y_ND = dispatch(x_ND, counts_E, w1, w2, w3, impl)
+        y_ND = y_ND * weights_TK.flatten()[order_N, None]
+        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+
+
+class MoE(nn.Module):
+    """Router + routed experts + shared experts (an MLP of width n_shared_experts * I).
+
+    After each forward `last_counts` (E,) holds tokens routed to each expert, and
+    `last_weights`/`last_indices` (T, K) the routing of that forward: cheap instrumentation the
+    app plots. On the meta device only shapes flow: expert outputs are not computed.
+    """
+
+    impl = "auto"  # "auto" | "loop" | "grouped"
+
+    def __init__(self, la: LayerArgs, dtype=None, device=None):
+        super().__init__()
+        self.dim = la.dim
+        self.n_routed_experts = la.n_routed_experts
+        self.n_activated_experts = la.n_activated_experts
+        self.n_expert_groups = la.n_expert_groups
+        gate_dtype = torch.bfloat16 if dtype == FP8 else dtype  # the router is never fp8
+        self.gate = Gate(la, dtype=gate_dtype, device=device)
+        self.experts = GroupedExperts(la.n_routed_experts, la.dim, la.moe_inter_dim, dtype, device)
+        if la.n_shared_experts > 0:
+            self.shared_experts = MLP(la.dim, la.n_shared_experts * la.moe_inter_dim, dtype, device)
+        else:
+            self.shared_experts = None
+        self.last_counts: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+        self.last_indices: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_TD = x.reshape(-1, self.dim)  # (B*S, D)
+        weights_TK, idx_TK = self.gate(x_TD)
+        # scatter_add rather than bincount: bincount has no meta kernel.
+        counts_E = torch.zeros(self.n_routed_experts, dtype=torch.long, device=x.device)
+        counts_E.scatter_add_(0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten()))
+        self.last_counts, self.last_weights, self.last_indices = counts_E, weights_TK, idx_TK
+        if x.device.type == "meta":
+            y_TD = torch.empty_like(x_TD)
+        else:
+            y_TD = self.experts(x_TD, weights_TK, idx_TK, counts_E.tolist(), self.impl)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.view(shape)

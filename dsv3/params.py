@@ -1,0 +1,237 @@
+"""Analytic parameter counts, memory and FLOP estimates: no allocation, exact counts.
+
+`tensor_specs(args)` lists every tensor the model holds (name, shape, group, kind) from the
+resolved per-layer args; counts and byte estimates are sums over it, and a test checks it against
+a meta build's state_dict, name by name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import ModelArgs
+from .layers import scale_shape
+
+GROUPS = (
+    "embedding",
+    "attention",
+    "routed_experts",
+    "shared_experts",
+    "dense_mlp",
+    "gate",
+    "norms",
+    "head",
+)
+BYTES = {"fp32": 4, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    group: str  # one of GROUPS
+    layer: int | None
+    linear: bool  # stored as fp8 (with block scales) in an fp8 build
+    sharded: bool  # split across tensor/expert-parallel ranks (as the reference)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def tensor_specs(args: ModelArgs) -> list[TensorSpec]:
+    """Every parameter (not fp8 scales) of `Transformer(args)`, in state_dict order."""
+    D = args.dim
+    out = [TensorSpec("embed.weight", (args.vocab_size, D), "embedding", None, False, True)]
+    for la in args.layers():
+        i, p = la.layer_id, f"layers.{la.layer_id}."
+        H = la.n_heads
+
+        def add(name, shape, group, linear=True, sharded=True, p=p, i=i):
+            out.append(TensorSpec(p + name, tuple(shape), group, i, linear, sharded))
+
+        a = "attn."
+        if la.q_lora_rank == 0:
+            add(a + "wq.weight", (H * la.qk_head_dim, D), "attention")
+        else:
+            add(a + "wq_a.weight", (la.q_lora_rank, D), "attention", sharded=False)
+            add(a + "q_norm.weight", (la.q_lora_rank,), "attention", False, False)
+            add(a + "wq_b.weight", (H * la.qk_head_dim, la.q_lora_rank), "attention")
+        add(
+            a + "wkv_a.weight",
+            (la.kv_lora_rank + la.qk_rope_head_dim, D),
+            "attention",
+            sharded=False,
+        )
+        add(a + "kv_norm.weight", (la.kv_lora_rank,), "attention", False, False)
+        kvb = (H * (la.qk_nope_head_dim + la.v_head_dim), la.kv_lora_rank)
+        add(a + "wkv_b.weight", kvb, "attention")
+        add(a + "wo.weight", (D, H * la.v_head_dim), "attention")
+        if la.ffn == "dense":
+            add("ffn.w1.weight", (la.inter_dim, D), "dense_mlp")
+            add("ffn.w2.weight", (D, la.inter_dim), "dense_mlp")
+            add("ffn.w3.weight", (la.inter_dim, D), "dense_mlp")
+        else:
+            E, I = la.n_routed_experts, la.moe_inter_dim
+            add("ffn.gate.weight", (E, D), "gate", False, False)
+            if la.gate_bias:
+                add("ffn.gate.bias", (E,), "gate", False, False)
+            add("ffn.experts.w1", (E, I, D), "routed_experts")
+            add("ffn.experts.w2", (E, D, I), "routed_experts")
+            add("ffn.experts.w3", (E, I, D), "routed_experts")
+            if la.n_shared_experts > 0:
+                W = la.n_shared_experts * I
+                add("ffn.shared_experts.w1.weight", (W, D), "shared_experts")
+                add("ffn.shared_experts.w2.weight", (D, W), "shared_experts")
+                add("ffn.shared_experts.w3.weight", (W, D), "shared_experts")
+        add("attn_norm.weight", (D,), "norms", False, False)
+        add("ffn_norm.weight", (D,), "norms", False, False)
+    out.append(TensorSpec("norm.weight", (D,), "norms", None, False, False))
+    out.append(TensorSpec("head.weight", (args.vocab_size, D), "head", None, False, True))
+    return out
+
+
+def count_params(args: ModelArgs) -> dict:
+    """Exact counts without allocating: {"total", "active", "groups": {...}, "layers": [...]}.
+
+    "active" is what one token uses: everything but the input embedding, with only
+    n_activated_experts of each MoE layer's routed experts.
+    """
+    groups = dict.fromkeys(GROUPS, 0)
+    layers = [
+        {"layer": la.layer_id, "ffn": la.ffn, **dict.fromkeys(GROUPS[1:-1], 0)}
+        for la in args.layers()
+    ]
+    for t in tensor_specs(args):
+        groups[t.group] += t.numel
+        if t.layer is not None:
+            layers[t.layer][t.group] += t.numel
+    for row, la in zip(layers, args.layers()):
+        row["total"] = sum(row[g] for g in GROUPS[1:-1])
+        routed_active = 0
+        if la.ffn == "moe":
+            routed_active = row["routed_experts"] // la.n_routed_experts * la.n_activated_experts
+        row["active"] = row["total"] - row["routed_experts"] + routed_active
+    total = sum(groups.values())
+    active = groups["head"] + groups["norms"] - sum(r["norms"] for r in layers)
+    active += sum(r["active"] for r in layers)
+    return {"total": total, "active": active, "groups": groups, "layers": layers}
+
+
+def weight_bytes(args: ModelArgs, dtype: str) -> int:
+    """Bytes of all weights in a build of `dtype` ("fp32", "bf16", "fp8"), fp8 scales included."""
+    if dtype in BYTES:
+        return sum(t.numel for t in tensor_specs(args)) * BYTES[dtype]
+    if dtype != "fp8":
+        raise ValueError(f"dtype={dtype!r}: choose fp32, bf16 or fp8")
+    total = 0
+    for t in tensor_specs(args):
+        if t.linear:
+            *lead, o, i = t.shape
+            total += t.numel + 4 * math.prod(lead) * math.prod(scale_shape(o, i))
+        else:
+            total += t.numel * (4 if t.name.endswith("gate.bias") else 2)
+    return total
+
+
+def kv_elems_per_token(args: ModelArgs, attn_impl: str) -> int:
+    """Cached elements per token, summed over layers, for a cache layout."""
+    if attn_impl == "naive":
+        return sum(la.n_heads * (la.qk_head_dim + la.v_head_dim) for la in args.layers())
+    return sum(la.kv_lora_rank + la.qk_rope_head_dim for la in args.layers())
+
+
+def estimate(
+    args: ModelArgs,
+    dtype: str = "bf16",
+    batch: int = 1,
+    seq_len: int | None = None,
+    n_gpus: int = 1,
+) -> dict:
+    """What a build and a forward of `batch` x `seq_len` tokens cost, before allocating.
+
+    Memory = weights + KV cache (the configured attn_impl) + activations (a bound on the live
+    tensors of one layer plus the logits). FLOPs count 2 per multiply-add of the matmuls a token
+    passes through (active parameters, embedding excluded) plus causal attention over its
+    context. Per-GPU memory shards what the reference shards (tensor/expert parallel) and
+    replicates the rest (norms, router, wq_a/wkv_a, the absorb latent cache).
+    """
+    seq_len = args.max_seq_len if seq_len is None else seq_len
+    counts = count_params(args)
+    specs = tensor_specs(args)
+    act_bytes = BYTES.get(dtype, 2)  # fp8 computes in bf16
+    wbytes = {d: weight_bytes(args, d) for d in ("fp32", "bf16", "fp8")}
+    kv_tok = {k: kv_elems_per_token(args, k) * act_bytes for k in ("naive", "absorb")}
+    kv_cache = {k: v * batch * seq_len for k, v in kv_tok.items()}
+
+    # Matmul FLOPs per token: active params minus vectors (norms, biases) and embedding lookup.
+    vec = sum(t.numel for t in specs if len(t.shape) == 1)
+    matmul_active = counts["active"] - vec + sum(t.numel for t in specs if t.name == "norm.weight")
+    attn_per_pair = sum(la.n_heads * (la.qk_head_dim + la.v_head_dim) for la in args.layers())
+    pairs = seq_len * (seq_len + 1) / 2  # causal (query, key) pairs in a prefill
+    flops_forward = batch * (2 * matmul_active * seq_len + 2 * attn_per_pair * pairs)
+    flops_per_token = flops_forward / max(batch * seq_len, 1)
+
+    width = max(
+        max(
+            la.n_heads * (la.qk_head_dim * 2 + la.v_head_dim * 2),
+            3 * (la.inter_dim if la.ffn == "dense" else la.moe_inter_dim * la.n_activated_experts),
+        )
+        for la in args.layers()
+    )
+    activation = batch * seq_len * (4 * args.dim + width) * act_bytes + batch * args.vocab_size * 4
+    total = wbytes[dtype] + kv_cache[args.attn_impl] + activation
+
+    n = max(int(n_gpus), 1)
+    wb = wbytes[dtype] / max(sum(t.numel for t in specs), 1)  # average bytes per parameter
+    sharded = sum(t.numel for t in specs if t.sharded) * wb
+    replicated = sum(t.numel for t in specs if not t.sharded) * wb
+    kv_gpu = kv_cache[args.attn_impl] / (n if args.attn_impl == "naive" else 1)
+    per_gpu = sharded / n + replicated + kv_gpu + activation
+
+    rows = []
+    for row, la in zip(counts["layers"], args.layers()):
+        rows.append(
+            {
+                "layer": la.layer_id,
+                "ffn": la.ffn,
+                "heads": la.n_heads,
+                "experts": la.n_routed_experts if la.ffn == "moe" else 0,
+                "top_k": la.n_activated_experts if la.ffn == "moe" else 0,
+                "ffn_width": la.moe_inter_dim if la.ffn == "moe" else la.inter_dim,
+                "params": row["total"],
+                "active": row["active"],
+                "kv_bytes_per_token": (
+                    la.n_heads * (la.qk_head_dim + la.v_head_dim)
+                    if args.attn_impl == "naive"
+                    else la.kv_lora_rank + la.qk_rope_head_dim
+                )
+                * act_bytes,
+            }
+        )
+    return {
+        "params": counts,
+        "dtype": dtype,
+        "batch": batch,
+        "seq_len": seq_len,
+        "weight_bytes": wbytes[dtype],
+        "weight_bytes_by_dtype": wbytes,
+        "kv_bytes_per_token": kv_tok,
+        "kv_cache_bytes": kv_cache,
+        "flops_per_token": flops_per_token,
+        "flops_forward": flops_forward,
+        "activation_bytes": activation,
+        "total_bytes": total,
+        "n_gpus": n,
+        "per_gpu_bytes": per_gpu,
+        "layers": rows,
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

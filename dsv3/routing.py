@@ -1,0 +1,68 @@
+"""The MoE router (the reference's `Gate`): scores, group-limited top-k, bias correction.
+
+Legend: T tokens, D model dim, E routed experts, G expert groups, K activated experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LayerArgs
+
+
+class Gate(nn.Module):
+    """Picks K experts per token and their weights.
+
+    scores = softmax or sigmoid of x W^T, computed in float32 (as transformers does; the
+    reference keeps sigmoid scores in the activation dtype). The optional `bias`
+    (e_score_correction_bias) shifts scores only to *select* experts, never to weight them.
+    With groups, a group's score is its best expert (no bias) or its best two summed (with bias);
+    only the best `n_limited_groups` groups stay eligible. Sigmoid weights are renormalised to
+    sum to 1; all weights are then multiplied by `route_scale`.
+    """
+
+    def __init__(self, la: LayerArgs, dtype=None, device=None):
+        super().__init__()
+        self.dim = la.dim
+        self.topk = la.n_activated_experts
+        self.n_experts = la.n_routed_experts
+        self.n_groups = la.n_expert_groups
+        self.topk_groups = la.n_limited_groups
+        self.score_func = la.score_func
+        self.route_scale = la.route_scale
+        self.weight = nn.Parameter(
+            torch.empty(self.n_experts, self.dim, dtype=dtype, device=device), requires_grad=False
+        )
+        if la.gate_bias:
+            self.bias = nn.Parameter(
+                torch.empty(self.n_experts, dtype=torch.float32, device=device), requires_grad=False
+            )
+        else:
+            self.bias = None
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, D) -> weights (T, K) in x's dtype, expert indices (T, K) int64."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.score_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+        else:
+            scores_TE = logits_TE.sigmoid()
+        choice_TE = scores_TE if self.bias is None else scores_TE + self.bias
+        if self.n_groups > 1:
+            T = x_TD.shape[0]
+            grouped_TGe = choice_TE.view(T, self.n_groups, -1)
+            if self.bias is None:
+                group_TG = grouped_TGe.amax(dim=-1)
+            else:
+                group_TG = grouped_TGe.topk(2, dim=-1)[0].sum(dim=-1)
+            keep_TG = group_TG.topk(self.topk_groups, dim=-1)[1]
+            drop_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
+            choice_TE = grouped_TGe.masked_fill(drop_TG[..., None], float("-inf")).flatten(1)
+        idx_TK = choice_TE.topk(self.topk, dim=-1)[1]
+        weights_TK = scores_TE.gather(1, idx_TK)
+        if self.score_func == "sigmoid":
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        weights_TK = weights_TK * self.route_scale
+        return weights_TK.to(x_TD.dtype), idx_TK
