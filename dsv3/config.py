@@ -446,7 +446,7 @@ def _normalise_layer_config(lc: Any, n_layers: Any) -> dict[int, dict[str, Any]]
             raise ConfigError(f"layer {layer} appears twice in layer_config", field="layer_config")
         if not isinstance(over, dict):
             raise ConfigError(
-                f"layer_config[{key!r}] must be a mapping of field -> value, "
+                f"layer_config for layer {layer} must be a mapping of field -> value, "
                 f"got {type(over).__name__}",
                 field="layer_config",
                 layer=layer,
