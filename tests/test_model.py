@@ -157,7 +157,7 @@ def test_naive_equals_absorb(tiny_model, tiny_args):
         MLA.absorbed_prefill = False
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
     # decode through both caches
-    for i, m in enumerate((naive, tiny_model)):
+    for m in (naive, tiny_model):
         m.reset_cache()
         m(tok[:, :10])
     for pos in range(10, 20):
