@@ -87,3 +87,79 @@ def check_fits(nbytes: float, device: str | torch.device) -> tuple[bool, str]:
 def default_device() -> str:
     """cuda when present, else cpu."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class MemoryBudgetError(ValueError):
+    """A build or forward was refused (over budget) or failed for lack of memory; nothing of it
+    is left allocated. The message has the numbers."""
+
+
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "alloc")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure (CUDA OOM, MemoryError, allocator RuntimeError)."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OOM_TEXT)
+
+
+def release_memory() -> None:
+    """Return freed blocks to the system/driver after a failure or a dropped model."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def build_model(
+    args,
+    device: str | torch.device = "cpu",
+    dtype: str = "fp32",
+    batch: int = 1,
+    seq_len: int = 1,
+    progress=None,
+):
+    """Build `Transformer(args)` only if its estimate (weights + KV cache + activations for
+    `batch` x `seq_len`) fits the budget; if allocation fails anyway, free the partial model and
+    raise MemoryBudgetError. Returns (model, estimate dict)."""
+    from .model import Transformer, resolve_dtype
+    from .params import estimate
+
+    dtype_name = resolve_dtype(dtype)[0]
+    est = estimate(args, dtype_name, batch, seq_len)
+    dev = torch.device(device)
+    if dev.type != "meta":
+        fits, why = check_fits(est["total_bytes"], dev)
+        if not fits:
+            raise MemoryBudgetError(f"build refused before allocating: {why}")
+    failure = ""
+    try:
+        return Transformer(args, device=dev, dtype=dtype, progress=progress), est
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        failure = type(e).__name__
+        e.__traceback__ = None  # its frames hold the half-built model
+    # Raised outside the except block so no traceback keeps the partial model's frames alive.
+    release_memory()
+    raise MemoryBudgetError(
+        f"the build ran out of memory on {dev} ({failure}); what it had allocated was freed. "
+        f"Estimated need: {human_bytes(est['total_bytes'])}. Try a smaller preset, bf16/fp8, "
+        "or the meta device"
+    )
+
+
+def run_guarded(fn, *a, **kw):
+    """Call fn; turn an allocation failure into MemoryBudgetError after freeing what it can."""
+    failure = ""
+    try:
+        return fn(*a, **kw)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        failure = f"{type(e).__name__}: {str(e)[:200]}"
+        e.__traceback__ = None
+    release_memory()
+    raise MemoryBudgetError(f"ran out of memory ({failure}); what it held was freed")

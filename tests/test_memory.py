@@ -1,0 +1,95 @@
+"""The memory guard: refuse before allocating, recover from allocation failures."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from dsv3 import ModelArgs, Transformer
+from dsv3.memory import (
+    MemoryBudgetError,
+    build_model,
+    check_fits,
+    memory_limit,
+    parse_bytes,
+    run_guarded,
+)
+
+from .conftest import TINY
+
+
+@pytest.mark.parametrize(
+    "text, n", [("8GiB", 8 * 2**30), ("512MB", 512 * 10**6), ("1e9", 10**9), ("1.5 kib", 1536)]
+)
+def test_parse_bytes(text, n):
+    assert parse_bytes(text) == n
+
+
+def test_parse_bytes_rejects_nonsense():
+    with pytest.raises(ValueError, match="8GiB"):
+        parse_bytes("eight gigs")
+
+
+def test_limit_from_environment_refuses_before_allocating(monkeypatch):
+    monkeypatch.setenv("DSV3_MEMORY_LIMIT", "1MiB")
+    assert memory_limit("cpu")[0] == 2**20
+    built = []
+    monkeypatch.setattr(Transformer, "init_weights", lambda self, p=None: built.append(self))
+    with pytest.raises(MemoryBudgetError) as e:
+        build_model(ModelArgs(n_layers=2), "cpu", "bf16")
+    assert "1.00 MiB" in str(e.value) and "GiB" in str(e.value) and "meta" in str(e.value)
+    assert not built  # refused before any module was allocated
+    ok, why = check_fits(10, "cpu")
+    assert ok and "DSV3_MEMORY_LIMIT" in why
+    # meta is always allowed: it allocates nothing
+    model, _ = build_model(ModelArgs(n_layers=2), "meta", "bf16")
+    assert model.embed.weight.is_meta
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        MemoryError(),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+        ),
+    ],
+)
+def test_allocation_failure_frees_the_partial_model(monkeypatch, exc):
+    refs = []
+
+    def failing_init(self, progress=None):
+        refs.append(weakref.ref(self))
+        raise exc
+
+    monkeypatch.setattr(Transformer, "init_weights", failing_init)
+    args = ModelArgs(**TINY)
+    with pytest.raises(MemoryBudgetError, match="freed"):
+        build_model(args, "cpu", "fp32")
+    gc.collect()
+    assert refs and refs[0]() is None  # nothing keeps the half-built model alive
+    monkeypatch.undo()
+    model, _ = build_model(args, "cpu", "fp32")  # and the next request works
+    assert model(torch.zeros(1, 4, dtype=torch.long)).isfinite().all()
+
+
+def test_other_errors_pass_through(monkeypatch):
+    def broken(self, progress=None):
+        raise KeyError("not a memory problem")
+
+    monkeypatch.setattr(Transformer, "init_weights", broken)
+    with pytest.raises(KeyError):
+        build_model(ModelArgs(**TINY), "cpu")
+
+
+def test_run_guarded_turns_oom_into_a_message():
+    def forward():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(MemoryBudgetError, match="out of memory"):
+        run_guarded(forward)
+    assert run_guarded(lambda x: x + 1, 1) == 2
