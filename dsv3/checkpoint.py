@@ -41,6 +41,7 @@ from .model import Transformer
 
 __all__ = [
     "FORMAT_VERSION",
+    "REFERENCE_SPLIT_DIM",
     "CheckpointError",
     "args_from_hf_config",
     "dsv3_to_hf_state_dict",
@@ -189,10 +190,7 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
             f"deepseek_v2 configs",
             field="model_type",
         )
-    c = {**_HF_DEFAULTS[model_type], **{k: v for k, v in cfg.items() if v is not None}}
-    for k in ("n_group", "topk_group", "q_lora_rank", "num_experts_per_tok"):
-        if cfg.get(k, "absent") is None:
-            c[k] = None  # explicit nulls mean "off", not "default"
+    c = {**_HF_DEFAULTS[model_type], **cfg}  # an explicit null stays null, as in HF
 
     def unsupported(key: str, why: str) -> ConfigError:
         return ConfigError(f"HF config {key}={c.get(key)!r}: {why}", field=key)
@@ -264,7 +262,8 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     quant = c.get("quantization_config")
     out["dtype"] = "bf16"
     if quant:
-        if quant.get("quant_method") != "fp8":
+        if not isinstance(quant, dict) or quant.get("quant_method") != "fp8":
+            quant = quant if isinstance(quant, dict) else {"quant_method": quant}
             raise ConfigError(
                 f"HF quantization {quant.get('quant_method')!r} is not supported (only fp8)",
                 field="quantization_config",
@@ -669,6 +668,11 @@ def _scale_name(name: str) -> str:
     return name[: -len("weight")] + "scale" if name.endswith(".weight") else name + "_scale"
 
 
+def _is_fp8(dtype: str) -> bool:
+    """A safetensors ("F8_E4M3") or torch ("torch.float8_e4m3fn") dtype name of an fp8 type."""
+    return dtype.startswith("F8_") or dtype.startswith("torch.float8")
+
+
 def _summary(kind: str, names: list[str], n: int = 5) -> str:
     shown = ", ".join(names[:n]) + (", ..." if len(names) > n else "")
     return f"{len(names)} {kind} ({shown})"
@@ -689,6 +693,7 @@ def _fill(
     unexpected = list(unexpected)
     mismatched: list[str] = []
     covered: dict[str, int] = {}
+    experts: dict[str, set[int]] = {}  # stacked-expert targets: which experts arrived
     seen: set[tuple[str, str]] = set()
     used_scales = set()
     for p in pieces:
@@ -719,7 +724,18 @@ def _fill(
             if p.rows is not None:
                 mismatched.append(f"{p.src}: fp8 rows cannot be re-ordered (rope_interleave false)")
                 continue
+        elif _is_fp8(src.dtype(p.src)):
+            mismatched.append(f"{p.src}: fp8 tensor without a block scale")
+            continue
+        if targets[p.dst].dtype == FP8 and _scale_name(p.dst) in targets:
+            try:  # a shard of an fp8 weight must start on a block boundary to carry its scale
+                _scale_index(p.dst_index, targets[p.dst].dim())
+            except CheckpointError as e:
+                mismatched.append(f"{p.src}: {e}")
+                continue
         covered[p.dst] = covered.get(p.dst, 0) + math.prod(want)
+        if p.dst_index and isinstance(p.dst_index[0], int):
+            experts.setdefault(p.dst, set()).add(p.dst_index[0])
     missing = []
     for name, t in targets.items():
         if name.endswith("scale") and name[: -len("_scale")] in targets:
@@ -727,8 +743,14 @@ def _fill(
         if name.endswith(".scale") and name[: -len("scale")] + "weight" in targets:
             continue  # so do Linear scales
         done = covered.get(name, 0)
-        if done < t.numel():
-            missing.append(name if done == 0 else f"{name} ({done} of {t.numel()} values)")
+        if done == 0:
+            missing.append(name)
+        elif done < t.numel() and name in experts:
+            absent = sorted(set(range(t.shape[0])) - experts[name])
+            shown = ", ".join(map(str, absent[:8])) + (", ..." if len(absent) > 8 else "")
+            missing.append(f"{name} (expert {shown} of {t.shape[0]})")
+        elif done < t.numel():
+            missing.append(f"{name} ({done} of {t.numel()} values)")
     # Scales that went with no weight are unexpected too.
     scale_like = {p.scale for p in pieces if p.scale}
     unexpected += [s for s in scale_like if s not in used_scales and s not in unexpected]
@@ -773,8 +795,6 @@ def _fill(
                     scale_dst[s_index].copy_(s)
             elif p.scale is not None:
                 dst[p.dst_index].copy_(dequantize(t, src.get(p.scale), dst.dtype))
-            elif t.dtype == FP8 and dst.dtype != FP8:
-                raise CheckpointError(f"{p.src} is fp8 but the checkpoint has no scale for it")
             else:
                 dst[p.dst_index].copy_(t)
 
@@ -817,8 +837,11 @@ def save(model: Transformer, path: str | os.PathLike) -> Path:
         _META_DTYPE: model.dtype_name,
     }
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -894,13 +917,11 @@ def _hf_pieces(
                 unexpected.append(name)
             continue
         i, rest = int(m.group(1)), m.group(2)
-        if i >= args.n_layers:
-            continue  # multi-token-prediction layers: not part of the model
+        if i >= args.n_layers or rest.endswith("rotary_emb.inv_freq"):
+            continue  # multi-token-prediction layers / old rope buffers: not model weights
         p = f"layers.{i}."
         parts = rest.split(".")
         piece = None
-        if rest.endswith("rotary_emb.inv_freq"):
-            continue
         if (
             len(parts) == 3
             and parts[0] == "self_attn"
@@ -951,6 +972,8 @@ def _rope_rows(args: ModelArgs, layer: int, hf_name: str, n_rows: int) -> torch.
     half = torch.arange(R // 2)
     inter = torch.stack([half, half + R // 2], dim=1).flatten()  # 0, R/2, 1, R/2+1, ...
     rows = torch.arange(n_rows)
+    if n_rows < R:
+        return rows  # mis-shaped: the shape check reports it
     if hf_name == "kv_a_proj_with_mqa":
         rows[-R:] = n_rows - R + inter
     else:

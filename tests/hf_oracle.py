@@ -23,7 +23,9 @@ def float_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         if name.endswith("scale") and t.dtype == torch.float32:
             continue
         if t.dtype == FP8:
-            scale = sd[name[: -len("weight")] + "scale" if name.endswith(".weight") else name + "_scale"]
+            scale = sd[
+                name[: -len("weight")] + "scale" if name.endswith(".weight") else name + "_scale"
+            ]
             t = dequantize(t, scale, torch.float32)
         out[name] = t.detach().to(device="cpu", dtype=torch.float32)
     return out
