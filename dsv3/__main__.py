@@ -3,13 +3,17 @@
 python -m dsv3 --seed-demo                      # the example this project started from
 python -m dsv3 --config presets/tiny.json --device cpu --dtype fp32 --batch 2 --seq 64
 python -m dsv3 --n-layers 4 --dim 256 --layer-config '{"2": {"ffn": "dense"}}'
+torchrun --nproc-per-node 2 -m dsv3 --config tiny  # tensor/expert parallel over 2 processes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
+import os
 import sys
 import time
 
@@ -17,6 +21,7 @@ import torch
 
 from .config import ConfigError, ModelArgs
 from .memory import check_fits, default_device
+from .parallel import init_process_group_from_env, param_bytes
 from .params import count_params, estimate, human_bytes
 
 SEED_DEMO = {
@@ -100,7 +105,25 @@ def _table(args: ModelArgs) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Under torchrun (env WORLD_SIZE > 1) the model is sharded over the processes (nccl on
+    CUDA, gloo on CPU, dsv3.parallel) and only rank 0 prints."""
     ns = _parser().parse_args(argv)
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    want = "cpu" if ns.device in ("cpu", "meta") else ns.device.split(":")[0]
+    world, rank, local_rank = init_process_group_from_env(want)
+    quiet = rank != 0
+    try:
+        with contextlib.ExitStack() as stack:
+            if quiet:  # other ranks stay silent; uncaught exceptions still reach stderr
+                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            return _run(ns, world, local_rank)
+    finally:
+        if world > 1 and owned:
+            torch.distributed.destroy_process_group()
+
+
+def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
     try:
         args = _load_args(ns)
     except (ConfigError, OSError) as e:
@@ -116,8 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         device = default_device()
         if ns.dtype is None:
             dtype = "bf16" if device == "cuda" else "fp32"
+    if world > 1 and device == "cuda":
+        device = f"cuda:{local_rank}"  # one GPU per process
     if device != "meta":
         need = estimate(args, dtype, ns.batch, ns.seq)["total_bytes"]
+        if world > 1:  # this rank's share; CPU ranks of one machine share its RAM
+            per_rank = estimate(args, dtype, ns.batch, ns.seq, n_gpus=world)["per_gpu_bytes"]
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device == "cpu" else 1
+            need = per_rank * local
         fits, why = check_fits(need, device)
         if not fits and not auto:
             print(f"error: {device}: {why}", file=sys.stderr)
@@ -136,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         model = Transformer(args, device=device, dtype=dtype)
         build_s = time.perf_counter() - t0
         tokens = torch.randint(0, args.vocab_size, (ns.batch, ns.seq), device=device)
+        if world > 1:
+            if device != "meta":
+                torch.distributed.broadcast(tokens, 0)  # every rank runs the same tokens
+            pb = param_bytes(model)
+            print(
+                f"sharded over {world} ranks ({torch.distributed.get_backend()}): rank 0 holds "
+                f"{human_bytes(pb['total'])} of weights ({human_bytes(pb['sharded'])} sharded, "
+                f"{human_bytes(pb['replicated'])} replicated)"
+            )
         t0 = time.perf_counter()
         out = model(tokens)
     except ConfigError as e:

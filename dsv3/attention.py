@@ -13,6 +13,12 @@ run `scaled_dot_product_attention`: for S ~ T that costs fewer FLOPs than the ab
 
 Caches are sized to what a forward uses (batch and end position), not max_batch_size x
 max_seq_len; `reserve()` pre-sizes them when the caller knows how far decoding will go.
+
+Speed notes (measured in benchmarks/run.py): the absorb cache is one (B, T, C + Dr) buffer with
+"kv" and "pe" as views of it, so a decode step scores the query against both with one bmm;
+rotary embeddings rotate q and k in place as complex numbers; attention pads the value head dim
+up to Dqk so that `scaled_dot_product_attention` can use its flash kernel (which needs one head
+dim for q, k and v; the general fallback is several times slower on CPU).
 """
 
 from __future__ import annotations
@@ -23,15 +29,19 @@ from torch import nn
 
 from .config import LayerArgs
 from .layers import Linear, RMSNorm
-from .rotary import apply_rotary_emb
 
 
 class KVCache:
-    """Per-layer cache tensors that grow on demand. `tensors` maps name -> (B, T_cap, ...)."""
+    """Per-layer cache tensors that grow on demand. `tensors` maps name -> (B, T_cap, ...).
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], max_len: int):
+    With `packed=True` the tensors (all with one trailing dim) are column slices of one buffer
+    `packed` (B, T_cap, sum of widths), in the order of `shapes`."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], max_len: int, packed: bool = False):
         self.shapes = shapes  # trailing dims per tensor, after (B, T)
         self.max_len = max_len
+        self.packed_layout = packed
+        self.packed: torch.Tensor | None = None
         self.tensors: dict[str, torch.Tensor] = {}
 
     @property
@@ -51,10 +61,21 @@ class KVCache:
         # Grow geometrically while decoding so n steps cost O(n) copies, never past max_len.
         new_t = end_pos if not keep else min(self.max_len, max(end_pos, cap_t + cap_t // 2))
         new_b = max(batch, cap_b) if keep else batch
-        new = {
-            k: torch.zeros(new_b, new_t, *shape, dtype=like.dtype, device=like.device)
-            for k, shape in self.shapes.items()
-        }
+        kw = dict(dtype=like.dtype, device=like.device)
+        if self.packed_layout:
+            widths = [s[0] for s in self.shapes.values()]
+            # Zeros only where old contents are copied over; the rest is written before it is read.
+            buf = torch.zeros(new_b, new_t, sum(widths), **kw)
+            if keep and same:
+                old = self.packed
+                buf[: old.shape[0], : old.shape[1]] = old
+            new, start = {}, 0
+            for k, w in zip(self.shapes, widths):
+                new[k] = buf[..., start : start + w]
+                start += w
+            self.packed, self.tensors = buf, new
+            return
+        new = {k: torch.zeros(new_b, new_t, *shape, **kw) for k, shape in self.shapes.items()}
         if keep and same:
             for k, old in self.tensors.items():
                 new[k][: old.shape[0], : old.shape[1]] = old
@@ -65,6 +86,22 @@ class KVCache:
 
     def clear(self) -> None:
         self.tensors = {}
+        self.packed = None
+
+
+def _rotate_(x: torch.Tensor, freqs: torch.Tensor) -> None:
+    """Rotate interleaved pairs of x's last dim IN PLACE. x: (B, S, H, R); freqs: (S, R/2)
+    complex (cos + i sin). Same numbers as `rotary.apply_rotary_emb`, a few ops instead of ten."""
+    if (
+        x.dtype == torch.float32
+        and x.stride(-1) == 1
+        and x.storage_offset() % 2 == 0
+        and all(s % 2 == 0 for s in x.stride()[:-1])
+    ):
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(freqs[None, :, None])
+    else:  # bf16 (no complex bf16 on CPU) or odd offsets: compute in float32, write back
+        z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+        x.copy_(torch.view_as_real(z * freqs[None, :, None]).flatten(-2))
 
 
 class MLA(nn.Module):
@@ -101,9 +138,10 @@ class MLA(nn.Module):
         self.wo = Linear(H * self.v_head_dim, self.dim, **kw)
         if self.attn_impl == "naive":
             shapes = {"k": (H, self.qk_head_dim), "v": (H, self.v_head_dim)}
+            self.cache = KVCache(shapes, max_seq_len)
         else:
             shapes = {"kv": (self.kv_lora_rank,), "pe": (self.qk_rope_head_dim,)}
-        self.cache = KVCache(shapes, max_seq_len)
+            self.cache = KVCache(shapes, max_seq_len, packed=True)
 
     def forward(
         self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor
@@ -111,57 +149,66 @@ class MLA(nn.Module):
         B, S, _ = x.shape
         end_pos = start_pos + S
         H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        C = self.kv_lora_rank
         if self.q_lora_rank == 0:
             q = self.wq(x)
         else:
             q = self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, S, H, self.qk_head_dim)  # (B, S, H, Dqk)
-        q_nope, q_pe = q.split([Dn, Dr], dim=-1)
-        q_pe = apply_rotary_emb(q_pe, cos, sin)
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, Dr], dim=-1)  # (B,S,C), (B,S,Dr)
-        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), cos, sin)  # (B, S, 1, Dr)
-        kv = self.kv_norm(kv)
+        freqs = torch.complex(cos, sin)  # (S, Dr/2)
+        _rotate_(q[..., Dn:], freqs)
+        kv = self.wkv_a(x)  # (B, S, C + Dr)
+        k_pe = kv[..., C:].unsqueeze(2)  # (B, S, 1, Dr)
+        _rotate_(k_pe, freqs)
+        kv = self.kv_norm(kv[..., :C])  # (B, S, C)
         self.cache.ensure(B, end_pos, x, keep=start_pos > 0)
         c = self.cache.tensors
 
         if self.attn_impl == "naive":
             kvb = self.wkv_b(kv).view(B, S, H, Dn + Dv)
-            k_nope, v = kvb.split([Dn, Dv], dim=-1)
-            c["k"][:B, start_pos:end_pos] = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], -1)
-            c["v"][:B, start_pos:end_pos] = v
-            q = torch.cat([q_nope, q_pe], dim=-1)
+            k_new = c["k"][:B, start_pos:end_pos]  # (B, S, H, Dqk)
+            k_new[..., :Dn] = kvb[..., :Dn]
+            k_new[..., Dn:] = k_pe
+            c["v"][:B, start_pos:end_pos] = kvb[..., Dn:]
             o = self._sdpa(q, c["k"][:B, :end_pos], c["v"][:B, :end_pos], start_pos)
             return self.wo(o.flatten(2))
 
-        c["kv"][:B, start_pos:end_pos] = kv
-        c["pe"][:B, start_pos:end_pos] = k_pe.squeeze(2)
-        kv_all, pe_all = c["kv"][:B, :end_pos], c["pe"][:B, :end_pos]  # (B,T,C), (B,T,Dr)
-        wkv_b = self.wkv_b.effective_weight(x.dtype).view(H, Dn + Dv, self.kv_lora_rank)
+        lat = self.cache.packed[:B, :end_pos]  # (B, T, C + Dr): kv | pe
+        lat[:, start_pos:, :C] = kv
+        lat[:, start_pos:, C:] = k_pe.squeeze(2)
+        wkv_b = self.wkv_b.effective_weight(x.dtype)  # (H * (Dn + Dv), C)
         if S > 1 and not self.absorbed_prefill:
             # Expand the cached latent into per-head keys/values: cheaper than absorbing at S ~ T.
             T = end_pos
-            kvb = torch.einsum("btc,hdc->bthd", kv_all, wkv_b)  # (B, T, H, Dn+Dv)
-            k_nope, v = kvb.split([Dn, Dv], dim=-1)
-            k = torch.cat([k_nope, pe_all[:, :, None].expand(B, T, H, Dr)], dim=-1)
-            q = torch.cat([q_nope, q_pe], dim=-1)
-            o = self._sdpa(q, k, v, start_pos)
+            kv_all = kv if start_pos == 0 else lat[..., :C]  # (B, T, C)
+            kvb = F.linear(kv_all, wkv_b).view(B, T, H, Dn + Dv)
+            k = torch.cat([kvb[..., :Dn], lat[:, :, None, C:].expand(B, T, H, Dr)], dim=-1)
+            o = self._sdpa(q, k, kvb[..., Dn:], start_pos)
             return self.wo(o.flatten(2))
         # Absorbed: q_nope . (W_uk kv) == (q_nope W_uk) . kv, and the output folds W_uv.
-        q_abs = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :Dn])  # (B, S, H, C)
+        wkv_b = wkv_b.view(H, Dn + Dv, C)
+        q_abs = torch.einsum("bshd,hdc->bshc", q[..., :Dn], wkv_b[:, :Dn])  # (B, S, H, C)
+        qc = torch.cat([q_abs, q[..., Dn:]], dim=-1).view(B, S * H, C + Dr)
         T = end_pos
-        scores = torch.bmm(q_abs.reshape(B, S * H, -1), kv_all.transpose(1, 2))
-        scores = scores + torch.bmm(q_pe.reshape(B, S * H, Dr), pe_all.transpose(1, 2))
-        scores = scores.view(B, S, H, T) * self.softmax_scale  # (B, S, H, T)
+        scores = torch.bmm(qc, lat.transpose(1, 2)).mul_(self.softmax_scale)  # (B, S*H, T)
         if S > 1:
-            scores = scores + _causal_bias(S, T, start_pos, x.device)[:, None]
-        p = scores.softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-        o = torch.bmm(p.view(B, S * H, T), kv_all).view(B, S, H, -1)  # (B, S, H, C)
+            scores = scores.view(B, S, H, T).add_(_causal_bias(S, T, start_pos, x.device)[:, None])
+        p = scores.view(B, S * H, T).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        o = torch.bmm(p, lat[..., :C]).view(B, S, H, C)  # (B, S, H, C)
         o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, Dn:])  # (B, S, H, Dv)
         return self.wo(o.flatten(2))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int):
-        """q (B,S,H,Dqk), k (B,T,H,Dqk), v (B,T,H,Dv) -> (B,S,H,Dv), causal from start_pos."""
+        """q (B,S,H,Dqk), k (B,T,H,Dqk), v (B,T,H,Dv) -> (B,S,H,Dv), causal from start_pos.
+
+        The smaller of Dqk/Dv is zero-padded to the larger: the flash kernels need one head dim,
+        zeros change no dot product, and the padded output columns are dropped."""
         S, T = q.shape[1], k.shape[1]
+        Dqk, Dv = q.shape[-1], v.shape[-1]
+        if Dv < Dqk:
+            v = F.pad(v, (0, Dqk - Dv))
+        elif Dqk < Dv:
+            q, k = F.pad(q, (0, Dv - Dqk)), F.pad(k, (0, Dv - Dqk))
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, *, D)
         if S == 1:
             o = F.scaled_dot_product_attention(qt, kt, vt, scale=self.softmax_scale)
@@ -171,7 +218,7 @@ class MLA(nn.Module):
             # Chunked prefill: query s sits at position start_pos + s and sees keys t <= that.
             mask = _causal_bias(S, T, start_pos, q.device) == 0
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.softmax_scale)
-        return o.transpose(1, 2)
+        return o[..., :Dv].transpose(1, 2)
 
 
 def _causal_bias(S: int, T: int, start_pos: int, device) -> torch.Tensor:

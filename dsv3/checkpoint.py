@@ -810,7 +810,9 @@ def _quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _empty_model(args: ModelArgs, device: Any, dtype: Any) -> Transformer:
     """A model with allocated but unset weights: every value gets written by `_fill`, so
     random init (seconds to minutes for big models) is skipped."""
-    model = Transformer(args, device="meta", dtype=dtype)
+    # One full (unsharded) model even inside a process group: sharded loads go through
+    # dsv3.parallel.load_sharded.
+    model = Transformer(args, device="meta", dtype=dtype, world_size=1, rank=0)
     model.to_empty(device=device if device is not None else torch.get_default_device())
     model.reset_cache()
     return model

@@ -17,6 +17,15 @@ from .attention import MLA
 from .config import ConfigError, LayerArgs, ModelArgs
 from .layers import FP8, MLP, Embedding, Linear, RMSNorm, dequantize, quantize_fp8
 from .moe import MoE
+from .parallel import (
+    ParallelEmbedding,
+    ParallelHead,
+    all_reduce,
+    check_shardable,
+    init_sharded,
+    local_sizes,
+    resolve_world,
+)
 from .rotary import precompute_freqs_cis
 
 __all__ = ["Block", "Transformer", "dequantize", "quantize_fp8", "resolve_dtype"]
@@ -45,22 +54,29 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> tuple[str, torch.dtype, to
 
 
 class Block(nn.Module):
-    """Pre-norm attention + feed-forward (a dense MLP or an MoE, as `la.ffn` says)."""
+    """Pre-norm attention + feed-forward (a dense MLP or an MoE, as `la.ffn` says).
 
-    def __init__(self, la: LayerArgs, max_seq_len: int, wdtype, dtype, device=None):
+    Over `world_size` ranks (dsv3.parallel) this rank holds n_heads/N heads, width/N of the MLPs
+    and E/N routed experts; attention and feed-forward outputs are partial sums, all-reduced."""
+
+    def __init__(
+        self, la: LayerArgs, max_seq_len: int, wdtype, dtype, device=None, world_size=1, rank=0
+    ):
         super().__init__()
         self.layer_id = la.layer_id
-        self.attn = MLA(la, max_seq_len, dtype=wdtype, device=device)
+        self.world_size = world_size
+        self.attn = MLA(local_sizes(la, world_size), max_seq_len, dtype=wdtype, device=device)
         if la.ffn == "dense":
-            self.ffn = MLP(la.dim, la.inter_dim, dtype=wdtype, device=device)
+            self.ffn = MLP(la.dim, la.inter_dim // world_size, dtype=wdtype, device=device)
         else:
-            self.ffn = MoE(la, dtype=wdtype, device=device)
+            self.ffn = MoE(la, dtype=wdtype, device=device, world_size=world_size, rank=rank)
         self.attn_norm = RMSNorm(la.dim, dtype=dtype, device=device)
         self.ffn_norm = RMSNorm(la.dim, dtype=dtype, device=device)
 
     def forward(self, x, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), start_pos, cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        n = self.world_size
+        x = x + all_reduce(self.attn(self.attn_norm(x), start_pos, cos, sin), n)
+        return x + all_reduce(self.ffn(self.ffn_norm(x)), n)
 
 
 class Transformer(nn.Module):
@@ -71,6 +87,8 @@ class Transformer(nn.Module):
         "fp8" stores every Linear weight as float8_e4m3fn with float32 128x128 block scales and
         computes in bfloat16; embedding, norms, router and head stay bfloat16 (as the reference).
     progress: optional callback(layers_done, n_layers) during initialisation.
+    world_size, rank: tensor/expert parallel layout (dsv3.parallel); default: the initialised
+        torch.distributed process group's, else one process. Meta builds take any layout.
     """
 
     def __init__(
@@ -79,22 +97,32 @@ class Transformer(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        world_size: int | None = None,
+        rank: int | None = None,
     ):
         super().__init__()
         if not isinstance(args, ModelArgs):
             raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
         self.args = args
         self.dtype_name, wdtype, dtype = resolve_dtype(dtype)
+        self.world_size, self.rank = ws, r = resolve_world(world_size, rank)
+        check_shardable(args, ws, self.dtype_name)
         self.compute_dtype = dtype
         device = torch.device(device) if device is not None else torch.get_default_device()
         with torch.device("meta"):
-            self.embed = Embedding(args.vocab_size, args.dim, dtype=dtype)
+            if ws == 1:
+                self.embed = Embedding(args.vocab_size, args.dim, dtype=dtype)
+            else:
+                self.embed = ParallelEmbedding(args.vocab_size, args.dim, ws, r, dtype=dtype)
             self.layers = nn.ModuleList(
-                Block(args.for_layer(i), args.max_seq_len, wdtype, dtype)
+                Block(args.for_layer(i), args.max_seq_len, wdtype, dtype, world_size=ws, rank=r)
                 for i in range(args.n_layers)
             )
             self.norm = RMSNorm(args.dim, dtype=dtype)
-            self.head = Linear(args.dim, args.vocab_size, dtype=dtype)
+            if ws == 1:
+                self.head = Linear(args.dim, args.vocab_size, dtype=dtype)
+            else:
+                self.head = ParallelHead(args.dim, args.vocab_size, ws, dtype=dtype)
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._filled = (0, 0)  # (batch, positions) held by the KV caches
         if device.type != "meta":
@@ -123,36 +151,17 @@ class Transformer(nn.Module):
         Variance-preserving widths keep activations O(1) through depth, the residual branches are
         shrunk by the depth so the stream does not blow up, and the head gives O(1) logits. A
         gate init with unit-variance logits spreads tokens over many experts.
+        A sharded model (world_size > 1) gets the slices of these values (dsv3.parallel).
         """
         n = len(self.layers)
         resid = 1.0 / math.sqrt(2 * n)
-        self.embed.weight.normal_(0.0, 1.0)
-        self.norm.weight.fill_(1.0)
-        _init_linear(self.head, 1.0)
+        if self.world_size > 1:
+            init_sharded(self, resid, progress)
+            self.reset_cache()
+            return
+        _init_globals(self)
         for i, block in enumerate(self.layers):
-            for name, mod in block.named_modules():
-                if isinstance(mod, RMSNorm):
-                    mod.weight.fill_(1.0)
-                elif isinstance(mod, Linear):
-                    _init_linear(mod, resid if name.endswith(("wo", "w2")) else 1.0)
-            ffn = block.ffn
-            if isinstance(ffn, MoE):
-                ffn.gate.weight.normal_(0.0, 1.0 / math.sqrt(ffn.dim))
-                if ffn.gate.bias is not None:
-                    ffn.gate.bias.zero_()
-                ex = ffn.experts
-                for name in ("w1", "w2", "w3"):
-                    w = getattr(ex, name)
-                    std = (resid if name == "w2" else 1.0) / math.sqrt(w.shape[-1])
-                    if w.dtype == FP8:
-                        for e in range(ex.n_experts):  # one expert at a time bounds temp memory
-                            q, s = quantize_fp8(
-                                torch.empty(w.shape[1:], device=w.device).normal_(0, std)
-                            )
-                            w[e].copy_(q)
-                            getattr(ex, f"{name}_scale")[e].copy_(s)
-                    else:
-                        w.normal_(0.0, std)
+            _init_block(block, resid)
             if progress is not None:
                 progress(i + 1, n)
         self.reset_cache()
@@ -238,6 +247,38 @@ class Transformer(nn.Module):
             h = h[:, -1]  # (B, D)
         self._filled = (B, start_pos + S)
         return self.head(h)
+
+
+def _init_globals(model) -> None:
+    """Embedding, final norm and head of `model` (anything with those three attributes)."""
+    model.embed.weight.normal_(0.0, 1.0)
+    model.norm.weight.fill_(1.0)
+    _init_linear(model.head, 1.0)
+
+
+def _init_block(block: Block, resid: float) -> None:
+    """One block's weights, as the table in `Transformer.init_weights` says."""
+    for name, mod in block.named_modules():
+        if isinstance(mod, RMSNorm):
+            mod.weight.fill_(1.0)
+        elif isinstance(mod, Linear):
+            _init_linear(mod, resid if name.endswith(("wo", "w2")) else 1.0)
+    ffn = block.ffn
+    if isinstance(ffn, MoE):
+        ffn.gate.weight.normal_(0.0, 1.0 / math.sqrt(ffn.dim))
+        if ffn.gate.bias is not None:
+            ffn.gate.bias.zero_()
+        ex = ffn.experts
+        for name in ("w1", "w2", "w3"):
+            w = getattr(ex, name)
+            std = (resid if name == "w2" else 1.0) / math.sqrt(w.shape[-1])
+            if w.dtype == FP8:
+                for e in range(ex.n_experts):  # one expert at a time bounds temp memory
+                    q, s = quantize_fp8(torch.empty(w.shape[1:], device=w.device).normal_(0, std))
+                    w[e].copy_(q)
+                    getattr(ex, f"{name}_scale")[e].copy_(s)
+            else:
+                w.normal_(0.0, std)
 
 
 def _init_linear(mod: Linear, gain: float) -> None:

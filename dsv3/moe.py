@@ -78,11 +78,16 @@ def dispatch(x_ND, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
 class GroupedExperts(nn.Module):
     """E routed SwiGLU experts with stacked weights: w1/w3 (E, I, D), w2 (E, D, I).
     With fp8 weights, float32 buffers w1_scale/w2_scale/w3_scale hold each expert's block scales.
-    `load_state_dict` also takes the reference's per-expert keys (`E.w1.weight`, `E.w1.scale`)."""
+    `load_state_dict` also takes the reference's per-expert keys (`E.w1.weight`, `E.w1.scale`).
+    Under expert parallelism (dsv3.parallel) this rank holds the n_experts experts numbered from
+    `first`; routed pairs of other ranks' experts are skipped."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, dtype=None, device=None):
+    def __init__(
+        self, n_experts: int, dim: int, inter_dim: int, dtype=None, device=None, first: int = 0
+    ):
         super().__init__()
         self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
+        self.first = first
         shapes = {"w1": (inter_dim, dim), "w2": (dim, inter_dim), "w3": (inter_dim, dim)}
         for name, (o, i) in shapes.items():
             w = torch.empty(n_experts, o, i, dtype=dtype, device=device)
@@ -90,7 +95,11 @@ class GroupedExperts(nn.Module):
             if dtype == FP8:
                 s = torch.empty(n_experts, *scale_shape(o, i), dtype=torch.float32, device=device)
                 self.register_buffer(f"{name}_scale", s)
-        self._register_load_state_dict_pre_hook(self._stack_reference_keys)
+        # Registered unbound (with_module) so the module does not reference itself through a
+        # bound method: that cycle kept whole models alive until the next gc.collect().
+        self._register_load_state_dict_pre_hook(
+            GroupedExperts._stack_reference_keys, with_module=True
+        )
 
     def effective(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         w = getattr(self, name)
@@ -102,7 +111,8 @@ class GroupedExperts(nn.Module):
         """Per-expert reference keys `prefix{e}.w1.weight` -> stacked `prefix w1`."""
         for name in ("w1", "w2", "w3"):
             for suffix, target in (("weight", name), ("scale", f"{name}_scale")):
-                keys = [f"{prefix}{e}.{name}.{suffix}" for e in range(self.n_experts)]
+                experts = range(self.first, self.first + self.n_experts)
+                keys = [f"{prefix}{e}.{name}.{suffix}" for e in experts]
                 if prefix + target in state_dict or keys[0] not in state_dict:
                     continue
                 if not all(k in state_dict for k in keys):
@@ -113,6 +123,12 @@ class GroupedExperts(nn.Module):
         """Routed experts' weighted sum per token (T, D)."""
         T, K = idx_TK.shape
         order_N = idx_TK.flatten().argsort(stable=True)  # pairs sorted by expert
+        if len(counts_E) != self.n_experts:  # expert parallel: keep this rank's experts' pairs
+            lo = sum(counts_E[: self.first])
+            counts_E = counts_E[self.first : self.first + self.n_experts]
+            order_N = order_N[lo : lo + sum(counts_E)]
+            if order_N.numel() == 0:
+                return torch.zeros_like(x_TD)
         token_N = order_N // K
         x_ND = x_TD[token_N]
         w1, w2, w3 = _expert_weights(self, x_TD.dtype)
@@ -131,7 +147,7 @@ class MoE(nn.Module):
 
     impl = "auto"  # "auto" | "loop" | "grouped"
 
-    def __init__(self, la: LayerArgs, dtype=None, device=None):
+    def __init__(self, la: LayerArgs, dtype=None, device=None, world_size=1, rank=0):
         super().__init__()
         self.dim = la.dim
         self.n_routed_experts = la.n_routed_experts
@@ -139,9 +155,13 @@ class MoE(nn.Module):
         self.n_expert_groups = la.n_expert_groups
         gate_dtype = torch.bfloat16 if dtype == FP8 else dtype  # the router is never fp8
         self.gate = Gate(la, dtype=gate_dtype, device=device)
-        self.experts = GroupedExperts(la.n_routed_experts, la.dim, la.moe_inter_dim, dtype, device)
+        n_local = la.n_routed_experts // world_size  # expert parallel (dsv3.parallel)
+        self.experts = GroupedExperts(
+            n_local, la.dim, la.moe_inter_dim, dtype, device, first=rank * n_local
+        )
         if la.n_shared_experts > 0:
-            self.shared_experts = MLP(la.dim, la.n_shared_experts * la.moe_inter_dim, dtype, device)
+            width = la.n_shared_experts * la.moe_inter_dim // world_size
+            self.shared_experts = MLP(la.dim, width, dtype, device)
         else:
             self.shared_experts = None
         self.last_counts: torch.Tensor | None = None

@@ -121,8 +121,11 @@ def count_params(args: ModelArgs) -> dict:
 
 def weight_bytes(args: ModelArgs, dtype: str) -> int:
     """Bytes of all weights in a build of `dtype` ("fp32", "bf16", "fp8"), fp8 scales included."""
-    if dtype in BYTES:
-        return sum(t.numel for t in tensor_specs(args)) * BYTES[dtype]
+    if dtype in BYTES:  # the gate's selection bias is float32 in every build
+        return sum(
+            t.numel * (4 if t.name.endswith("gate.bias") else BYTES[dtype])
+            for t in tensor_specs(args)
+        )
     if dtype != "fp8":
         raise ValueError(f"dtype={dtype!r}: choose fp32, bf16 or fp8")
     total = 0
@@ -132,6 +135,34 @@ def weight_bytes(args: ModelArgs, dtype: str) -> int:
             total += t.numel + 4 * math.prod(lead) * math.prod(scale_shape(o, i))
         else:
             total += t.numel * (4 if t.name.endswith("gate.bias") else 2)
+    return total
+
+
+def weight_bytes_per_gpu(args: ModelArgs, dtype: str, n_gpus: int = 1) -> int:
+    """Bytes of the weights one of `n_gpus` tensor/expert-parallel ranks holds, split as
+    dsv3.parallel splits them (`sharded` tensors along their split dimension, experts by
+    expert), fp8 scales included: the bytes of rank 0's state_dict, exactly."""
+    from .parallel import _placement
+
+    if dtype not in (*BYTES, "fp8"):
+        raise ValueError(f"dtype={dtype!r}: choose fp32, bf16 or fp8")
+    n = max(int(n_gpus), 1)
+    total = 0
+    for t in tensor_specs(args):
+        shape = list(t.shape)
+        if t.sharded and n > 1:
+            dim = _placement(t.name)[1]
+            shape[dim] //= n
+        numel = math.prod(shape)
+        if t.name.endswith("gate.bias"):
+            total += numel * 4  # float32 in every build
+        elif dtype in BYTES:
+            total += numel * BYTES[dtype]
+        elif t.linear:
+            *lead, o, i = shape
+            total += numel + 4 * math.prod(lead) * math.prod(scale_shape(o, i))
+        else:
+            total += numel * 2
     return total
 
 
@@ -184,11 +215,9 @@ def estimate(
     total = wbytes[dtype] + kv_cache[args.attn_impl] + activation
 
     n = max(int(n_gpus), 1)
-    wb = wbytes[dtype] / max(sum(t.numel for t in specs), 1)  # average bytes per parameter
-    sharded = sum(t.numel for t in specs if t.sharded) * wb
-    replicated = sum(t.numel for t in specs if not t.sharded) * wb
+    per_gpu_weights = weight_bytes_per_gpu(args, dtype, n)
     kv_gpu = kv_cache[args.attn_impl] / (n if args.attn_impl == "naive" else 1)
-    per_gpu = sharded / n + replicated + kv_gpu + activation
+    per_gpu = per_gpu_weights + kv_gpu + activation
 
     rows = []
     for row, la in zip(counts["layers"], args.layers()):
@@ -224,6 +253,7 @@ def estimate(
         "activation_bytes": activation,
         "total_bytes": total,
         "n_gpus": n,
+        "per_gpu_weight_bytes": per_gpu_weights,
         "per_gpu_bytes": per_gpu,
         "layers": rows,
     }

@@ -93,3 +93,17 @@ def test_run_guarded_turns_oom_into_a_message():
     with pytest.raises(MemoryBudgetError, match="out of memory"):
         run_guarded(forward)
     assert run_guarded(lambda x: x + 1, 1) == 2
+
+
+def test_dropped_model_is_freed_without_a_gc_pass(tiny_args):
+    """No reference cycles: dropping the last reference frees the weights at once (the app
+    replaces models per session; waiting for the cyclic GC would hold two models)."""
+    gc.disable()
+    try:
+        model = Transformer(tiny_args)
+        model(torch.zeros(1, 4, dtype=torch.long))
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
