@@ -1,6 +1,6 @@
 """dsv3: an exact, per-layer-configurable re-implementation of DeepSeek-V3's inference model.
 
-    from dsv3 import ModelArgs, Transformer, ConfigError, count_params
+from dsv3 import ModelArgs, Transformer, ConfigError, count_params
 """
 
 from .checkpoint import CheckpointError, load, load_hf, load_reference, save

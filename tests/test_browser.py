@@ -1,0 +1,128 @@
+"""Browser smoke test: the real page in headless Chromium (Debian package) via Playwright.
+
+Load the page, keep the tiny preset, edit one per-layer override in the table, build, run a
+forward, and check that the expert heatmap and the rotary plot are drawn by plotly. A full-page
+screenshot is written to tests/artifacts/ (path printed).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM),
+        reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)",
+    ),
+]
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+
+@pytest.fixture(scope="module")
+def url():
+    import app
+    from ui.layout import launch_kwargs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.demo.close()
+
+
+def _models_held() -> int:
+    from ui.state import LIVE
+
+    return sum(s.model is not None for s in list(LIVE.values()))
+
+
+def _edit_cell(page, row: int, col: int, text: str) -> None:
+    """Gradio 6 Dataframe: double-click opens the cell editor, Enter commits."""
+    page.locator(f"#overrides [data-testid='cell-{row}-{col}']").dblclick()
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")
+
+
+def test_page_build_forward_plots(url):
+    from playwright.sync_api import expect, sync_playwright
+
+    from ui.fields import OVERRIDE_COLUMNS
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    held_before = _models_held()  # other tests' sessions in this process
+    shot = ARTIFACTS / "page_after_forward.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+
+            # tiny is the default preset; the live estimate and layer map appear on load.
+            expect(page.locator("#preset input")).to_have_value("tiny", timeout=30_000)
+            expect(page.locator("#estimate-summary")).to_contain_text("387,416", timeout=30_000)
+            page.wait_for_selector("#layer-map .js-plotly-plot", timeout=30_000)
+
+            # One override: layer 2 gets 8 heads -> the config and the estimate change.
+            _edit_cell(page, 0, 0, "2")
+            _edit_cell(page, 0, OVERRIDE_COLUMNS.index("n_heads"), "8")
+            expect(page.locator("#config-msg")).to_contain_text("1 layer override", timeout=30_000)
+            expect(page.locator("#estimate-summary")).not_to_contain_text("387,416", timeout=30_000)
+
+            page.locator("#build-btn").click()
+            expect(page.locator("#build-msg")).to_contain_text("built", timeout=60_000)
+            page.locator("#run-btn").click()
+            expect(page.locator("#run-msg")).to_contain_text("tokens/s", timeout=60_000)
+
+            heat = page.locator("#expert-heatmap .js-plotly-plot")
+            expect(heat).to_have_count(1, timeout=30_000)
+            # px.imshow draws a heatmap trace (an <image> in the heatmap layer)
+            expect(page.locator("#expert-heatmap .heatmaplayer image")).not_to_have_count(0)
+            page.screenshot(path=str(shot), full_page=True)
+
+            page.locator("#inspect-tabs").get_by_role("tab", name="Rotary / YaRN").click()
+            expect(page.locator("#rotary-plot .js-plotly-plot")).to_have_count(1, timeout=30_000)
+            # plain and YaRN curves in both rows, plus the ramp
+            expect(page.locator("#rotary-plot .scatterlayer .trace")).to_have_count(5)
+            expect(page.locator("#rotary-summary")).to_contain_text("mscale")
+            page.screenshot(path=str(ARTIFACTS / "page_rotary.png"), full_page=True)
+
+            # Save the edited config in the browser, reload, load it back.
+            page.get_by_label("Save as").fill("edited-tiny")
+            page.get_by_role("button", name="Save in browser").click()
+            expect(page.locator("#preset-msg")).to_contain_text("saved", timeout=30_000)
+            assert _models_held() == held_before + 1
+            page.reload()
+            # Leaving the page frees its model at once (demo.unload), not after gr.State's hour.
+            for _ in range(100):
+                if _models_held() == held_before:
+                    break
+                time.sleep(0.1)
+            assert _models_held() == held_before
+            expect(page.locator("#saved input")).to_have_value("edited-tiny", timeout=30_000)
+            expect(page.locator("#config-msg")).not_to_contain_text("override", timeout=30_000)
+            page.get_by_role("button", name="Load", exact=True).click()
+            expect(page.locator("#config-msg")).to_contain_text("1 layer override", timeout=30_000)
+            cell = page.locator(
+                f"#overrides [data-testid='cell-0-{OVERRIDE_COLUMNS.index('n_heads')}']"
+            )
+            expect(cell).to_contain_text("8")
+            assert not errors, errors
+        finally:
+            browser.close()
+    print(f"screenshot: {shot}")

@@ -1,0 +1,412 @@
+"""ui.handlers / ui.fields / ui.state / ui.runtime as plain Python: values in, data out.
+
+Bad input must come back as a message naming the field (and layer) while the previous config and
+model are kept; figures must carry the numbers dsv3 computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import numpy as np
+import pytest
+
+from dsv3 import ConfigError, ModelArgs, presets
+from dsv3.config import LAYER_FIELDS
+from ui import fields, handlers, runtime
+from ui.state import LIVE, Session, free_session, release
+
+NO_PROGRESS = lambda *a, **k: None  # noqa: E731
+
+
+def blank_row() -> list[str]:
+    return [""] * len(fields.OVERRIDE_COLUMNS)
+
+
+def row(layer, **over) -> list[str]:
+    r = blank_row()
+    r[0] = str(layer)
+    for k, v in over.items():
+        r[fields.OVERRIDE_COLUMNS.index(k)] = v
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg() -> dict:
+    return handlers.initial_config()
+
+
+@pytest.fixture(scope="module")
+def built(tiny_cfg) -> Session:
+    session, msg, info = handlers.build(tiny_cfg, "cpu", "fp32", 0, None, progress=NO_PROGRESS)
+    assert info["ok"], msg
+    return session
+
+
+# ---------------------------------------------------------------------- fields
+def test_form_covers_every_model_field_once():
+    names = [f.name for f in dataclasses.fields(ModelArgs) if f.name != "layer_config"]
+    assert sorted(fields.FORM_FIELDS) == sorted(names)
+    assert len(set(fields.FORM_FIELDS)) == len(fields.FORM_FIELDS)
+    assert fields.OVERRIDE_COLUMNS == ["layer", *LAYER_FIELDS]
+
+
+def test_info_texts_carry_the_allowed_range():
+    assert "1..1024" in fields.info("n_heads") and "(per-layer)" in fields.info("n_heads")
+    assert "> 0" in fields.info("route_scale")
+    assert "softmax | sigmoid" in fields.info("score_func")
+    assert "auto | true | false" in fields.info("gate_bias")
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_every_preset_round_trips_through_the_form(name):
+    cfg = presets.load(name).to_dict()
+    values, rows = fields.dict_to_form(cfg)
+    assert fields.form_to_dict(values, rows) == cfg
+
+
+def test_override_cells_arrive_as_strings_and_are_coerced(tiny_cfg):
+    values, _ = fields.dict_to_form(tiny_cfg)
+    rows = [
+        row(2, n_heads="8", route_scale="1.5", gate_bias="false", score_func="softmax"),
+        row(" 3 ", ffn="dense", inter_dim="64.0", gate_bias="auto"),
+        blank_row(),
+        [None] * len(fields.OVERRIDE_COLUMNS),
+    ]
+    cfg = fields.form_to_dict(values, rows)
+    assert cfg["layer_config"] == {
+        "2": {"n_heads": 8, "route_scale": 1.5, "gate_bias": False, "score_func": "softmax"},
+        "3": {"ffn": "dense", "inter_dim": 64, "gate_bias": None},
+    }
+    args = ModelArgs.from_dict(cfg)
+    assert args.for_layer(2).n_heads == 8 and args.for_layer(3).ffn == "dense"
+    # and back to rows: blank = inherit
+    back = fields.overrides_to_rows(args.layer_config)
+    assert back[0][fields.OVERRIDE_COLUMNS.index("n_heads")] == "8"
+    assert back[1][fields.OVERRIDE_COLUMNS.index("gate_bias")] == "auto"
+    assert back[0][fields.OVERRIDE_COLUMNS.index("inter_dim")] == ""
+    assert back[-1] == blank_row()
+
+
+@pytest.mark.parametrize(
+    "rows, field, layer",
+    [
+        ([row(2, n_heads="many")], "n_heads", 2),
+        ([row(2, n_heads="2.5")], "n_heads", 2),
+        ([row(1, n_heads="0")], "n_heads", 1),
+        ([row(3, gate_bias="maybe")], "gate_bias", 3),
+        ([row(9, n_heads="2")], "layer_config", 9),
+        ([row("", n_heads="2")], "layer_config", None),
+        ([row(1, n_heads="2"), row(1, v_head_dim="8")], "layer_config", 1),
+    ],
+)
+def test_bad_overrides_name_field_and_layer(tiny_cfg, rows, field, layer):
+    values, _ = fields.dict_to_form(tiny_cfg)
+    new, msg = handlers.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
+    assert new is tiny_cfg  # the last valid config is kept
+    assert msg.startswith("⚠") and f"**{field}**" in msg
+    if layer is not None:
+        assert f"layer **{layer}**" in msg
+
+
+def test_override_table_columns_by_name(tiny_cfg):
+    import pandas as pd
+
+    table = pd.DataFrame([["8", "2"], ["", ""]], columns=["n_heads", "layer"])
+    assert fields.parse_overrides(table) == {2: {"n_heads": 8}}
+    assert fields.parse_overrides({"headers": ["layer", "ffn"], "data": [[3, "dense"]]}) == {
+        3: {"ffn": "dense"}
+    }
+    with pytest.raises(ConfigError, match="'dim' is not a per-layer field"):
+        fields.parse_overrides({"headers": ["layer", "dim"], "data": [[1, 8]]})
+
+
+def test_bad_global_field_keeps_previous_config(tiny_cfg):
+    values, rows = fields.dict_to_form(tiny_cfg)
+    values[fields.FORM_FIELDS.index("n_dense_layers")] = 99
+    new, msg = handlers.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
+    assert new is tiny_cfg and "**n_dense_layers**" in msg
+    values[fields.FORM_FIELDS.index("n_dense_layers")] = None  # a cleared Number
+    new, msg = handlers.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
+    assert new is tiny_cfg and "is empty" in msg
+    values[fields.FORM_FIELDS.index("n_dense_layers")] = 2.0  # Numbers may send floats
+    new, msg = handlers.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
+    assert new["n_dense_layers"] == 2 and msg.startswith("✔")
+
+
+# ---------------------------------------------------------------------- presets
+def test_presets_list_and_load():
+    names = handlers.list_presets()
+    assert names[0] == "tiny" and "deepseek-v3-671b" in names
+    cfg, msg = handlers.load_preset("deepseek-v3-671b")
+    assert cfg["dim"] == 7168 and "671.03B" in msg
+    skip, msg = handlers.load_preset("nope")
+    assert "**preset**" in msg and "known presets" in msg
+
+
+def test_config_to_form_fills_every_widget_and_the_table(tiny_cfg):
+    out = handlers.config_to_form(presets.load("mixed-layers").to_dict())
+    assert len(out) == len(fields.FORM_FIELDS) + 2
+    assert out[fields.FORM_FIELDS.index("gate_bias")] == "true"
+    assert out[fields.FORM_FIELDS.index("scale_fmt")] == "none"
+    assert [r[0] for r in out[-2]] == ["2", "3", "4", "5", "6", "7", ""]
+    assert "6 layer override(s)" in out[-1]
+
+
+# ---------------------------------------------------------------------- estimate and rotary
+def test_estimate_tiny(tiny_cfg):
+    md, table, layer_map, params = handlers.estimate(tiny_cfg, "cpu", "fp32", 2, 64, 1)
+    assert "parameters" in md and "active" in md and "per token" in md
+    assert "fits" in md and "naive" in md and "absorb (configured)" in md
+    assert len(table) == tiny_cfg["n_layers"] and "params" in table.columns
+    assert layer_map.layout.height and params.layout.height
+
+
+def test_estimate_671b_is_fast_and_reports_per_gpu():
+    cfg, _ = handlers.load_preset("deepseek-v3-671b")
+    t0 = time.perf_counter()
+    md, table, *_ = handlers.estimate(cfg, "cpu", "bf16", 1, 4096, 8)
+    assert time.perf_counter() - t0 < 3.0
+    assert "671,026,419,200 parameters" in md
+    assert "per GPU with 8 GPU(s)" in md and "does not fit" in md
+    assert len(table) == 61
+
+
+def test_estimate_bad_input_is_a_message(tiny_cfg):
+    md, *rest = handlers.estimate(tiny_cfg, "cpu", "fp32", 1, 10**6, 1)
+    assert md.startswith("⚠") and "max_seq_len" in md
+    md, *rest = handlers.estimate({**tiny_cfg, "dim": 0}, "cpu", "fp32", 1, 0, 1)
+    assert "**dim**" in md
+
+
+def test_rotary_handler(tiny_cfg):
+    freqs, tables, cos, sin, md = handlers.rotary(tiny_cfg, 16)
+    assert {t.name for t in freqs.data} >= {"plain rotary", "ramp"}
+    assert any(t.name.startswith("YaRN") for t in freqs.data if t.name)
+    assert len(cos) == 16 and list(cos.columns)[0] == "pos"
+    assert np.allclose(tables.data[0].z[0], 1.0)  # cos at position 0
+    assert "mscale" in md and "softmax scale" in md and "YaRN **on**" in md
+
+
+# ---------------------------------------------------------------------- build and run
+def test_build_reports_progress_time_and_memory(tiny_cfg):
+    calls = []
+    session, msg, info = handlers.build(
+        tiny_cfg, "cpu", "fp32", 1, None, progress=lambda p, **k: calls.append(p)
+    )
+    assert info["ok"] and info["built"] and info["model_bytes"] > 0
+    assert calls[-1] == (tiny_cfg["n_layers"], tiny_cfg["n_layers"])
+    assert " s**" in msg and "MiB" in msg
+    session.free()
+    assert session.model is None
+
+
+def test_forward_and_every_figure_has_the_data(built, tiny_cfg):
+    out = handlers.forward(built, 2, 12, 0, "", 2)
+    session, md, info, trace_df, trace_fig, heat, balance, balance_df = out
+    assert info["ok"], md
+    assert info["output_shape"] == [2, tiny_cfg["vocab_size"]]
+    assert info["prefill_tokens_per_s"] > 0 and info["decode_steps"] == 2
+    assert len(info["generated"]) == 2 and len(info["generated"][0]) == 2
+    assert "tokens/s" in md and "peak memory" in md
+    # heatmap z == the routing counts of the prefill, one row per MoE layer
+    counts = [r["counts"] for r in info["routing"]]
+    assert len(counts) == tiny_cfg["n_layers"] - tiny_cfg["n_dense_layers"]
+    assert np.asarray(heat.data[0].z).tolist() == counts
+    assert all(sum(c) == 2 * 12 * tiny_cfg["n_activated_experts"] for c in counts)
+    assert len(balance_df) == len(counts)
+    assert len(trace_df) == info["trace_len"] and trace_df.iloc[-1]["shape"] == "[2, 1024]"
+    assert sum(len(t.x) for t in trace_fig.data) == len(trace_df)
+
+
+def test_forward_with_typed_token_ids(built):
+    _, md, info, *_ = handlers.forward(built, 1, 1, 0, "1 2 3; 4 5 6", 0)
+    assert info["ok"] and info["input_shape"] == [2, 3]
+    _, md, info, *rest = handlers.forward(built, 1, 1, 0, "1 2 99999", 0)
+    assert not info["ok"] and "**tokens**" in md and "vocabulary" in md
+    assert all(r is not None for r in rest)
+
+
+def test_forward_errors_are_messages(built, tiny_cfg):
+    _, md, info, *_ = handlers.forward(built, 99, 4, 0, "", 0)
+    assert not info["ok"] and "max_batch_size" in md
+    _, md, info, *_ = handlers.forward(Session(), 1, 4, 0, "", 0)
+    assert not info["ok"] and "Build" in md
+
+
+def test_build_refused_before_allocating_keeps_previous_model(built, tiny_cfg, monkeypatch):
+    model = built.model
+    monkeypatch.setenv("DSV3_MEMORY_LIMIT", "1KiB")
+    session, msg, info = handlers.build(tiny_cfg, "cpu", "fp32", 0, built, progress=NO_PROGRESS)
+    assert not info["ok"] and session.model is model
+    assert "Not built" in msg and "fp8" in msg and "meta" in msg and "previous model is kept" in msg
+
+
+def test_bad_config_build_keeps_previous_model(built):
+    model = built.model
+    session, msg, info = handlers.build({"dim": -1}, "cpu", "fp32", 0, built, progress=NO_PROGRESS)
+    assert session.model is model and "**dim**" in msg and not info["ok"]
+
+
+def test_671b_on_meta_gives_shapes():
+    cfg, _ = handlers.load_preset("deepseek-v3-671b")
+    session, msg, info = handlers.build(cfg, "meta", "bf16", 0, None, progress=NO_PROGRESS)
+    assert info["ok"] and info["device"] == "meta"
+    out = handlers.forward(session, 1, 4, 0, "", 0)
+    assert out[2]["meta"] and out[2]["output_shape"] == [1, 129280]
+    assert "shapes only" in out[1]
+    assert out[3].iloc[-1]["shape"] == "[1, 129280]"
+    assert len(out[4].data) > 0
+
+
+def test_build_registers_session_for_unload(tiny_cfg):
+    class Req:
+        session_hash = "abc"
+
+    session, _, info = handlers.build(
+        tiny_cfg, "meta", "fp32", 0, None, request=Req(), progress=NO_PROGRESS
+    )
+    assert LIVE["abc"] is session
+    handlers.on_unload(Req())
+    assert "abc" not in LIVE and session.model is None
+    assert release("abc") is False
+
+
+def test_state_delete_callback_frees(tiny_cfg):
+    session, _, _ = handlers.build(tiny_cfg, "meta", "fp32", 0, None, progress=NO_PROGRESS)
+    free_session(session)
+    assert session.model is None and session.summary() == {"built": False}
+    free_session(None)
+
+
+# ---------------------------------------------------------------------- browser, files
+def test_browser_save_load_delete(tiny_cfg):
+    store, dd, msg = handlers.save_browser({}, "mine", tiny_cfg)
+    assert store == {"mine": tiny_cfg} and dd["value"] == "mine"
+    json.dumps(store)  # plain JSON-safe data
+    cfg, msg = handlers.load_browser(store, "mine")
+    assert cfg == tiny_cfg
+    _, _, msg = handlers.save_browser(store, "  ", tiny_cfg)
+    assert msg.startswith("⚠")
+    store2, dd, msg = handlers.delete_browser(store, "mine")
+    assert store2 == {} and dd["choices"] == []
+
+
+def test_config_download_upload_round_trip(tiny_cfg):
+    update, msg = handlers.export_config(tiny_cfg, "my preset")
+    path = update["value"]
+    assert path.endswith("my-preset.json") and update["visible"]
+    cfg, msg = handlers.import_config(path)
+    assert cfg == tiny_cfg and "imported" in msg
+
+
+def test_bad_upload_messages(tmp_path, tiny_cfg):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": 1, "name": "x", "args": {**tiny_cfg, "n_heads": 0}}))
+    cfg, msg = handlers.import_config(str(bad))
+    assert "**n_heads**" in msg and "bad.json" in msg
+    bad.write_text("{not json")
+    _, msg = handlers.import_config(str(bad))
+    assert "not valid JSON" in msg
+    bad.write_text(json.dumps({"hidden_size": 10}))
+    _, msg = handlers.import_config(str(bad))
+    assert "**hidden_size**" in msg
+    bad.write_bytes(b"\xff\xfe\x00")
+    _, msg = handlers.import_config(str(bad))
+    assert "UTF-8" in msg
+
+
+def test_export_weights_limits(built, monkeypatch):
+    monkeypatch.setattr(handlers, "EXPORT_LIMIT", 10)
+    path, msg = handlers.export_weights(built)
+    assert path is None and "export limit" in msg
+    path, msg = handlers.export_weights(Session())
+    assert path is None and "Build" in msg
+
+
+def test_export_weights_writes_safetensors(built):
+    pytest.importorskip("dsv3.checkpoint")
+    path, msg = handlers.export_weights(built)
+    assert path and path.endswith(".safetensors"), msg
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        assert "embed.weight" in f.keys()
+
+
+def test_parse_token_ids():
+    assert runtime.parse_token_ids("") is None
+    assert runtime.parse_token_ids("1, 2 3").tolist() == [[1, 2, 3]]
+    assert runtime.parse_token_ids("1 2\n3 4").tolist() == [[1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="same length"):
+        runtime.parse_token_ids("1 2; 3")
+    with pytest.raises(ValueError, match="integers"):
+        runtime.parse_token_ids("a b")
+
+
+def _hf_checkpoint(folder, model):
+    from safetensors.torch import save_file
+
+    from dsv3.checkpoint import dsv3_to_hf_state_dict, hf_config_from_args
+
+    (folder / "config.json").write_text(json.dumps(hf_config_from_args(model.args)))
+    sd = dsv3_to_hf_state_dict(model.state_dict(), model.args, fused_experts=False)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    return [str(folder / "config.json"), str(folder / "model.safetensors")]
+
+
+def test_import_hf_checkpoint(tmp_path, built):
+    files = _hf_checkpoint(tmp_path, built.model)
+    session, cfg, msg = handlers.import_hf(files, "cpu", "fp32", Session())
+    assert msg.startswith("✔"), msg
+    assert session.source == "hf import" and cfg["dim"] == built.config["dim"]
+    a = session.model.state_dict()["layers.1.ffn.experts.w1"]
+    b = built.model.state_dict()["layers.1.ffn.experts.w1"]
+    assert a.equal(b)
+    _, md, info, *_ = handlers.forward(session, 1, 4, 0, "", 0)
+    assert info["ok"], md
+
+
+def test_import_hf_refusals(tmp_path, built, monkeypatch):
+    files = _hf_checkpoint(tmp_path, built.model)
+    session = Session()
+    _, _, msg = handlers.import_hf(files[:1], "cpu", "fp32", session)
+    assert "config.json and at least one .safetensors" in msg
+    monkeypatch.setattr(handlers, "IMPORT_LIMIT", 100)
+    _, _, msg = handlers.import_hf(files, "cpu", "fp32", session)
+    assert "import limit" in msg and session.model is None
+    monkeypatch.setattr(handlers, "IMPORT_LIMIT", 1 << 30)
+    monkeypatch.setenv("DSV3_MEMORY_LIMIT", "1KiB")
+    _, _, msg = handlers.import_hf(files, "cpu", "fp32", session)
+    assert "nothing allocated" in msg and session.model is None
+    monkeypatch.delenv("DSV3_MEMORY_LIMIT")
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    _, _, msg = handlers.import_hf(files, "cpu", "fp32", session)
+    assert msg.startswith("⚠") and session.model is None
+
+
+def test_build_and_run_in_one_call_returns_plain_data(tiny_cfg):
+    """The ZeroGPU path: build + run + trace in one call, only plain CPU data back."""
+    tokens = runtime.make_tokens(tiny_cfg["vocab_size"], 1, 8, 0)
+    out = runtime.build_and_run(tiny_cfg, "cpu", "bf16", 0, tokens, 2)
+    assert out["run"]["output_shape"] == [1, tiny_cfg["vocab_size"]]
+    assert len(out["run"]["routing"]) == 3 and out["trace"][-1]["shape"] == [1, 1024]
+    json.dumps(out, default=float)  # nothing but plain data
+
+
+def test_launch_kwargs_theme_css_and_optional_login(monkeypatch):
+    from ui.layout import launch_kwargs
+
+    monkeypatch.delenv("DSV3_AUTH", raising=False)
+    kw = launch_kwargs()
+    assert kw["theme"] is not None and kw["css"] and "auth" not in kw
+    monkeypatch.setenv("DSV3_AUTH", "ann:se:cret")
+    assert launch_kwargs()["auth"] == ("ann", "se:cret")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_without_cuda_is_a_message(tiny_cfg):
+    session, msg, info = handlers.build(tiny_cfg, "cuda", "bf16", 0, None, progress=NO_PROGRESS)
+    assert not info["ok"] and "**device**" in msg and session.model is None

@@ -1,0 +1,1 @@
+"""The Gradio playground: layout (components + wiring), handlers, plots, session state."""

@@ -1,0 +1,575 @@
+"""Thin event handlers: widget values -> one dsv3 call -> plain data and figures.
+
+Every handler catches `ConfigError`/`ValueError` and returns a message for a status Markdown
+(naming the field and layer) while keeping the last valid config and the built model; nothing
+here shows a traceback. Figures come from ui.plots, model runs from ui.runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from dsv3 import ConfigError, ModelArgs, count_params, memory, presets
+from dsv3 import estimate as estimate_model
+from dsv3.params import human_bytes
+from dsv3.rotary import rotary_info
+
+from . import fields, plots, runtime
+from .state import Session, register, release
+
+DEVICES = ["auto", "cpu", "cuda", "meta"]
+DTYPES = ["fp32", "bf16", "fp8"]
+EXPORT_LIMIT = memory.parse_bytes(os.environ.get("DSV3_EXPORT_LIMIT", "2GiB"))
+IMPORT_LIMIT = memory.parse_bytes(os.environ.get("DSV3_IMPORT_LIMIT", "2GiB"))
+TABLE_POSITIONS = 32
+BALANCE_COLUMNS = [
+    "layer",
+    "n_tokens",
+    "max_over_mean",
+    "cv",
+    "entropy",
+    "entropy_norm",
+    "group_counts",
+]  # rows of the cos/sin tables shown as numbers
+
+
+# ---------------------------------------------------------------------- messages
+def ok(text: str) -> str:
+    return f"✔ {text}"
+
+
+def problem(e: Exception) -> str:
+    """A ConfigError/ValueError as one Markdown line naming the field and the layer."""
+    where = []
+    if getattr(e, "field", None):
+        where.append(f"field **{e.field}**")
+    if getattr(e, "layer", None) is not None:
+        where.append(f"layer **{e.layer}**")
+    prefix = f"{', '.join(where)}: " if where else ""
+    return f"⚠ {prefix}{e}"
+
+
+def _args(cfg: Any) -> ModelArgs:
+    """The config hub's value (dict, or JSON text from an API client) -> ModelArgs."""
+    if isinstance(cfg, str):
+        return ModelArgs.from_json(cfg)
+    if not cfg:
+        raise ConfigError("no valid configuration yet: pick a preset", field="config")
+    return ModelArgs.from_dict(cfg)
+
+
+# ---------------------------------------------------------------------- presets and the form
+def list_presets() -> list[str]:
+    """Names of the shipped presets, tiny first."""
+    return presets.names()
+
+
+def initial_config() -> dict[str, Any]:
+    names = presets.names()
+    return presets.load("tiny" if "tiny" in names else names[0]).to_dict()
+
+
+def load_preset(name: str) -> tuple[dict | Any, str]:
+    """A shipped preset by name -> (config dict, status)."""
+    try:
+        doc = presets.load_preset(name)
+    except ConfigError as e:
+        return gr.skip(), problem(e)
+    total = count_params(doc["args"])["total"]
+    return doc["args"].to_dict(), ok(f"preset **{doc['name']}** ({plots.human(total)} params)")
+
+
+def config_to_form(cfg: dict[str, Any]) -> list[Any]:
+    """Config dict -> every form widget's value (FORM_FIELDS order), the override rows and the
+    form's status line."""
+    values, rows = fields.dict_to_form(cfg)
+    return [*values, rows, _valid(cfg)]
+
+
+def _valid(cfg: dict[str, Any]) -> str:
+    n_over = len(cfg.get("layer_config") or {})
+    extra = f", {n_over} layer override(s)" if n_over else ""
+    return ok(f"valid: {cfg['n_layers']} layers, dim {cfg['dim']}{extra}")
+
+
+def form_changed(prev_cfg: dict | None, overrides: Any, **values: Any) -> tuple[dict | None, str]:
+    """Form values by field name -> (validated config, status). On error the previous config
+    is kept and the message names the field and layer."""
+    try:
+        missing = [name for name in fields.FORM_FIELDS if name not in values]
+        if missing:
+            raise ConfigError(f"missing form field(s): {', '.join(missing)}", field=missing[0])
+        cfg = fields.form_to_dict([values[name] for name in fields.FORM_FIELDS], overrides)
+    except ConfigError as e:
+        return prev_cfg, problem(e)
+    return cfg, _valid(cfg)
+
+
+# ---------------------------------------------------------------------- estimate
+def _fits_line(nbytes: float, device: str, what: str) -> tuple[bool, str]:
+    dev = runtime.resolve_device(device)
+    if dev == "meta":
+        return True, f"✔ {what} on **meta**: shapes only, nothing is allocated"
+    try:
+        fits, reason = memory.check_fits(nbytes, dev)
+    except (RuntimeError, AssertionError) as e:  # e.g. cuda asked on a machine without one
+        return False, f"✘ {what} on **{dev}**: device not usable here ({e})"
+    return fits, f"{'✔ fits' if fits else '✘ does not fit'} {what} on **{dev}**: {reason}"
+
+
+def estimate(
+    cfg: dict[str, Any],
+    device: str = "auto",
+    dtype: str = "bf16",
+    batch: int = 1,
+    seq_len: int | None = None,
+    n_gpus: int = 1,
+) -> tuple[str, pd.DataFrame, Any, Any]:
+    """Analytic estimate, no build: -> (summary Markdown, per-layer table, layer map, params)."""
+    try:
+        args = _args(cfg)
+        batch = int(batch or 1)
+        seq_len = int(seq_len) if seq_len else args.max_seq_len
+        if seq_len > args.max_seq_len or batch > args.max_batch_size:
+            raise ConfigError(
+                f"estimate for batch {batch} x length {seq_len} exceeds max_batch_size="
+                f"{args.max_batch_size} / max_seq_len={args.max_seq_len}",
+                field="seq_len" if seq_len > args.max_seq_len else "batch",
+            )
+        e = estimate_model(args, dtype=dtype, batch=batch, seq_len=seq_len, n_gpus=int(n_gpus or 1))
+    except (ConfigError, ValueError) as err:
+        return problem(err), gr.skip(), gr.skip(), gr.skip()
+    p = e["params"]
+    wb, kvt, kvc = e["weight_bytes_by_dtype"], e["kv_bytes_per_token"], e["kv_cache_bytes"]
+    mark = {k: " (configured)" if k == args.attn_impl else "" for k in ("naive", "absorb")}
+    fits_weights = _fits_line(e["weight_bytes"], device, f"a {dtype} build")[1]
+    fits_all = _fits_line(e["per_gpu_bytes"], device, "weights + KV + activations per GPU")[1]
+    md = "\n".join(
+        [
+            f"**{p['total']:,} parameters** ({plots.human(p['total'])}), "
+            f"**{p['active']:,} active** per token ({plots.human(p['active'])})",
+            "",
+            "| | fp32 | bf16 | fp8 |",
+            "|---|---|---|---|",
+            "| weights | " + " | ".join(human_bytes(wb[d]) for d in DTYPES) + " |",
+            "",
+            f"| KV cache ({dtype}) | naive{mark['naive']} | absorb{mark['absorb']} |",
+            "|---|---|---|",
+            f"| per token | {human_bytes(kvt['naive'])} | {human_bytes(kvt['absorb'])} |",
+            f"| batch {batch} x {seq_len} | {human_bytes(kvc['naive'])} | "
+            f"{human_bytes(kvc['absorb'])} |",
+            "",
+            f"Forward FLOPs: **{plots.human(e['flops_per_token'])}** per token, "
+            f"{plots.human(e['flops_forward'])} for batch {batch} x {seq_len}.",
+            f"Memory ({dtype}): weights {human_bytes(e['weight_bytes'])} + activations "
+            f"{human_bytes(e['activation_bytes'])} + KV = **{human_bytes(e['total_bytes'])}**; "
+            f"per GPU with {e['n_gpus']} GPU(s): **{human_bytes(e['per_gpu_bytes'])}**.",
+            "",
+            f"{fits_weights}  ",
+            f"{fits_all}",
+        ]
+    )
+    table = pd.DataFrame(e["layers"])
+    layers = [la.to_dict() for la in args.layers()]
+    return md, table, plots.layer_map(layers), plots.params_by_group(p)
+
+
+def rotary(
+    cfg: dict[str, Any], n_positions: int = 64
+) -> tuple[Any, Any, pd.DataFrame, pd.DataFrame, str]:
+    """Rotary tables for the config -> (frequency figure, cos/sin figure, cos, sin, Markdown)."""
+    try:
+        args = _args(cfg)
+        n = max(1, min(int(n_positions or 64), args.max_seq_len))
+        info = rotary_info(args, n_positions=n)
+    except (ConfigError, ValueError) as e:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), problem(e)
+    cols = [f"pair {d}" for d in info["dims"]]
+    cos = pd.DataFrame(info["cos"][:TABLE_POSITIONS], columns=cols).round(4)
+    sin = pd.DataFrame(info["sin"][:TABLE_POSITIONS], columns=cols).round(4)
+    cos.insert(0, "pos", info["positions"][:TABLE_POSITIONS])
+    sin.insert(0, "pos", info["positions"][:TABLE_POSITIONS])
+    state = "on" if info["use_yarn"] else "off"
+    md = (
+        f"YaRN **{state}** (max_seq_len {args.max_seq_len}, original_seq_len "
+        f"{args.original_seq_len}, factor {args.rope_factor:g}); correction range pairs "
+        f"{info['low']}..{info['high']}; **mscale {info['mscale']:.4f}**; softmax scale "
+        f"**{info['softmax_scale']:.6f}** (= qk_head_dim^-0.5 x mscale^2)"
+    )
+    return plots.rotary_freqs(info), plots.rotary_tables(info), cos, sin, md
+
+
+# ---------------------------------------------------------------------- build and run
+def _suggest(args: ModelArgs, device: str, dtype: str) -> str:
+    """Alternatives for a build that does not fit: smaller dtypes, meta, a smaller preset."""
+    tips = []
+    for d in ("bf16", "fp8"):
+        if DTYPES.index(d) > DTYPES.index(dtype):
+            nbytes = estimate_model(args, dtype=d, batch=1, seq_len=1)["weight_bytes"]
+            fits = memory.check_fits(nbytes, device)[0]
+            tips.append(
+                f"dtype {d} ({human_bytes(nbytes)}{', fits' if fits else ', still too big'})"
+            )
+    tips.append("device meta (shapes only, no memory)")
+    tips.append("a smaller preset (tiny, small)")
+    return "Try: " + "; ".join(tips) + "."
+
+
+def build(
+    cfg: dict[str, Any],
+    device: str,
+    dtype: str,
+    seed: int,
+    session: Session | None,
+    request: gr.Request | None = None,
+    progress: Any = gr.Progress(),
+) -> tuple[Session, str, dict[str, Any]]:
+    """Build the config on `device` in `dtype` (refused before allocating if it won't fit)."""
+    session = session if session is not None else Session()
+    try:
+        args = _args(cfg)
+        dev = runtime.resolve_device(device)
+        wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
+        if dev == "cuda" and not (runtime.ZERO_GPU or _cuda_ok()):
+            raise ConfigError(
+                "device cuda is not available here; use auto, cpu or meta", field="device"
+            )
+        fits, reason = (True, "meta device") if dev == "meta" else memory.check_fits(wbytes, dev)
+    except (ConfigError, ValueError) as e:
+        return session, problem(e), {**session.summary(), "ok": False, "error": str(e)}
+    if not fits:
+        reason = reason.split("; try")[0]  # our own suggestion follows, with numbers
+        msg = f"✘ Not built, nothing allocated: the {dtype} weights {reason}. {_suggest(args, dev, dtype)}"
+        msg = msg.replace("weights needs", "weights need")
+        if session.model is not None:
+            msg += " The previous model is kept."
+        return session, msg, {**session.summary(), "ok": False, "error": reason}
+    session.free()  # the next build replaces the previous model: free it first
+    if runtime.ZERO_GPU and dev == "cuda":
+        # No GPU outside @spaces.GPU calls: build + run happen together in each forward.
+        session.config, session.device, session.dtype, session.seed = (
+            args.to_dict(),
+            dev,
+            dtype,
+            int(seed),
+        )
+        session.source = "zerogpu"
+        register(getattr(request, "session_hash", None), session)
+        return (
+            session,
+            ok("ZeroGPU: the model is built on the GPU inside each Run."),
+            {**session.summary(), "ok": True},
+        )
+
+    def tick(done: int, total: int) -> None:
+        progress((done, total), desc=f"initialising layer {done}/{total}", unit="layers")
+
+    try:
+        model, info = runtime.build(args, dev, dtype, int(seed), progress=tick)
+    except (ConfigError, ValueError, RuntimeError) as e:  # RuntimeError: out of memory
+        return session, problem(e), {**session.summary(), "ok": False, "error": str(e)}
+    session.model, session.config, session.device, session.dtype = model, args.to_dict(), dev, dtype
+    session.seed, session.build_seconds, session.model_bytes = (
+        int(seed),
+        info["seconds"],
+        info["model_bytes"],
+    )
+    session.source = "build"
+    register(getattr(request, "session_hash", None), session)
+    mem = "no memory (meta)" if dev == "meta" else human_bytes(info["model_bytes"])
+    if "cuda_peak_bytes" in info:
+        mem += f", CUDA peak {human_bytes(info['cuda_peak_bytes'])}"
+    msg = ok(
+        f"built {plots.human(count_params(args)['total'])} params on **{dev}** in **{dtype}** "
+        f"in **{info['seconds']:.2f} s**, {mem} ({reason})"
+    )
+    return session, msg, {**session.summary(), "ok": True}
+
+
+def _cuda_ok() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_markdown(r: dict[str, Any]) -> str:
+    if r.get("meta"):
+        return ok(
+            f"meta run: input {r['input_shape']} -> logits {r['output_shape']} (shapes only, "
+            "nothing computed)"
+        )
+    lines = [
+        f"input {r['input_shape']} -> logits **{r['output_shape']}** on {r['device']} "
+        f"({r['dtype']})",
+        f"prefill **{r['prefill_seconds'] * 1e3:.1f} ms**, "
+        f"**{r['prefill_tokens_per_s']:,.0f} tokens/s**",
+    ]
+    if r.get("decode_steps"):
+        lines.append(
+            f"decode {r['decode_steps']} steps with the KV cache (start_pos > 0): "
+            f"{r['decode_seconds'] * 1e3:.1f} ms, **{r['decode_tokens_per_s']:,.1f} tokens/s**; "
+            f"generated ids {r['generated'][:2]}{' ...' if len(r['generated']) > 2 else ''}"
+        )
+    lines.append(
+        f"KV cache {human_bytes(r['kv_cache_bytes'])}; peak memory "
+        f"**{human_bytes(r['peak_bytes'])}** ({r['peak_kind']})"
+    )
+    if not r.get("logits_finite", True):
+        lines.append("⚠ logits contain NaN/inf")
+    return ok("  \n".join(lines))
+
+
+def forward(
+    session: Session | None,
+    batch: int = 1,
+    seq_len: int = 16,
+    token_seed: int = 0,
+    token_ids: str = "",
+    decode_steps: int = 0,
+) -> tuple[Any, ...]:
+    """Run the session's model -> (session, Markdown, run info, trace table, trace figure,
+    expert heatmap, routing balance figure, balance table)."""
+    session = session if session is not None else Session()
+    if session.model is None and session.source != "zerogpu":
+        msg = "⚠ nothing built yet: press Build first"
+        return (session, msg, {"ok": False, "error": msg}, *([gr.skip()] * 5))
+    args = ModelArgs.from_dict(session.config)
+    try:
+        tokens = runtime.parse_token_ids(token_ids)
+        if tokens is None:
+            tokens = runtime.make_tokens(args.vocab_size, int(batch), int(seq_len), int(token_seed))
+        if session.source == "zerogpu":
+            result = runtime.build_and_run(
+                session.config,
+                session.device,
+                session.dtype,
+                session.seed,
+                tokens,
+                int(decode_steps),
+            )
+            r, trace = result["run"], result["trace"]
+        else:
+            if session.device == "meta":
+                tokens = tokens.to("meta")
+            else:
+                need = estimate_model(
+                    args, session.dtype, tokens.shape[0], tokens.shape[1] + int(decode_steps)
+                )
+                fits, reason = memory.check_fits(
+                    need["total_bytes"] - need["weight_bytes"], session.device
+                )
+                if not fits:
+                    raise ConfigError(
+                        f"this run's KV cache and activations {reason}", field="batch"
+                    )
+            r = runtime.run(session.model, tokens, int(decode_steps))
+            trace = runtime.trace(session.model, tokens)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        return (session, problem(e), {"ok": False, "error": str(e)}, *([gr.skip()] * 5))
+    session.runs += 1
+    routing = r.pop("routing", [])
+    trace_df = pd.DataFrame(
+        [{**t, "shape": str(t["shape"])} for t in trace], columns=["name", "type", "layer", "shape"]
+    )
+    balance = pd.DataFrame(
+        [{**s, "group_counts": str(s["group_counts"])} for s in routing], columns=BALANCE_COLUMNS
+    ).round(4)
+    info = {"ok": True, **r, "routing": routing, "trace_len": len(trace)}
+    return (
+        session,
+        _run_markdown(r),
+        info,
+        trace_df,
+        plots.shape_trace(trace),
+        plots.expert_heatmap(routing) if not r.get("meta") else plots.empty("meta run: no routing"),
+        plots.routing_balance(routing)
+        if not r.get("meta")
+        else plots.empty("meta run: no routing"),
+        balance,
+    )
+
+
+# ---------------------------------------------------------------------- presets in the browser
+def saved_names_update(store: dict | None) -> Any:
+    names = sorted(store or {})
+    return gr.update(choices=names, value=names[-1] if names else None)
+
+
+def save_browser(store: dict | None, name: str, cfg: dict) -> tuple[dict, Any, str]:
+    """Save the current config in the browser's localStorage under `name`."""
+    name = (name or "").strip()
+    if not name:
+        return gr.skip(), gr.skip(), "⚠ give the preset a name first"
+    try:
+        args = _args(cfg)
+    except ConfigError as e:
+        return gr.skip(), gr.skip(), problem(e)
+    store = dict(store or {})
+    store[name] = args.to_dict()  # plain, JSON-safe dict
+    return (
+        store,
+        gr.update(choices=sorted(store), value=name),
+        ok(f"saved **{name}** in this browser"),
+    )
+
+
+def load_browser(store: dict | None, name: str) -> tuple[Any, str]:
+    if not name or name not in (store or {}):
+        return gr.skip(), f"⚠ no preset named {name!r} saved in this browser"
+    try:
+        return _args(store[name]).to_dict(), ok(f"loaded **{name}** from this browser")
+    except ConfigError as e:  # saved by an older version, say
+        return gr.skip(), problem(e)
+
+
+def delete_browser(store: dict | None, name: str) -> tuple[Any, Any, str]:
+    store = dict(store or {})
+    if store.pop(name, None) is None:
+        return gr.skip(), gr.skip(), f"⚠ no preset named {name!r} saved in this browser"
+    return store, saved_names_update(store), ok(f"deleted **{name}** from this browser")
+
+
+# ---------------------------------------------------------------------- files
+def _tmp_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="dsv3-"))
+
+
+def export_config(cfg: dict, name: str = "") -> tuple[Any, str]:
+    """The current config as a preset JSON file to download."""
+    try:
+        args = _args(cfg)
+    except ConfigError as e:
+        return gr.skip(), problem(e)
+    name = (name or "").strip() or "my-preset"
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+    path = _tmp_dir() / f"{safe}.json"
+    path.write_text(presets.to_json(args, name), encoding="utf-8")
+    return gr.update(value=str(path), visible=True), ok(f"{path.name} ready to download")
+
+
+def import_config(file: Any) -> tuple[Any, str]:
+    """An uploaded preset JSON (a preset document, or plain ModelArgs fields) -> config."""
+    if not file:
+        return gr.skip(), "⚠ no file uploaded"
+    path = Path(file if isinstance(file, str) else getattr(file, "name", file))
+    try:
+        if path.stat().st_size > 1 << 20:
+            raise ConfigError(
+                f"{path.name} is larger than 1 MiB; a preset is a small JSON file", field="preset"
+            )
+        text = path.read_text(encoding="utf-8")
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path.name} is not valid JSON: {e}", field="preset") from None
+        if isinstance(doc, dict) and "args" in doc:
+            args = presets.parse(text, source=path.name)["args"]
+        else:
+            try:
+                args = ModelArgs.from_dict(doc)
+            except ConfigError as e:
+                raise ConfigError(f"{path.name}: {e}", field=e.field, layer=e.layer) from None
+    except UnicodeDecodeError:
+        return gr.skip(), problem(ConfigError(f"{path.name} is not UTF-8 text", field="preset"))
+    except (ConfigError, TypeError) as e:
+        return gr.skip(), problem(e)
+    return args.to_dict(), ok(
+        f"imported **{path.name}** ({plots.human(count_params(args)['total'])} params)"
+    )
+
+
+def export_weights(session: Session | None) -> tuple[Any, str]:
+    """The built weights as a safetensors file (refused above DSV3_EXPORT_LIMIT)."""
+    from dsv3 import checkpoint
+
+    if session is None or session.model is None:
+        return None, "⚠ nothing built yet: press Build first"
+    if session.device == "meta":
+        return None, "⚠ a meta model has shapes but no weights to export; build on cpu or cuda"
+    if session.model_bytes > EXPORT_LIMIT:
+        return None, (
+            f"✘ not exported: the weights take {human_bytes(session.model_bytes)}, above the "
+            f"export limit {human_bytes(EXPORT_LIMIT)} (DSV3_EXPORT_LIMIT)"
+        )
+    path = _tmp_dir() / f"dsv3-{session.dtype}-seed{session.seed}.safetensors"
+    t0 = time.perf_counter()
+    checkpoint.save(session.model, path)
+    size = path.stat().st_size
+    return str(path), ok(f"{path.name}: {human_bytes(size)} in {time.perf_counter() - t0:.2f} s")
+
+
+def import_hf(
+    files: list[Any] | None,
+    device: str,
+    dtype: str,
+    session: Session | None,
+    request: gr.Request | None = None,
+) -> tuple[Any, Any, str]:
+    """An HF DeepseekV3 checkpoint (config.json + *.safetensors) -> a session model + config."""
+    from dsv3 import checkpoint
+
+    session = session if session is not None else Session()
+    paths = [Path(f if isinstance(f, str) else getattr(f, "name", f)) for f in (files or [])]
+    names = {p.name for p in paths}
+    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        return session, gr.skip(), "⚠ upload config.json and at least one .safetensors file"
+    total = sum(p.stat().st_size for p in paths)
+    if total > IMPORT_LIMIT:
+        return (
+            session,
+            gr.skip(),
+            (
+                f"✘ not imported: {human_bytes(total)} uploaded, above the import limit "
+                f"{human_bytes(IMPORT_LIMIT)} (DSV3_IMPORT_LIMIT)"
+            ),
+        )
+    dev = runtime.resolve_device(device)
+    folder = _tmp_dir()
+    try:
+        for p in paths:
+            shutil.copy(p, folder / p.name)
+        hf_cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        args = checkpoint.args_from_hf_config(hf_cfg)
+        wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
+        fits, reason = (True, "") if dev == "meta" else memory.check_fits(wbytes, dev)
+        if not fits:
+            return (
+                session,
+                gr.skip(),
+                f"✘ not imported, nothing allocated: {dtype} weights: {reason}",
+            )
+        t0 = time.perf_counter()
+        model = checkpoint.load_hf(folder, device=dev, dtype=dtype)
+        seconds = time.perf_counter() - t0
+    except (ConfigError, ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+        return session, gr.skip(), problem(e)  # CheckpointError and JSONDecodeError are ValueErrors
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    session.free()
+    session.model, session.config, session.device = model, model.args.to_dict(), dev
+    session.dtype, session.seed, session.source = model.dtype_name, None, "hf import"
+    session.build_seconds, session.model_bytes = seconds, runtime.tensor_bytes(model)
+    register(getattr(request, "session_hash", None), session)
+    return (
+        session,
+        session.config,
+        ok(
+            f"imported {plots.human(count_params(model.args)['total'])} params from "
+            f"{len(paths)} file(s) in {seconds:.2f} s onto {dev}"
+        ),
+    )
+
+
+# ---------------------------------------------------------------------- session end
+def on_unload(request: gr.Request) -> None:
+    """Tab closed: free its model now (gr.State alone would hold it for an hour)."""
+    release(getattr(request, "session_hash", None))

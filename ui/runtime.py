@@ -1,0 +1,189 @@
+"""Running models for the UI: device choice, build with timing, forward + decode with timing and
+statistics, and the optional ZeroGPU wrapper. Returns plain data; no gradio imports.
+
+On a Hugging Face ZeroGPU Space a GPU exists only inside a `@spaces.GPU` call, so a CUDA model
+cannot outlive one request: there `build_and_run` builds, runs and collects statistics in one
+call and returns plain CPU data. Elsewhere `gpu` is a no-op and models live in the session.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dsv3 import ModelArgs, Transformer
+
+try:  # optional: only present on Hugging Face Spaces
+    import spaces  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the host
+    spaces = None
+
+ZERO_GPU = spaces is not None and bool(os.environ.get("SPACES_ZERO_GPU"))
+
+
+def gpu(fn: Callable) -> Callable:
+    """`spaces.GPU(fn)` on a ZeroGPU Space, `fn` unchanged anywhere else."""
+    return spaces.GPU(fn) if ZERO_GPU else fn
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible (or ZeroGPU will attach one), else 'cpu'."""
+    if device == "auto":
+        return "cuda" if ZERO_GPU or torch.cuda.is_available() else "cpu"
+    return device
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer (what the weights occupy, wherever they are)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(
+    args: ModelArgs,
+    device: str,
+    dtype: str,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Transformer, dict[str, Any]]:
+    """Build and initialise a model; -> (model, {"seconds", "model_bytes", "cuda_peak_bytes"})."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(int(seed))
+    t0 = time.perf_counter()
+    model = Transformer(args, device=device, dtype=dtype, progress=progress)
+    _sync(device)
+    info = {"seconds": time.perf_counter() - t0, "model_bytes": tensor_bytes(model)}
+    if device == "cuda":
+        info["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return model, info
+
+
+def make_tokens(
+    vocab_size: int, batch: int, seq_len: int, seed: int, device: str = "cpu"
+) -> torch.Tensor:
+    """Random token ids (batch, seq_len), reproducible from `seed`."""
+    g = torch.Generator().manual_seed(int(seed))
+    tokens = torch.randint(0, vocab_size, (batch, seq_len), generator=g)
+    return tokens.to("meta") if device == "meta" else tokens
+
+
+def parse_token_ids(text: str) -> torch.Tensor | None:
+    """'1 2 3; 4 5 6' -> tensor [[1,2,3],[4,5,6]] (rows by ';' or newline); '' -> None."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    rows = [r for r in text.replace("\n", ";").split(";") if r.strip()]
+    ids: list[list[int]] = []
+    for r in rows:
+        try:
+            ids.append([int(t) for t in r.replace(",", " ").split()])
+        except ValueError:
+            raise ValueError(
+                f"token ids must be integers separated by spaces or commas, rows by ';': {r!r}"
+            ) from None
+    if len({len(r) for r in ids}) != 1:
+        raise ValueError(
+            f"every row of token ids needs the same length, got {[len(r) for r in ids]}"
+        )
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict[str, Any]:
+    """Prefill `tokens`, then greedy-decode `decode_steps` tokens with the KV cache.
+
+    -> plain data: shapes, prefill/decode latency, tokens/s, memory, generated ids.
+    On a meta model only shapes come back (nothing is computed).
+    """
+    device = model.device.type
+    meta = device == "meta"
+    B, S = tokens.shape
+    model.reset_cache()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    logits = model(tokens.to(model.device), start_pos=0)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    out: dict[str, Any] = {
+        "device": device,
+        "dtype": model.dtype_name,
+        "input_shape": [B, S],
+        "output_shape": list(logits.shape),
+        "meta": meta,
+    }
+    if meta:
+        return out
+    out["routing"] = _routing_stats(model)  # of the prefill, before decoding overwrites them
+    generated: list[list[int]] = []
+    t1 = time.perf_counter()
+    for step in range(int(decode_steps)):
+        nxt = logits.float().argmax(dim=-1, keepdim=True)  # (B, 1)
+        generated.append(nxt[:, 0].tolist())
+        logits = model(nxt, start_pos=S + step)
+    _sync(device)
+    decode_s = time.perf_counter() - t1
+    out.update(
+        prefill_seconds=prefill_s,
+        prefill_tokens_per_s=B * S / max(prefill_s, 1e-9),
+        decode_steps=int(decode_steps),
+        decode_seconds=decode_s,
+        decode_tokens_per_s=(B * decode_steps / decode_s)
+        if decode_steps and decode_s > 0
+        else None,
+        generated=[list(col) for col in zip(*generated)] if generated else [],
+        logits_finite=bool(torch.isfinite(logits.float()).all()),
+        kv_cache_bytes=model.cache_bytes(),
+        peak_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes(),
+        peak_kind="CUDA max allocated" if device == "cuda" else "process peak RSS",
+    )
+    return out
+
+
+def _routing_stats(model: Transformer) -> list[dict[str, Any]]:
+    from dsv3 import stats
+
+    return stats.routing_stats(model)
+
+
+def trace(model: Transformer, tokens: torch.Tensor) -> list[dict[str, Any]]:
+    """Every module's output shape for a forward of `tokens` (works on meta)."""
+    from dsv3 import stats
+
+    model.reset_cache()
+    return stats.trace_shapes(model, tokens.to(model.device))
+
+
+@gpu
+def build_and_run(
+    config: dict[str, Any],
+    device: str,
+    dtype: str,
+    seed: int,
+    tokens: torch.Tensor,
+    decode_steps: int,
+) -> dict[str, Any]:
+    """Build, run and inspect in one call, returning only plain CPU data (the ZeroGPU path)."""
+    model, info = build(ModelArgs.from_dict(config), device, dtype, seed)
+    result = {"build": info, "run": run(model, tokens, decode_steps), "trace": trace(model, tokens)}
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
