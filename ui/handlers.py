@@ -24,7 +24,7 @@ from dsv3.params import human_bytes
 from dsv3.rotary import rotary_info
 
 from . import fields, plots, runtime
-from .state import Session, register, release
+from .state import Session, evict_lru, held_bytes, register, release
 
 DEVICES = ["auto", "cpu", "cuda", "meta"]
 DTYPES = ["fp32", "bf16", "fp8"]
@@ -224,6 +224,28 @@ def _suggest(args: ModelArgs, device: str, dtype: str) -> str:
     return "Try: " + "; ".join(tips) + "."
 
 
+SERVER_LIMIT = (
+    memory.parse_bytes(os.environ["DSV3_SERVER_MEMORY"])
+    if os.environ.get("DSV3_SERVER_MEMORY")
+    else None
+)
+
+
+def _fits_server(nbytes: float, device: str) -> tuple[bool, str]:
+    """The device's free-memory budget, and the server-wide cap on what all sessions' models may
+    hold together (DSV3_SERVER_MEMORY, optional)."""
+    fits, reason = memory.check_fits(nbytes, device)
+    if fits and SERVER_LIMIT is not None:
+        held = held_bytes()
+        if held + nbytes > SERVER_LIMIT:
+            return False, (
+                f"needs {human_bytes(nbytes)} but the sessions' models already hold "
+                f"{human_bytes(held)} of the server's {human_bytes(SERVER_LIMIT)} "
+                "(DSV3_SERVER_MEMORY)"
+            )
+    return fits, reason
+
+
 def build(
     cfg: dict[str, Any],
     device: str,
@@ -243,9 +265,13 @@ def build(
             raise ConfigError(
                 "device cuda is not available here; use auto, cpu or meta", field="device"
             )
-        fits, reason = (True, "meta device") if dev == "meta" else memory.check_fits(wbytes, dev)
+        fits, reason = (True, "meta device") if dev == "meta" else _fits_server(wbytes, dev)
     except (ConfigError, ValueError) as e:
         return session, problem(e), {**session.summary(), "ok": False, "error": str(e)}
+    evicted = 0
+    if not fits:  # make room: free other sessions' least recently used models first
+        evicted = evict_lru(dev, lambda: _fits_server(wbytes, dev)[0], keep=session)
+        fits, reason = _fits_server(wbytes, dev)
     if not fits:
         reason = reason.split("; try")[0]  # our own suggestion follows, with numbers
         msg = f"✘ Not built, nothing allocated: the {dtype} weights {reason}. {_suggest(args, dev, dtype)}"
@@ -284,7 +310,11 @@ def build(
         info["model_bytes"],
     )
     session.source = "build"
+    session.notes.pop("evicted", None)
+    session.touch()
     register(getattr(request, "session_hash", None), session)
+    if evicted:
+        reason += f"; freed {evicted} idle session model(s), least recently used first"
     mem = "no memory (meta)" if dev == "meta" else human_bytes(info["model_bytes"])
     if "cuda_peak_bytes" in info:
         mem += f", CUDA peak {human_bytes(info['cuda_peak_bytes'])}"
@@ -340,7 +370,7 @@ def forward(
     expert heatmap, routing balance figure, balance table)."""
     session = session if session is not None else Session()
     if session.model is None and session.source != "zerogpu":
-        msg = "⚠ nothing built yet: press Build first"
+        msg = "⚠ " + session.notes.get("evicted", "nothing built yet: press Build first")
         return (session, msg, {"ok": False, "error": msg}, *([gr.skip()] * 5))
     args = ModelArgs.from_dict(session.config)
     try:
@@ -371,8 +401,14 @@ def forward(
                     raise ConfigError(
                         f"this run's KV cache and activations {reason}", field="batch"
                     )
-            r = runtime.run(session.model, tokens, int(decode_steps))
-            trace = runtime.trace(session.model, tokens)
+            session.touch()
+            try:
+                r = memory.run_guarded(runtime.run, session.model, tokens, int(decode_steps))
+                trace = memory.run_guarded(runtime.trace, session.model, tokens)
+            except memory.MemoryBudgetError:
+                session.model.reset_cache()  # drop the half-grown KV cache; the model stays
+                memory.release_memory()
+                raise
     except (ConfigError, ValueError, RuntimeError) as e:
         return (session, problem(e), {"ok": False, "error": str(e)}, *([gr.skip()] * 5))
     session.runs += 1
@@ -570,6 +606,14 @@ def import_hf(
 
 
 # ---------------------------------------------------------------------- session end
+def release_model(session: Session | None) -> tuple[Session, str]:
+    """Free this session's model now (the Free button; API clients call it when done)."""
+    session = session if session is not None else Session()
+    held = session.model is not None
+    session.free()
+    return session, ok("model freed") if held else "nothing to free"
+
+
 def on_unload(request: gr.Request) -> None:
     """Tab closed: free its model now (gr.State alone would hold it for an hour)."""
     release(getattr(request, "session_hash", None))

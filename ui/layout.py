@@ -146,7 +146,11 @@ def build_demo() -> gr.Blocks:
                     device = gr.Dropdown(h.DEVICES, value="auto", label="device", min_width=100)
                     dtype = gr.Dropdown(h.DTYPES, value="fp32", label="dtype", min_width=100)
                     seed = gr.Number(0, precision=0, label="seed", min_width=100)
-                build_btn = gr.Button("Build", variant="primary", elem_id="build-btn")
+                with gr.Row():
+                    build_btn = gr.Button("Build", variant="primary", elem_id="build-btn", scale=3)
+                    free_btn = gr.Button(
+                        "Free model", variant="secondary", elem_id="free-btn", scale=1
+                    )
                 build_msg = gr.Markdown(elem_classes="status", elem_id="build-msg")
                 build_info = gr.JSON(label="built model", visible=False)
             with gr.Column():
@@ -286,6 +290,7 @@ def build_demo() -> gr.Blocks:
             api_name="build",
             concurrency_id="model",
         )
+        free_btn.click(h.release_model, session, [session, build_msg], api_name="release")
         run_btn.click(
             h.forward,
             [session, batch, seq_len, token_seed, token_ids, decode_steps],

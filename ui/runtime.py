@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dsv3 import ModelArgs, Transformer
+from dsv3 import ModelArgs, Transformer, memory
 
 try:  # optional: only present on Hugging Face Spaces
     import spaces  # type: ignore[import-not-found]
@@ -68,7 +68,8 @@ def build(
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(int(seed))
     t0 = time.perf_counter()
-    model = Transformer(args, device=device, dtype=dtype, progress=progress)
+    # Guarded: refused over budget; an allocation failure frees the partial model (MemoryBudgetError).
+    model, _ = memory.build_model(args, device, dtype, progress=progress)
     _sync(device)
     info = {"seconds": time.perf_counter() - t0, "model_bytes": tensor_bytes(model)}
     if device == "cuda":
@@ -132,6 +133,8 @@ def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict
     if meta:
         return out
     out["routing"] = _routing_stats(model)  # of the prefill, before decoding overwrites them
+    # A fingerprint of the prefill logits: tells runs (and sessions) apart at a glance.
+    out["logits_head"] = [round(v, 6) for v in logits[0, :4].float().tolist()]
     generated: list[list[int]] = []
     t1 = time.perf_counter()
     for step in range(int(decode_steps)):

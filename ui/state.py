@@ -10,9 +10,10 @@ A model can be many GiB, so its lifetime is managed explicitly, in three ways to
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,21 +35,23 @@ class Session:
     source: str = ""  # "build" or the imported checkpoint's name
     runs: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    last_used: float = field(default_factory=time.monotonic)  # for least-recently-used eviction
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
 
     def free(self) -> None:
         """Drop the model and give its memory back (CUDA cache included)."""
-        was_cuda = self.device == "cuda"
+        was_cuda, held = self.device == "cuda", self.model is not None
         self.model = None
         self.config = None
         self.device = self.dtype = self.seed = None
         self.model_bytes = 0
         self.runs = 0
-        gc.collect()
-        if was_cuda:
-            import torch
+        if was_cuda or held:
+            from dsv3.memory import release_memory
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()  # gc, CUDA cache, malloc_trim
 
     def summary(self) -> dict[str, Any]:
         """Plain data about the built model (for the API and the page)."""
@@ -85,6 +88,42 @@ def free_session(session: Session | None) -> None:
         for key in [k for k, v in LIVE.items() if v is session]:
             del LIVE[key]
     session.free()
+
+
+def held_bytes(device: str | None = None) -> int:
+    """Bytes of the models all live sessions hold (on `device` when given)."""
+    with _LOCK:
+        live = list(LIVE.values())
+    return sum(s.model_bytes for s in live if s.model is not None and device in (None, s.device))
+
+
+def evict_lru(device: str, fits: Callable[[], bool], keep: Session | None) -> int:
+    """Free other sessions' models on `device`, least recently used first, until `fits()`.
+
+    Model work is serialised (one queue for build/forward/import), so every session but the
+    one asking is idle. Returns how many models were freed; their owners are told on their next
+    run."""
+    freed = 0
+    while not fits():
+        with _LOCK:
+            victims = sorted(
+                (
+                    s
+                    for s in LIVE.values()
+                    if s is not keep and s.model is not None and s.device == device
+                ),
+                key=lambda s: s.last_used,
+            )
+        if not victims:
+            break
+        victim = victims[0]
+        victim.free()
+        victim.notes["evicted"] = (
+            "your model was freed to make room for another session's build (the server keeps "
+            "the most recently used models); build again"
+        )
+        freed += 1
+    return freed
 
 
 def release(session_hash: str | None) -> bool:
