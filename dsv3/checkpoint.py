@@ -1100,6 +1100,18 @@ def _hf_files(root: Path) -> list[Path]:
     raise CheckpointError(f"{root}: no .safetensors weights found")
 
 
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's config.json as a dict; not JSON, not UTF-8 or not an object -> ConfigError."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path.name} is not valid JSON: {e}", field="config.json") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path.name} must hold a JSON object", field="config.json")
+    return cfg
+
+
 def load_hf(
     path: str | os.PathLike,
     device: torch.device | str | None = None,
@@ -1119,10 +1131,7 @@ def load_hf(
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{root}: no config.json")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg_path}: not valid JSON: {e}") from None
+    cfg = read_hf_config(cfg_path)
     args = args_from_hf_config(cfg)
     rope_interleave = cfg.get("model_type", "deepseek_v3") != "deepseek_v3" or cfg.get(
         "rope_interleave", True

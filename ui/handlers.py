@@ -573,7 +573,7 @@ def import_hf(
     try:
         for p in paths:
             shutil.copy(p, folder / p.name)
-        hf_cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        hf_cfg = checkpoint.read_hf_config(folder / "config.json")
         args = checkpoint.args_from_hf_config(hf_cfg)
         wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
         fits, reason = (True, "") if dev == "meta" else memory.check_fits(wbytes, dev)
