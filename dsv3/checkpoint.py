@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import BLOCK_SIZE, ConfigError, ModelArgs
+from .config import BLOCK_SIZE, MOE_FIELDS, ConfigError, ModelArgs
 from .layers import FP8, dequantize, quantize_fp8
 from .model import Transformer
 
@@ -381,17 +381,7 @@ def hf_config_from_args(args: ModelArgs) -> dict[str, Any]:
             field="layer_config",
         )
     attn = ("n_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim")
-    moe = (
-        "moe_inter_dim",
-        "n_routed_experts",
-        "n_shared_experts",
-        "n_activated_experts",
-        "n_expert_groups",
-        "n_limited_groups",
-        "score_func",
-        "route_scale",
-        "gate_bias",
-    )
+    moe = MOE_FIELDS
     ref = base.for_layer(0)
     for i in range(args.n_layers):
         la = args.for_layer(i)

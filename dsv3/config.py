@@ -52,6 +52,28 @@ LAYER_FIELDS: dict[str, type | tuple] = {
     "ffn": str,
 }
 
+# Field groups, in the order forms and tables show them.
+MOE_FIELDS = (
+    "moe_inter_dim",
+    "n_routed_experts",
+    "n_shared_experts",
+    "n_activated_experts",
+    "n_expert_groups",
+    "n_limited_groups",
+    "score_func",
+    "route_scale",
+    "gate_bias",
+)
+ROTARY_FIELDS = (
+    "rope_scaling",
+    "original_seq_len",
+    "rope_theta",
+    "rope_factor",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+)
+
 # Fields that shape the whole model (embedding, rotary tables, caches): never per layer.
 GLOBAL_ONLY = (
     "vocab_size",
@@ -63,13 +85,7 @@ GLOBAL_ONLY = (
     "dtype",
     "scale_fmt",
     "qk_rope_head_dim",
-    "original_seq_len",
-    "rope_theta",
-    "rope_factor",
-    "beta_fast",
-    "beta_slow",
-    "mscale",
-    "rope_scaling",
+    *ROTARY_FIELDS,
 )
 
 CHOICES: dict[str, tuple] = {

@@ -16,6 +16,8 @@ from dsv3.config import (
     FLOAT_RANGES,
     INT_RANGES,
     LAYER_FIELDS,
+    MOE_FIELDS,
+    ROTARY_FIELDS,
     ConfigError,
     ModelArgs,
 )
@@ -31,26 +33,8 @@ SECTIONS: dict[str, list[str]] = {
         "v_head_dim",
         "attn_impl",
     ],
-    "MoE routing": [
-        "moe_inter_dim",
-        "n_routed_experts",
-        "n_shared_experts",
-        "n_activated_experts",
-        "n_expert_groups",
-        "n_limited_groups",
-        "score_func",
-        "route_scale",
-        "gate_bias",
-    ],
-    "Rotary / YaRN": [
-        "rope_scaling",
-        "original_seq_len",
-        "rope_theta",
-        "rope_factor",
-        "beta_fast",
-        "beta_slow",
-        "mscale",
-    ],
+    "MoE routing": list(MOE_FIELDS),
+    "Rotary / YaRN": list(ROTARY_FIELDS),
     "Runtime": ["max_batch_size", "max_seq_len", "dtype", "scale_fmt"],
 }
 # Every ModelArgs field but layer_config, in form order (the order handlers receive values in).
