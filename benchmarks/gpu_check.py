@@ -79,10 +79,18 @@ def main() -> int:
         MoE.impl = "auto"
         fin = bool(outs["auto"].isfinite().all())
         rel = ((outs["auto"] - outs["loop"]).norm() / outs["loop"].norm()).item()
-        rows.append((f"{dtype} forward on CUDA (auto vs loop MoE)", f"finite {fin}, rel {rel:.1e}", fin and rel < 5e-2))
+        rows.append(
+            (
+                f"{dtype} forward on CUDA (auto vs loop MoE)",
+                f"finite {fin}, rel {rel:.1e}",
+                fin and rel < 5e-2,
+            )
+        )
 
     # the seed demo: n_layers 32, dim 2048, overrides on layers 5 and 10, bf16, tokens (2, 128)
-    seed = ModelArgs(n_layers=32, dim=2048, layer_config={5: {"n_heads": 32}, 10: {"moe_inter_dim": 4096}})
+    seed = ModelArgs(
+        n_layers=32, dim=2048, layer_config={5: {"n_heads": 32}, 10: {"moe_inter_dim": 4096}}
+    )
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -102,12 +110,30 @@ def main() -> int:
     torch.cuda.synchronize()
     fwd_s = (time.perf_counter() - t0) / n
     ok = tuple(out.shape) == (2, 102400) and bool(out.isfinite().all())
-    rows.append(("seed demo params", f"{count_params(seed)['total']:,}", count_params(seed)["total"] == 19_733_301_248))
+    rows.append(
+        (
+            "seed demo params",
+            f"{count_params(seed)['total']:,}",
+            count_params(seed)["total"] == 19_733_301_248,
+        )
+    )
     rows.append(("seed demo output", str(out.size()), ok))
-    rows.append(("seed demo build (bf16, CUDA)", f"{build_s:.2f} s, {wbytes / 1e9:.1f} GB weights, peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB", True))
+    rows.append(
+        (
+            "seed demo build (bf16, CUDA)",
+            f"{build_s:.2f} s, {wbytes / 1e9:.1f} GB weights, peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB",
+            True,
+        )
+    )
     bw = 4.8e12 if "H200" in torch.cuda.get_device_name() else 3.35e12
     floor = wbytes / bw
-    rows.append(("seed demo 2x128 prefill", f"{fwd_s * 1e3:.1f} ms; floor (weights/bandwidth) {floor * 1e3:.1f} ms; ratio {fwd_s / floor:.2f}", True))
+    rows.append(
+        (
+            "seed demo 2x128 prefill",
+            f"{fwd_s * 1e3:.1f} ms; floor (weights/bandwidth) {floor * 1e3:.1f} ms; ratio {fwd_s / floor:.2f}",
+            True,
+        )
+    )
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| check | result | ok |\n|---|---|---|")

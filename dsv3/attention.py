@@ -185,18 +185,21 @@ class MLA(nn.Module):
             k = torch.cat([kvb[..., :Dn], lat[:, :, None, C:].expand(B, T, H, Dr)], dim=-1)
             o = self._sdpa(q, k, kvb[..., Dn:], start_pos)
             return self.wo(o.flatten(2))
-        # Absorbed: q_nope . (W_uk kv) == (q_nope W_uk) . kv, and the output folds W_uv.
+        # Absorbed: q_nope . (W_uk kv) == (q_nope W_uk) . kv, and the output folds W_uv. Per-head
+        # bmm over (H, B*S, .) views: the einsum equivalents cost more in overhead at S = 1.
         wkv_b = wkv_b.view(H, Dn + Dv, C)
-        q_abs = torch.einsum("bshd,hdc->bshc", q[..., :Dn], wkv_b[:, :Dn])  # (B, S, H, C)
-        qc = torch.cat([q_abs, q[..., Dn:]], dim=-1).view(B, S * H, C + Dr)
+        q_nope = q[..., :Dn].reshape(B * S, H, Dn).transpose(0, 1)  # (H, B*S, Dn)
+        q_abs = torch.bmm(q_nope, wkv_b[:, :Dn]).transpose(0, 1)  # (B*S, H, C)
+        qc = torch.cat([q_abs, q[..., Dn:].reshape(B * S, H, Dr)], dim=-1)  # (B*S, H, C+Dr)
         T = end_pos
-        scores = torch.bmm(qc, lat.transpose(1, 2)).mul_(self.softmax_scale)  # (B, S*H, T)
+        scores = torch.bmm(qc.view(B, S * H, C + Dr), lat.transpose(1, 2))  # (B, S*H, T)
+        scores.mul_(self.softmax_scale)
         if S > 1:
             scores = scores.view(B, S, H, T).add_(_causal_bias(S, T, start_pos, x.device)[:, None])
         p = scores.view(B, S * H, T).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-        o = torch.bmm(p, lat[..., :C]).view(B, S, H, C)  # (B, S, H, C)
-        o = torch.einsum("bshc,hdc->bshd", o, wkv_b[:, Dn:])  # (B, S, H, Dv)
-        return self.wo(o.flatten(2))
+        o = torch.bmm(p, lat[..., :C]).view(B * S, H, C).transpose(0, 1)  # (H, B*S, C)
+        o = torch.bmm(o, wkv_b[:, Dn:].transpose(1, 2))  # (H, B*S, Dv)
+        return self.wo(o.transpose(0, 1).reshape(B, S, H * Dv))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int):
         """q (B,S,H,Dqk), k (B,T,H,Dqk), v (B,T,H,Dv) -> (B,S,H,Dv), causal from start_pos.

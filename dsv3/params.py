@@ -7,7 +7,9 @@ a meta build's state_dict, name by name.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 
 from .config import ModelArgs
@@ -40,11 +42,48 @@ class TensorSpec:
         return math.prod(self.shape)
 
 
+def _key(args: ModelArgs) -> tuple:
+    """A hashable snapshot of every field of `args` (ModelArgs is mutable, so not hashable)."""
+    vals = tuple(
+        getattr(args, f.name) for f in dataclasses.fields(args) if f.name != "layer_config"
+    )
+    lc = tuple((i, tuple(sorted(o.items()))) for i, o in sorted(args.layer_config.items()))
+    return vals, lc
+
+
+_CACHE: dict[tuple, tuple] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _resolved(args: ModelArgs) -> tuple[tuple, tuple[TensorSpec, ...]]:
+    """(resolved layers, tensor specs) of `args`, remembered for the last 16 configurations:
+    an estimate of the 671B preset needs both several times, and resolving 61 layers dominated
+    its cost. Keyed by value, so a changed ModelArgs is never served stale results."""
+    key = _key(args)
+    hit = _CACHE.get(key)
+    if hit is None:
+        layers = tuple(args.layers())
+        hit = (layers, tuple(_tensor_specs(args, layers)))
+        with _CACHE_LOCK:  # the app estimates from several threads
+            while len(_CACHE) >= 16:
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[key] = hit
+    return hit
+
+
+def _layers(args: ModelArgs) -> tuple:
+    return _resolved(args)[0]
+
+
 def tensor_specs(args: ModelArgs) -> list[TensorSpec]:
     """Every parameter (not fp8 scales) of `Transformer(args)`, in state_dict order."""
+    return list(_resolved(args)[1])
+
+
+def _tensor_specs(args: ModelArgs, layers) -> list[TensorSpec]:
     D = args.dim
     out = [TensorSpec("embed.weight", (args.vocab_size, D), "embedding", None, False, True)]
-    for la in args.layers():
+    for la in layers:
         i, p = la.layer_id, f"layers.{la.layer_id}."
         H = la.n_heads
 
@@ -101,13 +140,13 @@ def count_params(args: ModelArgs) -> dict:
     groups = dict.fromkeys(GROUPS, 0)
     layers = [
         {"layer": la.layer_id, "ffn": la.ffn, **dict.fromkeys(GROUPS[1:-1], 0)}
-        for la in args.layers()
+        for la in _layers(args)
     ]
-    for t in tensor_specs(args):
+    for t in _resolved(args)[1]:
         groups[t.group] += t.numel
         if t.layer is not None:
             layers[t.layer][t.group] += t.numel
-    for row, la in zip(layers, args.layers()):
+    for row, la in zip(layers, _layers(args)):
         row["total"] = sum(row[g] for g in GROUPS[1:-1])
         routed_active = 0
         if la.ffn == "moe":
@@ -124,12 +163,12 @@ def weight_bytes(args: ModelArgs, dtype: str) -> int:
     if dtype in BYTES:  # the gate's selection bias is float32 in every build
         return sum(
             t.numel * (4 if t.name.endswith("gate.bias") else BYTES[dtype])
-            for t in tensor_specs(args)
+            for t in _resolved(args)[1]
         )
     if dtype != "fp8":
         raise ValueError(f"dtype={dtype!r}: choose fp32, bf16 or fp8")
     total = 0
-    for t in tensor_specs(args):
+    for t in _resolved(args)[1]:
         if t.linear:
             *lead, o, i = t.shape
             total += t.numel + 4 * math.prod(lead) * math.prod(scale_shape(o, i))
@@ -148,7 +187,7 @@ def weight_bytes_per_gpu(args: ModelArgs, dtype: str, n_gpus: int = 1) -> int:
         raise ValueError(f"dtype={dtype!r}: choose fp32, bf16 or fp8")
     n = max(int(n_gpus), 1)
     total = 0
-    for t in tensor_specs(args):
+    for t in _resolved(args)[1]:
         shape = list(t.shape)
         if t.sharded and n > 1:
             dim = _placement(t.name)[1]
@@ -169,8 +208,8 @@ def weight_bytes_per_gpu(args: ModelArgs, dtype: str, n_gpus: int = 1) -> int:
 def kv_elems_per_token(args: ModelArgs, attn_impl: str) -> int:
     """Cached elements per token, summed over layers, for a cache layout."""
     if attn_impl == "naive":
-        return sum(la.n_heads * (la.qk_head_dim + la.v_head_dim) for la in args.layers())
-    return sum(la.kv_lora_rank + la.qk_rope_head_dim for la in args.layers())
+        return sum(la.n_heads * (la.qk_head_dim + la.v_head_dim) for la in _layers(args))
+    return sum(la.kv_lora_rank + la.qk_rope_head_dim for la in _layers(args))
 
 
 def estimate(
@@ -190,7 +229,7 @@ def estimate(
     """
     seq_len = args.max_seq_len if seq_len is None else seq_len
     counts = count_params(args)
-    specs = tensor_specs(args)
+    specs = _resolved(args)[1]
     act_bytes = BYTES.get(dtype, 2)  # fp8 computes in bf16
     wbytes = {d: weight_bytes(args, d) for d in ("fp32", "bf16", "fp8")}
     kv_tok = {k: kv_elems_per_token(args, k) * act_bytes for k in ("naive", "absorb")}
@@ -199,7 +238,7 @@ def estimate(
     # Matmul FLOPs per token: active params minus vectors (norms, biases) and embedding lookup.
     vec = sum(t.numel for t in specs if len(t.shape) == 1)
     matmul_active = counts["active"] - vec + sum(t.numel for t in specs if t.name == "norm.weight")
-    attn_per_pair = sum(la.n_heads * (la.qk_head_dim + la.v_head_dim) for la in args.layers())
+    attn_per_pair = sum(la.n_heads * (la.qk_head_dim + la.v_head_dim) for la in _layers(args))
     pairs = seq_len * (seq_len + 1) / 2  # causal (query, key) pairs in a prefill
     flops_forward = batch * (2 * matmul_active * seq_len + 2 * attn_per_pair * pairs)
     flops_per_token = flops_forward / max(batch * seq_len, 1)
@@ -209,7 +248,7 @@ def estimate(
             la.n_heads * (la.qk_head_dim * 2 + la.v_head_dim * 2),
             3 * (la.inter_dim if la.ffn == "dense" else la.moe_inter_dim * la.n_activated_experts),
         )
-        for la in args.layers()
+        for la in _layers(args)
     )
     activation = batch * seq_len * (4 * args.dim + width) * act_bytes + batch * args.vocab_size * 4
     total = wbytes[dtype] + kv_cache[args.attn_impl] + activation
@@ -220,7 +259,7 @@ def estimate(
     per_gpu = per_gpu_weights + kv_gpu + activation
 
     rows = []
-    for row, la in zip(counts["layers"], args.layers()):
+    for row, la in zip(counts["layers"], _layers(args)):
         rows.append(
             {
                 "layer": la.layer_id,

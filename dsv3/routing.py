@@ -6,10 +6,10 @@ Legend: T tokens, D model dim, E routed experts, G expert groups, K activated ex
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerArgs
+from .layers import linear
 
 
 class Gate(nn.Module):
@@ -44,7 +44,7 @@ class Gate(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, D) -> weights (T, K) in x's dtype, expert indices (T, K) int64."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = linear(x_TD.float(), self.weight.float())
         if self.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:

@@ -1,0 +1,906 @@
+"""Performance benchmark: one command, one markdown table.
+
+    python benchmarks/run.py --quick                  # about 2-3 minutes on 2 CPU cores
+    python benchmarks/run.py --full                   # more rounds, a bigger build
+    python benchmarks/run.py --reference DIR          # DeepSeek-V3's inference/ directory
+                                                      # (or env DSV3_REFERENCE_DIR)
+    python benchmarks/run.py --gpu                    # the CUDA section (needs a GPU)
+    python benchmarks/run.py --only peers,build       # some sections only
+    python benchmarks/run.py --json out.json          # the rows as JSON too
+
+What it measures (CPU, float32, same weights and thread count for every peer):
+  peers      prefill 2 x 256 tokens and 64 decode steps after a 256-token prefill, dsv3 vs
+             transformers (sdpa attention, grouped-matmul experts, its DynamicCache) vs the
+             reference inference/model.py; the logits of all three are compared too.
+  moe        the expert dispatch: grouped matmuls vs the per-expert loop, same inputs.
+  flops      this machine's dense fp32 matmul rate and the achieved FLOP/s of a `small` preset
+             prefill of 4 x 512 tokens, as a fraction of it.
+  build      peak resident memory and time of a build (fresh interpreter) vs the weight bytes
+             and vs filling as many elements with normal_.
+  estimates  count_params + estimate of the 671B preset; a meta build + trace_shapes of it in a
+             fresh interpreter.
+  app        `python app.py` to first page vs a minimal Gradio app; the tiny preset's build +
+             forward round trip through gradio_client.
+  gpu        (--gpu, CUDA only) seed-demo bf16 build and 2 x 128 prefill vs the weight-bytes /
+             bandwidth floor; prefill and decode tokens/s vs transformers on the same card.
+
+Peers run in one process, interleaved round by round, so that load from elsewhere on a shared
+machine hits them alike. Each figure is the best of its rounds (the least disturbed); ratios
+divide best by best. The reference is never copied into this repository: it is imported from the
+directory given, with a stub `kernel` module (its bf16 path calls no kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import types
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from dsv3 import ModelArgs, Transformer, count_params, estimate  # noqa: E402
+
+# The peer-comparison config: DeepSeek-V3's shape scaled to hidden 256 (4 layers, the first
+# dense; 64 routed experts in 8 groups, 4 kept, top-4, sigmoid routing with the selection bias;
+# q/kv LoRA; YaRN since max_seq_len > original_seq_len). Caches of 2 x 512 keep the reference's
+# preallocation small.
+BENCH = dict(
+    vocab_size=8192,
+    dim=256,
+    inter_dim=1024,
+    moe_inter_dim=128,
+    n_layers=4,
+    n_dense_layers=1,
+    n_heads=8,
+    n_routed_experts=64,
+    n_shared_experts=1,
+    n_activated_experts=4,
+    n_expert_groups=8,
+    n_limited_groups=4,
+    score_func="sigmoid",
+    route_scale=2.5,
+    q_lora_rank=128,
+    kv_lora_rank=128,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    max_seq_len=512,
+    original_seq_len=256,
+    rope_factor=4,
+    gate_bias=True,
+    max_batch_size=2,
+)
+PREFILL = (2, 256)
+DECODE_STEPS = 64
+
+
+# ---------------------------------------------------------------------------- table rows
+class Rows:
+    """Collects result rows: measure, dsv3's figure, the peer and its figure, ratio, target."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, measure, ours, peer="", ratio=None, target="", ok=None, note=""):
+        self.rows.append(
+            dict(
+                measure=measure, ours=ours, peer=peer, ratio=ratio, target=target, ok=ok, note=note
+            )
+        )
+        mark = "" if ok is None else (" PASS" if ok else " FAIL")
+        r = "" if ratio is None else f"  ratio {ratio:.2f}"
+        print(f"  {measure}: {ours}  {peer}{r}{mark} {note}".rstrip(), flush=True)
+
+    def markdown(self, machine: str) -> str:
+        out = [
+            f"Machine: {machine}",
+            "",
+            "| Measure | dsv3 | Peer (same run) | Ratio | Target | Result |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            result = {None: "", True: "pass", False: "**FAIL**"}[r["ok"]]
+            if r["note"]:
+                result = f"{result} ({r['note']})" if result else r["note"]
+            out.append(
+                f"| {r['measure']} | {r['ours']} | {r['peer']} | {ratio} | {r['target']} | {result} |"
+            )
+        return "\n".join(out)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def best(ts: list[float]) -> float:
+    return min(ts)
+
+
+def interleaved(fns: dict[str, Callable[[], float | None]], rounds: int) -> dict[str, list]:
+    """Run every fn once per round, in turn; a fn that returns a float reports its own elapsed
+    time, any other is timed here. One untimed warm-up round first."""
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for r in range(rounds + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            got = fn()
+            dt = got if isinstance(got, float) else time.perf_counter() - t0
+            if r:
+                times[name].append(dt)
+    return times
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [
+        f"{cpu}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        f"torch {torch.__version__}",
+    ]
+    try:
+        import transformers
+
+        parts.append(f"transformers {transformers.__version__}")
+    except ImportError:
+        pass
+    parts.append(f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU")
+    parts.append(f"python {platform.python_version()}")
+    if hasattr(os, "getloadavg"):  # other work on a shared machine shows up here
+        parts.append("load average " + _load())
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------- peers
+def build_ours(args: ModelArgs, device="cpu", dtype="fp32", seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(args, device=device, dtype=dtype).eval()
+
+
+def build_hf(model: Transformer, device="cpu", dtype=torch.float32):
+    """transformers' DeepSeek model with `model`'s weights, via dsv3's name table: sdpa
+    attention, grouped-matmul experts (requested, and reported as transformers resolved them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dsv3.checkpoint import dsv3_to_hf_state_dict, hf_config_from_args
+
+    cfg = dict(hf_config_from_args(model.args))
+    model_type = cfg.pop("model_type")
+    cfg.pop("architectures", None)
+    config = AutoConfig.for_model(model_type, **cfg)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(
+            config, attn_implementation="sdpa", experts_implementation="grouped_mm", dtype=dtype
+        )
+    sd = dsv3_to_hf_state_dict(model.state_dict(), model.args, fused_experts=True)
+    missing, unexpected = hf.load_state_dict(sd, strict=True)
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf.eval()
+
+
+def reference_dir(cli: str | None) -> Path | None:
+    d = cli or os.environ.get("DSV3_REFERENCE_DIR")
+    if not d:
+        return None
+    p = Path(d)
+    if (p / "inference" / "model.py").is_file():
+        p = p / "inference"
+    return p if (p / "model.py").is_file() else None
+
+
+def build_reference(model: Transformer, ref_dir: Path):
+    """The reference Transformer (bf16 path, absorb attention) in float32 with `model`'s weights.
+
+    Its globals are set as its Transformer sets them; `Linear.dtype` is bf16 there, so the built
+    model is cast to float32 (its complex rotary buffer is not floating point and stays intact).
+    Its Gate has a selection bias only at dim 7168: one is added (zeros, as ours) so both use the
+    same top-2 group rule."""
+    if "kernel" not in sys.modules:
+        stub = types.ModuleType("kernel")  # the bf16 path never calls these
+        stub.act_quant = stub.weight_dequant = stub.fp8_gemm = None
+        sys.modules["kernel"] = stub
+    spec = importlib.util.spec_from_file_location("deepseek_reference_model", ref_dir / "model.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    ref.attn_impl = "absorb"
+    ref.gemm_impl = "bf16"
+    a = model.args
+    fields = {k: getattr(a, k) for k in ref.ModelArgs.__dataclass_fields__ if hasattr(a, k)}
+    rm = ref.Transformer(ref.ModelArgs(**fields)).float()
+    ref.Linear.dtype = torch.float32
+    for layer in rm.layers:
+        if isinstance(layer.ffn, ref.MoE) and layer.ffn.gate.bias is None:
+            layer.ffn.gate.bias = torch.nn.Parameter(torch.zeros(a.n_routed_experts))
+    sd = {}
+    for k, v in model.state_dict().items():
+        if ".ffn.experts.w" in k:  # stacked (E, out, in) -> per-expert reference keys
+            for e in range(v.shape[0]):
+                sd[k.replace("experts.w", f"experts.{e}.w") + ".weight"] = v[e]
+        else:
+            sd[k] = v
+    rm.load_state_dict(sd, strict=True)
+    return rm.eval()
+
+
+def section_peers(rows: Rows, opts) -> None:
+    print("peers: prefill and decode vs transformers and the reference", flush=True)
+    args = ModelArgs(**BENCH)
+    ours = build_ours(args)
+    B, S = PREFILL
+    g = torch.Generator().manual_seed(1)
+    tok = torch.randint(0, args.vocab_size, (B, S + DECODE_STEPS), generator=g)
+    peers: dict[str, object] = {}
+    try:
+        peers["transformers"] = build_hf(ours)
+        hcfg = peers["transformers"].config
+        hf_note = f"attn={hcfg._attn_implementation}, experts={hcfg._experts_implementation}"
+    except Exception as e:  # transformers missing or config not expressible
+        rows.add("transformers peer", "skipped", note=f"{type(e).__name__}: {e}")
+        hf_note = ""
+    ref_dir = reference_dir(opts.reference)
+    if ref_dir is None:
+        rows.add(
+            "reference peer",
+            "skipped",
+            note="no --reference DIR / DSV3_REFERENCE_DIR with inference/model.py",
+        )
+    else:
+        peers["reference"] = build_reference(ours, ref_dir)
+
+    prefill_tok = tok[:, :S]
+
+    def run_prefill(name):
+        m = ours if name == "dsv3" else peers[name]
+        if name == "dsv3":
+            return lambda: m(prefill_tok)
+        if name == "transformers":
+            return lambda: m(prefill_tok, use_cache=False, logits_to_keep=1).logits[:, -1]
+        return lambda: m(prefill_tok)
+
+    with torch.inference_mode():
+        outs = {n: run_prefill(n)() for n in ("dsv3", *peers)}
+        scale = outs["dsv3"].abs().max().item()
+        for n in peers:
+            diff = (outs[n] - outs["dsv3"]).abs().max().item()
+            rows.add(
+                f"logits vs {n}, prefill {B}x{S} (max abs diff)",
+                f"{diff:.1e}",
+                f"largest logit {scale:.2f}",
+                target="< 1e-4",
+                ok=diff < 1e-4,
+            )
+        fns = {n: run_prefill(n) for n in ("dsv3", *peers)}
+        times = interleaved(fns, opts.rounds)
+    targets = {"transformers": 1.5, "reference": 2.0}
+    for n in peers:
+        ratio = best(times[n]) / best(times["dsv3"])
+        rows.add(
+            f"prefill {B}x{S}, fp32: speed-up vs {n}",
+            ms(best(times["dsv3"])),
+            f"{n} {ms(best(times[n]))}",
+            ratio,
+            f">= {targets[n]}x",
+            ratio >= targets[n],
+            hf_note if n == "transformers" else "",
+        )
+
+    # Decode: prefill S tokens (untimed), then DECODE_STEPS single-token steps with the cache.
+    def decode(name):
+        def run() -> float:
+            if name == "dsv3":
+                ours.reset_cache()
+                ours(tok[:, :S])
+                t0 = time.perf_counter()
+                for i in range(S, S + DECODE_STEPS):
+                    ours(tok[:, i : i + 1], start_pos=i)
+                return time.perf_counter() - t0
+            m = peers[name]
+            if name == "transformers":
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=m.config)
+                m(tok[:, :S], cache=cache, use_cache=True, logits_to_keep=1)
+                t0 = time.perf_counter()
+                for i in range(S, S + DECODE_STEPS):
+                    m(tok[:, i : i + 1], cache=cache, use_cache=True, logits_to_keep=1)
+                return time.perf_counter() - t0
+            m(tok[:, :S])
+            t0 = time.perf_counter()
+            for i in range(S, S + DECODE_STEPS):
+                m(tok[:, i : i + 1], start_pos=i)
+            return time.perf_counter() - t0
+
+        return run
+
+    with torch.inference_mode():
+        # The last step's logits agree too (the caches hold the same numbers).
+        last = {}
+        ours.reset_cache()
+        ours(tok[:, :S])
+        for i in range(S, S + 4):
+            last["dsv3"] = ours(tok[:, i : i + 1], start_pos=i)
+        if "transformers" in peers:
+            from transformers import DynamicCache
+
+            m = peers["transformers"]
+            cache = DynamicCache(config=m.config)
+            m(tok[:, :S], cache=cache, use_cache=True, logits_to_keep=1)
+            for i in range(S, S + 4):
+                out = m(tok[:, i : i + 1], cache=cache, use_cache=True, logits_to_keep=1)
+            last["transformers"] = out.logits[:, -1]
+            diff = (last["transformers"] - last["dsv3"]).abs().max().item()
+            rows.add(
+                "logits vs transformers, 4th decode step (max abs diff)",
+                f"{diff:.1e}",
+                target="< 1e-4",
+                ok=diff < 1e-4,
+            )
+        times = interleaved({n: decode(n) for n in ("dsv3", *peers)}, max(2, opts.rounds // 2))
+    for n in peers:
+        ratio = best(times[n]) / best(times["dsv3"])
+        per = best(times["dsv3"]) / DECODE_STEPS
+        rows.add(
+            f"decode {DECODE_STEPS} steps, batch {B}, after {S}-token prefill: speed-up vs {n}",
+            f"{ms(best(times['dsv3']))} ({per * 1e3:.2f} ms/step)",
+            f"{n} {ms(best(times[n]))}",
+            ratio,
+            ">= 1.5x" if n == "transformers" else "",
+            ratio >= 1.5 if n == "transformers" else None,
+        )
+    peers.clear()
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------- MoE dispatch
+def section_moe(rows: Rows, opts) -> None:
+    print("moe: grouped vs loop dispatch", flush=True)
+    from dsv3.moe import dispatch_grouped, dispatch_loop, grouped_mm_supported
+
+    args = ModelArgs(**BENCH)
+    model = build_ours(args)
+    moe = model.layers[args.n_dense_layers].ffn
+    B, S = PREFILL
+    with torch.inference_mode():
+        x = torch.randn(B * S, args.dim, generator=torch.Generator().manual_seed(2))
+        weights, idx = moe.gate(x)
+        K = idx.shape[1]
+        order = idx.flatten().argsort(stable=True)
+        counts = torch.bincount(idx.flatten(), minlength=args.n_routed_experts).tolist()
+        x_ND = x.index_select(0, order // K)
+        ex = moe.experts
+        w = (ex.w1, ex.w2, ex.w3)
+        if not grouped_mm_supported(x_ND, *w):
+            rows.add("MoE grouped dispatch", "unsupported here (torch._grouped_mm)")
+            return
+        a, b = dispatch_grouped(x_ND, counts, *w), dispatch_loop(x_ND, counts, *w)
+        diff = (a - b).abs().max().item()
+        times = interleaved(
+            {
+                "grouped": lambda: dispatch_grouped(x_ND, counts, *w),
+                "loop": lambda: dispatch_loop(x_ND, counts, *w),
+            },
+            opts.rounds * 3,
+        )
+    ratio = best(times["loop"]) / best(times["grouped"])
+    rows.add(
+        f"MoE dispatch {B * S} tokens x top-{K} over {len(counts)} experts: grouped vs loop",
+        ms(best(times["grouped"])),
+        f"loop {ms(best(times['loop']))}",
+        ratio,
+        "agree (tested)",
+        diff < 1e-4,
+        f"max diff {diff:.1e}",
+    )
+
+
+# ---------------------------------------------------------------------------- FLOP/s
+def matmul_peak(n: int, rounds: int) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(ts)
+
+
+def prefill_flops(args: ModelArgs, batch: int, seq_len: int) -> float:
+    """FLOPs of a prefill that computes logits for the last position only (the default)."""
+    f = estimate(args, "fp32", batch=batch, seq_len=seq_len)["flops_forward"]
+    return f - 2 * batch * (seq_len - 1) * args.dim * args.vocab_size
+
+
+def section_flops(rows: Rows, opts) -> None:
+    print("flops: dense matmul peak and a small-preset prefill", flush=True)
+    from dsv3 import presets
+
+    n = 4096 if opts.full else 2048
+    peak = matmul_peak(n, 10 if opts.full else 6)
+    rows.add(f"dense fp32 matmul {n}^3 (machine peak)", f"{peak / 1e9:.1f} GFLOP/s")
+    try:
+        args, name = presets.load("small"), "small preset"
+    except Exception:  # noqa: BLE001 - presets are another package's; fall back to BENCH
+        args, name = ModelArgs(**{**BENCH, "max_batch_size": 4}), "bench config"
+    B, S = 4, 512
+    args = args.replace(max_batch_size=max(args.max_batch_size, B))
+    model = build_ours(args)
+    tok = torch.randint(0, args.vocab_size, (B, S), generator=torch.Generator().manual_seed(3))
+    flops = prefill_flops(args, B, S)
+    with torch.inference_mode():
+        times = interleaved({"fwd": lambda: model(tok)}, max(2, opts.rounds // 2))
+    t = best(times["fwd"])
+    frac = flops / t / peak
+    rows.add(
+        f"prefill {B}x{S}, {name}, fp32: achieved FLOP/s",
+        f"{flops / t / 1e9:.1f} GFLOP/s ({flops / 1e9:.0f} GFLOP in {ms(t)})",
+        f"peak {peak / 1e9:.1f} GFLOP/s",
+        frac,
+        ">= 0.50 of peak",
+        frac >= 0.5,
+    )
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------- build
+_BUILD_SCRIPT = """
+import gc, json, resource, sys, time
+sys.path.insert(0, {root!r})
+import psutil, torch
+from dsv3 import ModelArgs, Transformer
+torch.set_num_threads({threads})
+args = ModelArgs.from_dict(json.loads({args!r}))
+Transformer(args.replace(n_layers=1, n_dense_layers=1, layer_config={{}}, vocab_size=64,
+                         dim=64, inter_dim=64), device="cpu", dtype="fp32")  # warm code paths
+gc.collect()
+
+
+def status(key):  # /proc/self/status field in bytes (Linux); None elsewhere
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+
+
+# Reset the peak-RSS mark to the current RSS (Linux clear_refs 5), so that the peak measured
+# below is this build's. (getrusage's ru_maxrss would also count the parent process's peak,
+# which a child inherits across fork + exec.)
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+base = status("VmRSS") or psutil.Process().memory_info().rss
+t0 = time.perf_counter()
+m = Transformer(args, device="cpu", dtype="fp32")
+t_first = time.perf_counter() - t0
+peak = status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+sd = m.state_dict()
+nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+numel = sum(t.numel() for t in sd.values())
+del m, sd
+gc.collect()
+build, floor = [t_first], []
+for _ in range({rounds}):
+    t0 = time.perf_counter(); x = torch.empty(numel).normal_(); floor.append(time.perf_counter() - t0)
+    del x
+    t0 = time.perf_counter(); m = Transformer(args, device="cpu", dtype="fp32")
+    build.append(time.perf_counter() - t0)
+    del m; gc.collect()
+print(json.dumps(dict(base=base, peak=peak, nbytes=nbytes, numel=numel, build=build, floor=floor)))
+"""
+
+
+def run_script(code: str, timeout: float = 600) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def section_build(rows: Rows, opts) -> None:
+    print("build: memory and time (fresh interpreter)", flush=True)
+    from dsv3 import presets
+
+    try:
+        args, name = presets.load("small"), "small preset"
+    except Exception:  # noqa: BLE001
+        args, name = ModelArgs(**BENCH), "bench config"
+    if opts.full:
+        args, name = args.replace(n_layers=args.n_layers * 3), f"{name} x3 layers"
+    code = _BUILD_SCRIPT.format(
+        root=str(ROOT),
+        threads=torch.get_num_threads(),
+        args=json.dumps(args.to_dict()),
+        rounds=3 if opts.full else 2,
+    )
+    r = run_script(code)
+    extra = r["peak"] - r["base"]
+    ratio = extra / r["nbytes"]
+    rows.add(
+        f"build {name} fp32 ({r['numel'] / 1e6:.0f}M params): peak RSS above baseline / weights",
+        f"{extra / 2**20:.0f} MiB",
+        f"weights {r['nbytes'] / 2**20:.0f} MiB",
+        ratio,
+        "<= 1.15",
+        ratio <= 1.15,
+    )
+    ratio = min(r["build"]) / min(r["floor"])
+    rows.add(
+        f"build {name} fp32: time vs normal_ over as many elements",
+        ms(min(r["build"])),
+        f"normal_ {ms(min(r['floor']))}",
+        ratio,
+        "<= 2.0",
+        ratio <= 2.0,
+        f"first build {ms(r['build'][0])}",
+    )
+
+
+# ---------------------------------------------------------------------------- estimates
+_TRACE_SCRIPT = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import torch
+from dsv3 import Transformer, presets
+from dsv3.stats import trace_shapes
+args = presets.load("deepseek-v3-671b")
+t0 = time.perf_counter()
+m = Transformer(args, device="meta")
+rows = trace_shapes(m, torch.zeros(1, 16, dtype=torch.long, device="meta"))
+print(json.dumps(dict(first=time.perf_counter() - t0, rows=len(rows))))
+"""
+
+
+def section_estimates(rows: Rows, opts) -> None:
+    print("estimates: 671B counts, estimate, meta trace", flush=True)
+    from dsv3 import params, presets
+
+    args = presets.load("deepseek-v3-671b")
+    ts = []
+    for _ in range(20 if opts.full else 10):
+        params._CACHE.clear()  # cold: nothing remembered from the previous round
+        t0 = time.perf_counter()
+        c = count_params(args)
+        estimate(args, "bf16")
+        ts.append(time.perf_counter() - t0)
+    t = best(ts)
+    rows.add(
+        "count_params + estimate, 671B preset (cold)",
+        ms(t),
+        f"median {ms(statistics.median(ts))}",
+        target="< 20 ms",
+        ok=t < 0.020,
+        note=f"{c['total']:,} params",
+    )
+    r = run_script(_TRACE_SCRIPT.format(root=str(ROOT)))
+    rows.add(
+        "meta build + trace_shapes (1x16 tokens), 671B preset, fresh interpreter",
+        ms(r["first"]),
+        target="< 3 s",
+        ok=r["first"] < 3.0,
+        note=f"{r['rows']} modules traced",
+    )
+
+
+# ---------------------------------------------------------------------------- app
+_MINIMAL_APP = """
+import os, gradio as gr
+with gr.Blocks() as demo:
+    gr.Markdown("minimal")
+demo.launch(server_name="127.0.0.1", server_port=int(os.environ["GRADIO_SERVER_PORT"]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], timeout: float = 180) -> tuple[subprocess.Popen, float, str]:
+    """Start a web app; returns (process, seconds to first page, url)."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    url = f"http://127.0.0.1:{port}/"
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd} exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return proc, time.perf_counter() - t0, url
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{cmd} did not answer within {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def section_app(rows: Rows, opts) -> None:
+    print("app: startup and a gradio_client round trip", flush=True)
+    if not (ROOT / "app.py").is_file():
+        rows.add("app startup", "skipped", note="no app.py")
+        return
+    app_t, min_t = [], []
+    for _ in range(2 if opts.full else 1):
+        for cmd, ts in (
+            ([sys.executable, "-c", _MINIMAL_APP], min_t),
+            ([sys.executable, "app.py"], app_t),
+        ):
+            proc, t, _ = start(cmd)
+            ts.append(t)
+            stop(proc)
+    ratio = best(app_t) / best(min_t)
+    rows.add(
+        "`python app.py` to first page vs a minimal Gradio app",
+        ms(best(app_t)),
+        f"minimal app {ms(best(min_t))}",
+        ratio,
+        "<= 1.6",
+        ratio <= 1.6,
+    )
+    from gradio_client import Client
+
+    proc, _, url = start([sys.executable, "app.py"])
+    try:
+        client = Client(url, verbose=False)
+        api = client.view_api(return_format="dict", print_info=False)
+        names = set(api.get("named_endpoints", {}))
+        if not {"/build", "/forward", "/preset"} <= names:
+            rows.add("app round trip", "skipped", note=f"endpoints: {sorted(names)}")
+            return
+        cfg = client.predict("tiny", api_name="/preset")[0]
+        ts = []
+        for i in range(4 if opts.full else 3):
+            t0 = time.perf_counter()
+            built = client.predict(cfg, "cpu", "fp32", i, api_name="/build")
+            ran = client.predict(1, 16, 0, "", 0, api_name="/forward")
+            ts.append(time.perf_counter() - t0)
+            if not (built[1].get("ok") and ran[1].get("ok")):
+                raise RuntimeError(f"build/forward not ok: {built[1]} {ran[1]}")
+        client.close()
+    finally:
+        stop(proc)
+    rows.add(
+        "tiny preset build + forward (1x16) through gradio_client",
+        ms(best(ts)),
+        f"median {ms(statistics.median(ts))}",
+        target="< 1 s",
+        ok=best(ts) < 1.0,
+    )
+
+
+# ---------------------------------------------------------------------------- GPU
+def section_gpu(rows: Rows, opts) -> None:
+    print("gpu: seed demo bf16 and transformers on the same card", flush=True)
+    if not torch.cuda.is_available():
+        rows.add("GPU section", "not measured (no GPU)")
+        return
+    from dsv3 import presets
+
+    demo = presets.load("seed-demo")
+    # Peers: the seed demo's shape without its per-layer overrides (which transformers cannot
+    # express), 8 layers so that both models fit on the card at once.
+    peer = demo.replace(layer_config={}, n_layers=8, max_seq_len=4096)
+    gpu_checks(rows, torch.device("cuda"), demo, peer, "seed demo", "seed-demo shape, 8 layers")
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer_name: str):
+    """The GPU measurements on `dev` (a CPU device runs them too, for a dry run)."""
+
+    def timed(fn, n):
+        fn()
+        _sync(dev)
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    # Memory bandwidth: a large copy (read + write).
+    a = torch.empty(1 << 28 if dev.type == "cuda" else 1 << 24, dtype=torch.bfloat16, device=dev)
+    b = torch.empty_like(a)
+    t = timed(lambda: b.copy_(a), 10)
+    bw = 2 * a.numel() * a.element_size() / t
+    del a, b
+    rows.add(f"{dev.type} copy bandwidth (read + write)", f"{bw / 1e9:.0f} GB/s")
+
+    # The demo in bf16: build time, then a 2 x 128 prefill against the bytes-read floor.
+    _sync(dev)
+    t0 = time.perf_counter()
+    model = build_ours(demo, device=dev, dtype="bf16")
+    _sync(dev)
+    t_build = time.perf_counter() - t0
+    wbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    rows.add(
+        f"{demo_name} bf16 build on {dev.type}",
+        ms(t_build),
+        f"{wbytes / 2**30:.1f} GiB of weights",
+        note=f"{count_params(demo)['total'] / 1e9:.2f}B params",
+    )
+    tok = torch.randint(0, demo.vocab_size, (2, 128), device=dev)
+    with torch.inference_mode():
+        t = timed(lambda: model(tok), 10)
+    floor = wbytes / (bw / 2)  # every weight read once; bw above counts read + write
+    rows.add(
+        f"{demo_name} bf16 prefill 2x128 vs weight-bytes / bandwidth floor",
+        ms(t),
+        f"floor {ms(floor)}",
+        t / floor,
+        "ratio = time / floor",
+    )
+    model = None
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+    ours = build_ours(peer, device=dev, dtype="bf16")
+    try:
+        hf = build_hf(ours, device=dev, dtype=torch.bfloat16)
+    except Exception as e:  # noqa: BLE001 - transformers missing or config not expressible
+        rows.add(f"{dev.type} transformers peer", "skipped", note=f"{type(e).__name__}: {e}")
+        return
+    from transformers import DynamicCache
+
+    B, S, steps = 2, 128, 32
+    tok = torch.randint(0, peer.vocab_size, (B, S + steps), device=dev)
+
+    def dec_ours():
+        ours.reset_cache()
+        ours(tok[:, :S])
+        _sync(dev)
+        t0 = time.perf_counter()
+        for i in range(S, S + steps):
+            ours(tok[:, i : i + 1], start_pos=i)
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    def dec_hf():
+        cache = DynamicCache(config=hf.config)
+        hf(tok[:, :S], cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for i in range(S, S + steps):
+            hf(tok[:, i : i + 1], cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        a = ours(tok[:, :S]).float()
+        b = hf(tok[:, :S], use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        diff = (a - b).abs().max().item()
+        pre = interleaved(
+            {
+                "dsv3": lambda: ours(tok[:, :S]),
+                "transformers": lambda: hf(tok[:, :S], use_cache=False, logits_to_keep=1),
+            },
+            5,
+        )
+        dec = interleaved({"dsv3": dec_ours, "transformers": dec_hf}, 3)
+    _sync(dev)
+    cfg = hf.config
+    note = f"{cfg._attn_implementation}/{cfg._experts_implementation}; bf16 logits diff {diff:.2f}"
+    tp, th = best(pre["dsv3"]), best(pre["transformers"])
+    rows.add(
+        f"{dev.type} bf16 prefill {B}x{S}, {peer_name}: tokens/s vs transformers",
+        f"{B * S / tp:,.0f} tok/s",
+        f"transformers {B * S / th:,.0f} tok/s",
+        th / tp,
+        note=note,
+    )
+    td, th = best(dec["dsv3"]), best(dec["transformers"])
+    rows.add(
+        f"{dev.type} bf16 decode {steps} steps, batch {B}: tokens/s vs transformers",
+        f"{B * steps / td:,.0f} tok/s",
+        f"transformers {B * steps / th:,.0f} tok/s",
+        th / td,
+    )
+
+
+# ---------------------------------------------------------------------------- main
+SECTIONS = {
+    "peers": section_peers,
+    "moe": section_moe,
+    "flops": section_flops,
+    "build": section_build,
+    "estimates": section_estimates,
+    "app": section_app,
+    "gpu": section_gpu,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer rounds (default)")
+    mode.add_argument("--full", action="store_true", help="more rounds, a bigger build")
+    p.add_argument("--reference", help="DeepSeek-V3 inference/ directory (or its repo root)")
+    p.add_argument("--gpu", action="store_true", help="also run the CUDA section")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
+    p.add_argument("--json", help="also write the rows as JSON to this path")
+    opts = p.parse_args(argv)
+    opts.rounds = 12 if opts.full else 6
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.set_default_dtype(torch.float32)
+    names = opts.only.split(",") if opts.only else [n for n in SECTIONS if n != "gpu"]
+    if opts.gpu and "gpu" not in names:
+        names.append("gpu")
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    rows = Rows()
+    machine = machine_line()
+    print(f"machine: {machine}", flush=True)
+    t0 = time.perf_counter()
+    for name in names:
+        try:
+            SECTIONS[name](rows, opts)
+        except Exception as e:  # noqa: BLE001 - one broken section must not hide the others
+            rows.add(f"{name} section", "error", note=f"{type(e).__name__}: {e}"[:300])
+    if "gpu" not in names:
+        rows.add(
+            "GPU section",
+            "not measured (no GPU)" if not torch.cuda.is_available() else "not run (pass --gpu)",
+        )
+    print()
+    print(rows.markdown(machine))
+    load = f" load average at the end {_load()};" if hasattr(os, "getloadavg") else ""
+    print(f"\n({time.perf_counter() - t0:.0f} s;{load} figures are best of interleaved rounds)")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({"machine": machine, "rows": rows.rows}, indent=1))
+    return 0 if all(r["ok"] is not False for r in rows.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

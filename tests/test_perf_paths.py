@@ -1,0 +1,139 @@
+"""The fast paths agree with the plain ones (their speed is measured by benchmarks/run.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3 import ModelArgs, Transformer, count_params, estimate
+from dsv3.attention import MLA, _rotate_
+from dsv3.layers import SKINNY_ROWS, linear
+from dsv3.moe import dispatch, dispatch_grouped, dispatch_loop, grouped_mm_supported
+from dsv3.rotary import apply_rotary_emb
+from tests.conftest import clone_model
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, SKINNY_ROWS, SKINNY_ROWS + 1, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear_equals_f_linear(rows, dtype, bias):
+    torch.manual_seed(0)
+    x = torch.randn(rows, 1, 48, dtype=dtype)  # (B, S, D) as in a decode step
+    w = torch.randn(80, 48, dtype=dtype)
+    b = torch.randn(80, dtype=dtype) if bias else None
+    got = linear(x, w, b)
+    assert got.shape == (rows, 1, 80) and got.is_contiguous()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got, F.linear(x, w, b), **tol)
+
+
+@pytest.mark.parametrize("n_pairs", [3, 12, 200])
+def test_auto_dispatch_equals_loop(n_pairs):
+    """Few pairs (decoding) take the loop, many the grouped matmuls: same numbers either way."""
+    torch.manual_seed(0)
+    E, D, I = 16, 32, 16
+    idx = torch.randint(0, E, (n_pairs,))
+    counts = torch.bincount(idx, minlength=E).tolist()
+    x = torch.randn(n_pairs, D)
+    w1, w2, w3 = torch.randn(E, I, D), torch.randn(E, D, I), torch.randn(E, I, D)
+    want = dispatch_loop(x, counts, w1, w2, w3)
+    torch.testing.assert_close(dispatch(x, counts, w1, w2, w3), want, rtol=1e-5, atol=1e-4)
+    counts_t = torch.tensor(counts)  # counts as a tensor (how the GPU path passes them)
+    torch.testing.assert_close(dispatch_loop(x, counts_t, w1, w2, w3), want, rtol=0, atol=0)
+    if grouped_mm_supported(x, w1, w2, w3):
+        for c in (counts, counts_t):
+            got = dispatch_grouped(x, c, w1, w2, w3)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_grouped_mm_support_checks_alignment():
+    w = torch.randn(4, 8, 8)
+    assert grouped_mm_supported(torch.randn(10, 8), w, w, w)
+    odd = torch.randn(10, 9)[:, :8]  # row stride 9 floats = 36 bytes: not 16-byte aligned
+    assert not grouped_mm_supported(odd, w, w, w)
+    assert not grouped_mm_supported(torch.randn(10, 8, device="meta"), w, w, w)
+    narrow = torch.randn(4, 8, 1)  # w2 (E, D, I) with I = 1: a 4-byte stride inside the kernel
+    assert not grouped_mm_supported(torch.randn(10, 8), torch.randn(4, 1, 8), narrow, narrow)
+
+
+def test_first_build_does_not_import_sympy():
+    """to_empty from meta without torch.empty_like: a cold build stays milliseconds."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from dsv3 import ModelArgs, Transformer; "
+        "Transformer(ModelArgs(vocab_size=64, dim=32, inter_dim=32, moe_inter_dim=16, n_layers=2,"
+        " n_heads=2, n_routed_experts=4, n_activated_experts=2, kv_lora_rank=16,"
+        " qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8), device='cpu');"
+        " print('sympy' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert out.stdout.strip() == "False", out
+
+
+@pytest.mark.parametrize("case", ["fast", "odd_offset", "bf16"])
+def test_inplace_rotary_equals_reference_formula(case):
+    torch.manual_seed(0)
+    B, S, H, R = 2, 5, 3, 8
+    freqs = torch.rand(S, R // 2) * 3
+    cos, sin = freqs.cos(), freqs.sin()
+    if case == "odd_offset":  # the rope dims start at an odd element offset: fallback path
+        x = torch.randn(B, S, H, R + 1)[..., 1:]
+    elif case == "bf16":
+        x = torch.randn(B, S, H, R).to(torch.bfloat16)
+    else:
+        x = torch.randn(B, S, H, 16 + R)[..., 16:]
+    want = apply_rotary_emb(x.clone(), cos, sin)
+    _rotate_(x, torch.complex(cos, sin))
+    torch.testing.assert_close(x, want, rtol=0, atol=1e-6 if case != "bf16" else 1e-2)
+
+
+@pytest.mark.parametrize("v_head_dim", [8, 40])  # v narrower / wider than qk_head_dim = 24
+def test_padded_flash_attention_equals_plain_softmax(tiny_args, v_head_dim):
+    """Prefill pads the smaller head dim for the flash kernel; the absorbed path computes the
+    softmax by hand and the naive path caches full k/v. All three give the same logits."""
+    args = tiny_args.replace(v_head_dim=v_head_dim)
+    torch.manual_seed(0)
+    model = Transformer(args, device="cpu", dtype=torch.float32)
+    naive = clone_model(model, args.replace(attn_impl="naive"))
+    tok = torch.randint(0, args.vocab_size, (2, 19))
+    flash = model(tok, all_logits=True)
+    try:
+        MLA.absorbed_prefill = True
+        model.reset_cache()
+        absorbed = model(tok, all_logits=True)
+    finally:
+        MLA.absorbed_prefill = False
+    torch.testing.assert_close(flash, absorbed, rtol=0, atol=2e-5)
+    torch.testing.assert_close(naive(tok, all_logits=True), absorbed, rtol=0, atol=2e-5)
+
+
+def test_latent_cache_is_one_buffer(tiny_model, tiny_args):
+    tok = torch.randint(0, tiny_args.vocab_size, (2, 12))
+    tiny_model(tok[:, :10])
+    for i in (10, 11):  # decoding grows the cache geometrically; views follow the new buffer
+        tiny_model(tok[:, i : i + 1], start_pos=i)
+    cache = tiny_model.layers[1].attn.cache
+    buf, kv, pe = cache.packed, cache.tensors["kv"], cache.tensors["pe"]
+    assert kv.data_ptr() == buf.data_ptr()
+    assert pe.data_ptr() == buf.data_ptr() + kv.shape[-1] * buf.element_size()
+    assert cache.nbytes() == buf.numel() * buf.element_size()
+
+
+def test_estimate_cache_follows_changes(tiny_args):
+    """count_params/estimate remember resolved configs by value: a changed ModelArgs (even
+    mutated in place) is counted afresh."""
+    a = ModelArgs.from_dict(tiny_args.to_dict())
+    before = count_params(a)["total"]
+    assert count_params(a)["total"] == before
+    a.n_heads = 8
+    assert count_params(a)["total"] > before
+    assert estimate(a)["params"]["total"] == count_params(a)["total"]
+    assert count_params(a.replace(n_heads=4))["total"] == before
