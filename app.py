@@ -20,5 +20,10 @@ if __name__ == "__main__":
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+        prevent_thread_lock=True,
         **launch_kwargs(),
     )
+    # The page is up; load torch and the model code now rather than at the first click.
+    import ui.runtime  # noqa: F401, E402
+
+    demo.block_thread()

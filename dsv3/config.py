@@ -21,6 +21,11 @@ from typing import Any, Literal
 BLOCK_SIZE = 128  # fp8 quantisation block (the reference's `block_size`)
 
 
+def scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """Shape of the per-128x128-block float32 scale of an (out, in) fp8 weight."""
+    return (-(-out_features // BLOCK_SIZE), -(-in_features // BLOCK_SIZE))
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field, the layer, the value and
     what is allowed; `field` and `layer` carry the first two for UIs that show errors in place."""

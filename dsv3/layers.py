@@ -7,15 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BLOCK_SIZE
+from .config import BLOCK_SIZE, scale_shape
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
-    """Shape of the per-128x128-block float32 scale of an (out, in) fp8 weight."""
-    return (-(-out_features // BLOCK_SIZE), -(-in_features // BLOCK_SIZE))
 
 
 def _expand_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from .params import human_bytes
+
+if TYPE_CHECKING:  # torch loads on first use: the app's page does not wait for it
+    import torch
 
 _UNITS = {
     "": 1,
@@ -41,6 +43,8 @@ def parse_bytes(text: str) -> int:
 
 def available_bytes(device: str | torch.device) -> tuple[int, str]:
     """(bytes free now on `device`, a phrase saying what was measured)."""
+    import torch
+
     dev = torch.device(device)
     if dev.type == "meta":
         return 2**62, "meta device (nothing is allocated)"
@@ -64,6 +68,8 @@ def available_bytes(device: str | torch.device) -> tuple[int, str]:
 
 def memory_limit(device: str | torch.device) -> tuple[int, str]:
     """The budget one build may use on `device`: DSV3_MEMORY_LIMIT or a fraction of free memory."""
+    import torch
+
     env = os.environ.get("DSV3_MEMORY_LIMIT")
     dev = torch.device(device)
     if env and dev.type != "meta":
@@ -86,6 +92,8 @@ def check_fits(nbytes: float, device: str | torch.device) -> tuple[bool, str]:
 
 def default_device() -> str:
     """cuda when present, else cpu."""
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -99,6 +107,8 @@ _OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory",
 
 def is_oom(exc: BaseException) -> bool:
     """Whether `exc` is an allocation failure (CUDA OOM, MemoryError, allocator RuntimeError)."""
+    import torch
+
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
     return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OOM_TEXT)
@@ -107,6 +117,8 @@ def is_oom(exc: BaseException) -> bool:
 def release_memory() -> None:
     """Return freed blocks to the system/driver after a failure or a dropped model."""
     import gc
+
+    import torch
 
     gc.collect()
     if torch.cuda.is_available():
@@ -138,6 +150,8 @@ def build_model(
     """Build `Transformer(args)` only if its estimate (weights + KV cache + activations for
     `batch` x `seq_len`) fits the budget; if allocation fails anyway, free the partial model and
     raise MemoryBudgetError. Returns (model, estimate dict)."""
+    import torch
+
     from .model import Transformer, resolve_dtype
     from .params import estimate
 

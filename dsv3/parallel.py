@@ -44,6 +44,7 @@ from torch import nn
 
 from .config import BLOCK_SIZE, ConfigError, LayerArgs, ModelArgs
 from .layers import FP8, Linear
+from .sharding import _PER_EXPERT, SPLIT_DIM, _placement
 
 __all__ = [
     "SPLIT_DIM",
@@ -59,23 +60,6 @@ __all__ = [
     "shard_state_dict",
 ]
 
-# Module name -> the dimension of its weight (and fp8 scale) split across ranks; modules not
-# listed are replicated. The same table as the reference's convert.py.
-SPLIT_DIM = {
-    "embed": 0,
-    "head": 0,
-    "wq": 0,
-    "wq_b": 0,
-    "wkv_b": 0,
-    "w1": 0,
-    "w3": 0,
-    "wo": 1,
-    "w2": 1,
-}
-# Stacked routed experts (dsv3): split along the expert axis.
-_STACKED = re.compile(r"layers\.(\d+)\.ffn\.experts\.(w[123])(_scale)?")
-# Per-expert keys (the reference's files): expert e lives on one rank.
-_PER_EXPERT = re.compile(r"(layers\.(\d+)\.ffn\.experts)\.(\d+)\.(w[123])\.(weight|scale)")
 _REF_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors")
 
 
@@ -270,19 +254,6 @@ def init_process_group_from_env(device_type: str = "auto") -> tuple[int, int, in
 
 
 # ---------------------------------------------------------------------- which slice
-def _placement(name: str) -> tuple[str, int | None]:
-    """("experts", 0) stacked routed experts, ("expert", None) one expert of the reference's
-    per-expert keys, ("split", dim) a SPLIT_DIM module, ("replicated", None) the rest."""
-    if _STACKED.fullmatch(name):
-        return "experts", 0
-    if _PER_EXPERT.fullmatch(name):
-        return "expert", None
-    parts = name.split(".")
-    if len(parts) >= 2 and parts[-1] in ("weight", "scale") and parts[-2] in SPLIT_DIM:
-        return "split", SPLIT_DIM[parts[-2]]
-    return "replicated", None
-
-
 def _block_slice(start: int, length: int, name: str) -> slice:
     """Scale blocks of weight rows [start, start+length): local block k starts at row
     start + 128k and must lie inside one full-model block."""

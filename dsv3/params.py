@@ -12,8 +12,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from .config import ModelArgs
-from .layers import scale_shape
+from .config import ModelArgs, scale_shape
 
 GROUPS = (
     "embedding",
@@ -181,7 +180,7 @@ def weight_bytes_per_gpu(args: ModelArgs, dtype: str, n_gpus: int = 1) -> int:
     """Bytes of the weights one of `n_gpus` tensor/expert-parallel ranks holds, split as
     dsv3.parallel splits them (`sharded` tensors along their split dimension, experts by
     expert), fp8 scales included: the bytes of rank 0's state_dict, exactly."""
-    from .parallel import _placement
+    from .sharding import _placement
 
     if dtype not in (*BYTES, "fp8"):
         raise ValueError(f"dtype={dtype!r}: choose fp32, bf16 or fp8")

@@ -7,6 +7,7 @@ here shows a traceback. Figures come from ui.plots, model runs from ui.runtime.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -21,10 +22,23 @@ import pandas as pd
 from dsv3 import ConfigError, ModelArgs, count_params, memory, presets
 from dsv3 import estimate as estimate_model
 from dsv3.params import human_bytes
-from dsv3.rotary import rotary_info
 
-from . import fields, plots, runtime
+from . import fields, plots
 from .state import Session, evict_lru, held_bytes, register, release
+
+
+class _OnFirstUse:
+    """A module imported on first attribute access. ui.runtime pulls in torch (about 1.3 s);
+    the page needs it only at the first build, so `python app.py` serves sooner."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+runtime = _OnFirstUse("ui.runtime")
 
 DEVICES = ["auto", "cpu", "cuda", "meta"]
 DTYPES = ["fp32", "bf16", "fp8"]
@@ -190,6 +204,8 @@ def rotary(
     try:
         args = _args(cfg)
         n = max(1, min(int(n_positions or 64), args.max_seq_len))
+        from dsv3.rotary import rotary_info  # torch: loaded on first use, not with the page
+
         info = rotary_info(args, n_positions=n)
     except (ConfigError, ValueError) as e:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), problem(e)

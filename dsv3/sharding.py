@@ -1,0 +1,37 @@
+"""Which tensors tensor/expert parallelism splits, and along which dimension: a torch-free table
+shared by `dsv3.parallel` (building and loading shards) and `dsv3.params` (per-GPU estimates)."""
+
+from __future__ import annotations
+
+import re
+
+# Module name -> the dimension of its weight (and fp8 scale) split across ranks; modules not
+# listed are replicated. The same table as the reference's convert.py.
+SPLIT_DIM = {
+    "embed": 0,
+    "head": 0,
+    "wq": 0,
+    "wq_b": 0,
+    "wkv_b": 0,
+    "w1": 0,
+    "w3": 0,
+    "wo": 1,
+    "w2": 1,
+}
+# Stacked routed experts (dsv3): split along the expert axis.
+_STACKED = re.compile(r"layers\.(\d+)\.ffn\.experts\.(w[123])(_scale)?")
+# Per-expert keys (the reference's files): expert e lives on one rank.
+_PER_EXPERT = re.compile(r"(layers\.(\d+)\.ffn\.experts)\.(\d+)\.(w[123])\.(weight|scale)")
+
+
+def _placement(name: str) -> tuple[str, int | None]:
+    """("experts", 0) stacked routed experts, ("expert", None) one expert of the reference's
+    per-expert keys, ("split", dim) a SPLIT_DIM module, ("replicated", None) the rest."""
+    if _STACKED.fullmatch(name):
+        return "experts", 0
+    if _PER_EXPERT.fullmatch(name):
+        return "expert", None
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-1] in ("weight", "scale") and parts[-2] in SPLIT_DIM:
+        return "split", SPLIT_DIM[parts[-2]]
+    return "replicated", None
