@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .config import ConfigError, ModelArgs
+from .config import CHOICES, FLOAT_RANGES, INT_RANGES, ConfigError, ModelArgs
 from .memory import check_fits, default_device
 from .parallel import init_process_group_from_env, param_bytes
 from .params import count_params, estimate, human_bytes
@@ -33,8 +33,9 @@ SEED_DEMO = {
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dsv3", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="preset name, preset JSON or ModelArgs JSON file")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", help="preset name, preset JSON or ModelArgs JSON file")
+    source.add_argument(
         "--seed-demo",
         action="store_true",
         help="n_layers 32, dim 2048, overrides on layers 5 and 10, bf16, tokens (2, 128)",
@@ -45,18 +46,43 @@ def _parser() -> argparse.ArgumentParser:
         help="auto (cuda when it fits, else meta for --seed-demo, cpu otherwise), cpu, cuda, meta",
     )
     p.add_argument(
-        "--dtype", default=None, help="fp32, bf16 or fp8 (default: fp32 on cpu, bf16 on cuda)"
+        "--dtype",
+        default=None,
+        choices=["fp32", "bf16", "fp8"],
+        help="default: fp32 on cpu, bf16 on cuda",
     )
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--batch", type=_positive, default=2)
+    p.add_argument("--seq", type=_positive, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layer-config", help="per-layer overrides as JSON")
     for f in dataclasses.fields(ModelArgs):
         if f.name in ("layer_config", "dtype"):  # --dtype is the build dtype
             continue
-        kind = {int: int, float: float}.get(type(f.default), str)
-        p.add_argument("--" + f.name.replace("_", "-"), dest="f_" + f.name, type=kind, default=None)
+        kind = float if f.name in FLOAT_RANGES else int if f.name in INT_RANGES else str
+        choices = [c for c in CHOICES.get(f.name, ()) if c is not None] or None
+        if f.name == "gate_bias":
+            choices = ["auto", "true", "false"]  # auto = the reference rule (dim == 7168)
+        p.add_argument(
+            "--" + f.name.replace("_", "-"), dest="f_" + f.name, type=kind, default=None,
+            choices=choices,
+        )  # fmt: skip
     return p
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return n
+
+
+def _device(text: str) -> str:
+    """auto, cpu, meta, cuda or cuda:N, checked here rather than deep inside torch."""
+    if text in ("auto", "cpu", "meta") or text == "cuda" or text.startswith("cuda:"):
+        if text.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {text}: no CUDA device here; use auto, cpu or meta")
+        return text
+    raise ConfigError(f"--device {text!r}: choose auto, cpu, cuda, cuda:N or meta")
 
 
 def _load_args(ns: argparse.Namespace) -> ModelArgs:
@@ -80,7 +106,9 @@ def _with_flags(base: dict, ns: argparse.Namespace) -> ModelArgs:
         if k.startswith("f_") and v is not None:
             name = k[2:]
             base[name] = (
-                {"none": None, "true": True, "false": False}.get(v, v) if isinstance(v, str) else v
+                {"none": None, "auto": None, "true": True, "false": False}.get(v, v)
+                if isinstance(v, str)
+                else v
             )
     if ns.layer_config:
         try:
@@ -108,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     """Under torchrun (env WORLD_SIZE > 1) the model is sharded over the processes (nccl on
     CUDA, gloo on CPU, dsv3.parallel) and only rank 0 prints."""
     ns = _parser().parse_args(argv)
+    try:
+        ns.device = _device(ns.device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     want = "cpu" if ns.device in ("cpu", "meta") else ns.device.split(":")[0]
     world, rank, local_rank = init_process_group_from_env(want)
@@ -176,7 +209,7 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
             )
         t0 = time.perf_counter()
         out = model(tokens)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:  # MemoryBudgetError and CheckpointError included
         print(f"error: {e}", file=sys.stderr)
         return 2
     if device.startswith("cuda"):

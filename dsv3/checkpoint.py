@@ -821,6 +821,8 @@ def save(model: Transformer, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise CheckpointError(f"{path.name}: dsv3 checkpoints are .safetensors files")
+    if model.device.type == "meta":
+        raise CheckpointError("a model built on meta has no weights to save; build it on cpu/cuda")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {
         "format": "pt",

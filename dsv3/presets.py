@@ -77,6 +77,8 @@ def parse(text: str, source: str = "preset") -> dict[str, Any]:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{source} is not valid JSON: {e}", field="preset") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is nested too deeply to be a preset", field="preset") from None
     if not isinstance(doc, dict):
         raise ConfigError(
             f"{source} must be a JSON object with keys {', '.join(_KEYS)}; "

@@ -410,3 +410,84 @@ def test_launch_kwargs_theme_css_and_optional_login(monkeypatch):
 def test_cuda_asked_without_cuda_is_a_message(tiny_cfg):
     session, msg, info = handlers.build(tiny_cfg, "cuda", "bf16", 0, None, progress=NO_PROGRESS)
     assert not info["ok"] and "**device**" in msg and session.model is None
+
+
+# ---------------------------------------------------------------------- review findings
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(batch=None), "batch"),
+        (dict(seq_len=""), "seq length"),
+        (dict(decode_steps=None), "decode steps"),
+        (dict(decode_steps=-2), "decode steps"),
+        (dict(token_seed=1.5), "token seed"),
+        (dict(seq_len=500, decode_steps=100), "seq length"),
+        (dict(token_ids="99999999999999999999"), None),
+    ],
+)
+def test_empty_or_negative_run_fields_are_messages(built, kwargs, field):
+    args = {**dict(batch=1, seq_len=4, token_seed=0, token_ids="", decode_steps=0), **kwargs}
+    _, md, info, *_ = handlers.forward(built, **args)
+    assert not info["ok"] and md.startswith("⚠") and "Traceback" not in md
+    if field:
+        assert f"**{field}**" in md
+
+
+def test_meta_run_applies_the_same_checks(tiny_cfg):
+    s, msg, info = handlers.build(tiny_cfg, "meta", "bf16", 0, None, progress=NO_PROGRESS)
+    assert info["ok"] and s.model_bytes == 0  # meta holds no memory
+    _, md, info, *_ = handlers.forward(s, 1, 1, 0, "1 2 4096", 0)
+    assert not info["ok"] and "**tokens**" in md
+    _, md, info, *_ = handlers.forward(s, 2, 510, 0, "", 5)
+    assert not info["ok"] and "max_seq_len" in md
+
+
+@pytest.mark.parametrize("seed", [None, "", -1, "x"])
+def test_bad_seed_keeps_previous_model(built, tiny_cfg, seed):
+    model = built.model
+    s, msg, info = handlers.build(tiny_cfg, "cpu", "fp32", seed, built, progress=NO_PROGRESS)
+    assert not info["ok"] and "**seed**" in msg and s.model is model
+
+
+@pytest.mark.parametrize("batch, length, gpus", [(-1, 0, 1), (1, -5, 1), (0, 0, 1), (1, 0, 0)])
+def test_estimate_rejects_nonpositive_sizes(tiny_cfg, batch, length, gpus):
+    md, *_ = handlers.estimate(tiny_cfg, "cpu", "fp32", batch, length, gpus)
+    assert md.startswith("⚠") and "out of range" in md
+
+
+def test_estimate_says_when_gpus_cannot_split_the_model():
+    cfg, _ = handlers.load_preset("deepseek-v3-671b")
+    md, *_ = handlers.estimate(cfg, "cpu", "fp8", 1, 4096, 32)
+    assert "does not split over 32 GPUs" in md and "inter_dim" in md
+    md, *_ = handlers.estimate(cfg, "cpu", "fp8", 1, 4096, 8)
+    assert "does not split" not in md
+
+
+@pytest.mark.parametrize("cell", ["inf", "1.5", "x"])
+def test_override_layer_index_must_be_whole(tiny_cfg, cell):
+    rows = {"headers": ["layer", "n_heads"], "data": [[cell, "2"]]}
+    kept, msg = handlers.form_changed(tiny_cfg, rows)
+    assert kept == tiny_cfg and "layer" in msg and msg.startswith("⚠")
+
+
+def test_server_budget_ignores_meta_models_and_own_model(monkeypatch, tiny_cfg):
+    from ui import state
+
+    state.LIVE.clear()
+    one = handlers.build(tiny_cfg, "cpu", "fp32", 0, None, progress=NO_PROGRESS)[0].model_bytes
+    monkeypatch.setattr(handlers, "SERVER_LIMIT", int(one * 1.5))
+    big, _ = handlers.load_preset("deepseek-v3-671b")
+    meta = handlers.build(big, "meta", "bf16", 0, Session(), _Req("m"), progress=NO_PROGRESS)[0]
+    assert meta.model is not None
+    s, msg, info = handlers.build(
+        tiny_cfg, "cpu", "fp32", 1, Session(), _Req("a"), progress=NO_PROGRESS
+    )
+    assert info["ok"], msg  # the meta model holds no memory
+    s, msg, info = handlers.build(tiny_cfg, "cpu", "fp32", 2, s, _Req("a"), progress=NO_PROGRESS)
+    assert info["ok"], msg  # its own model is replaced, not counted
+    state.LIVE.clear()
+
+
+class _Req:
+    def __init__(self, session_hash: str):
+        self.session_hash = session_hash

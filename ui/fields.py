@@ -241,8 +241,11 @@ def parse_overrides(table: Any) -> dict[int, dict[str, Any]]:
                 f"override row {n} has values but no layer index", field="layer_config"
             )
         try:
-            layer = int(float(str(cells["layer"]).strip()))
-        except ValueError:
+            f = float(str(cells["layer"]).strip())  # "2" and "2.0" (numeric cells) are layer 2
+            if f != int(f):
+                raise ValueError
+            layer = int(f)
+        except (ValueError, OverflowError):  # "x", "1.5", "inf"
             raise ConfigError(
                 f"override row {n}: layer {cells['layer']!r} is not a layer index",
                 field="layer_config",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -70,6 +71,23 @@ def problem(e: Exception) -> str:
         where.append(f"layer **{e.layer}**")
     prefix = f"{', '.join(where)}: " if where else ""
     return f"⚠ {prefix}{e}"
+
+
+def _int(value: Any, field: str, lo: int, hi: int | None = None) -> int:
+    """A whole number from a form field (None, "", 2.0 and "3" arrive too) in lo..hi, else a
+    ConfigError naming the field."""
+    allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+    try:
+        f = float(value)
+        ok = math.isfinite(f) and f == int(f)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{field}={value!r} must be a whole number, {allowed}", field=field)
+    n = int(f)
+    if n < lo or (hi is not None and n > hi):
+        raise ConfigError(f"{field}={n} is out of range; allowed: {allowed}", field=field)
+    return n
 
 
 def _args(cfg: Any) -> ModelArgs:
@@ -151,15 +169,24 @@ def estimate(
     """Analytic estimate, no build: -> (summary Markdown, per-layer table, layer map, params)."""
     try:
         args = _args(cfg)
-        batch = int(batch or 1)
-        seq_len = int(seq_len) if seq_len else args.max_seq_len
+        batch = _int(batch, "batch", 1)
+        seq_len = _int(seq_len, "length", 1) if seq_len else args.max_seq_len  # 0 = max_seq_len
+        n_gpus = _int(n_gpus, "n GPUs", 1, 4096)
         if seq_len > args.max_seq_len or batch > args.max_batch_size:
             raise ConfigError(
                 f"estimate for batch {batch} x length {seq_len} exceeds max_batch_size="
                 f"{args.max_batch_size} / max_seq_len={args.max_seq_len}",
                 field="seq_len" if seq_len > args.max_seq_len else "batch",
             )
-        e = estimate_model(args, dtype=dtype, batch=batch, seq_len=seq_len, n_gpus=int(n_gpus or 1))
+        e = estimate_model(args, dtype=dtype, batch=batch, seq_len=seq_len, n_gpus=n_gpus)
+        split_note = ""
+        if n_gpus > 1:
+            from dsv3.parallel import check_shardable  # torch: first use only
+
+            try:
+                check_shardable(args, n_gpus, dtype=dtype)
+            except ConfigError as why:
+                split_note = f"✘ does not split over {n_gpus} GPUs: {why}"
     except (ConfigError, ValueError) as err:
         return problem(err), gr.skip(), gr.skip(), gr.skip()
     p = e["params"]
@@ -189,7 +216,7 @@ def estimate(
             f"per GPU with {e['n_gpus']} GPU(s): **{human_bytes(e['per_gpu_bytes'])}**.",
             "",
             f"{fits_weights}  ",
-            f"{fits_all}",
+            f"{fits_all}" + (f"  \n{split_note}" if split_note else ""),
         ]
     )
     table = pd.DataFrame(e["layers"])
@@ -225,13 +252,13 @@ def rotary(
 
 
 # ---------------------------------------------------------------------- build and run
-def _suggest(args: ModelArgs, device: str, dtype: str) -> str:
+def _suggest(args: ModelArgs, device: str, dtype: str, session: Session | None = None) -> str:
     """Alternatives for a build that does not fit: smaller dtypes, meta, a smaller preset."""
     tips = []
     for d in ("bf16", "fp8"):
         if DTYPES.index(d) > DTYPES.index(dtype):
             nbytes = estimate_model(args, dtype=d, batch=1, seq_len=1)["weight_bytes"]
-            fits = memory.check_fits(nbytes, device)[0]
+            fits = _fits_server(nbytes, device, session)[0]
             tips.append(
                 f"dtype {d} ({human_bytes(nbytes)}{', fits' if fits else ', still too big'})"
             )
@@ -247,12 +274,13 @@ SERVER_LIMIT = (
 )
 
 
-def _fits_server(nbytes: float, device: str) -> tuple[bool, str]:
+def _fits_server(nbytes: float, device: str, session: Session | None = None) -> tuple[bool, str]:
     """The device's free-memory budget, and the server-wide cap on what all sessions' models may
-    hold together (DSV3_SERVER_MEMORY, optional)."""
+    hold together (DSV3_SERVER_MEMORY, optional). `session`'s own model does not count: a new
+    build or import replaces it."""
     fits, reason = memory.check_fits(nbytes, device)
-    if fits and SERVER_LIMIT is not None:
-        held = held_bytes()
+    if fits and SERVER_LIMIT is not None and device != "meta":
+        held = held_bytes(exclude=session)
         if held + nbytes > SERVER_LIMIT:
             return False, (
                 f"needs {human_bytes(nbytes)} but the sessions' models already hold "
@@ -275,22 +303,31 @@ def build(
     session = session if session is not None else Session()
     try:
         args = _args(cfg)
+        seed = _int(seed, "seed", 0, 2**63 - 1)
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}", field="dtype")
+        if device not in DEVICES:
+            raise ConfigError(
+                f"device={device!r}: choose one of {', '.join(DEVICES)}", field="device"
+            )
         dev = runtime.resolve_device(device)
         wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
         if dev == "cuda" and not (runtime.ZERO_GPU or _cuda_ok()):
             raise ConfigError(
                 "device cuda is not available here; use auto, cpu or meta", field="device"
             )
-        fits, reason = (True, "meta device") if dev == "meta" else _fits_server(wbytes, dev)
+        fits, reason = (
+            (True, "meta device") if dev == "meta" else _fits_server(wbytes, dev, session)
+        )
     except (ConfigError, ValueError) as e:
         return session, problem(e), {**session.summary(), "ok": False, "error": str(e)}
     evicted = 0
     if not fits:  # make room: free other sessions' least recently used models first
-        evicted = evict_lru(dev, lambda: _fits_server(wbytes, dev)[0], keep=session)
-        fits, reason = _fits_server(wbytes, dev)
+        evicted = evict_lru(dev, lambda: _fits_server(wbytes, dev, session)[0], keep=session)
+        fits, reason = _fits_server(wbytes, dev, session)
     if not fits:
         reason = reason.split("; try")[0]  # our own suggestion follows, with numbers
-        msg = f"✘ Not built, nothing allocated: the {dtype} weights {reason}. {_suggest(args, dev, dtype)}"
+        msg = f"✘ Not built, nothing allocated: the {dtype} weights {reason}. {_suggest(args, dev, dtype, session)}"
         msg = msg.replace("weights needs", "weights need")
         if session.model is not None:
             msg += " The previous model is kept."
@@ -316,15 +353,13 @@ def build(
         progress((done, total), desc=f"initialising layer {done}/{total}", unit="layers")
 
     try:
-        model, info = runtime.build(args, dev, dtype, int(seed), progress=tick)
+        model, info = runtime.build(args, dev, dtype, seed, progress=tick)
     except (ConfigError, ValueError, RuntimeError) as e:  # RuntimeError: out of memory
-        return session, problem(e), {**session.summary(), "ok": False, "error": str(e)}
+        msg = problem(e) + " (the previous model, if any, had been freed to make room)"
+        return session, msg, {**session.summary(), "ok": False, "error": str(e)}
     session.model, session.config, session.device, session.dtype = model, args.to_dict(), dev, dtype
-    session.seed, session.build_seconds, session.model_bytes = (
-        int(seed),
-        info["seconds"],
-        info["model_bytes"],
-    )
+    session.seed, session.build_seconds = seed, info["seconds"]
+    session.model_bytes = 0 if dev == "meta" else info["model_bytes"]  # meta holds no memory
     session.source = "build"
     session.notes.pop("evicted", None)
     session.touch()
@@ -374,6 +409,34 @@ def _run_markdown(r: dict[str, Any]) -> str:
     return ok("  \n".join(lines))
 
 
+def _check_shape(args: ModelArgs, B: int, S: int, decode_steps: int) -> None:
+    """Batch and length (prefill + decode) against the config, before anything is allocated."""
+    if B > args.max_batch_size:
+        raise ConfigError(
+            f"batch={B} exceeds max_batch_size={args.max_batch_size}; allowed: 1..{args.max_batch_size}",
+            field="batch",
+        )
+    if S + decode_steps > args.max_seq_len:
+        raise ConfigError(
+            f"seq length {S} + decode steps {decode_steps} = {S + decode_steps} exceeds "
+            f"max_seq_len={args.max_seq_len}",
+            field="seq length",
+        )
+
+
+def _check_run(args: ModelArgs, tokens: Any, decode_steps: int) -> None:
+    """Shape and token ids against the config, before any device work (a meta model cannot
+    check values, so this is where they are checked)."""
+    _check_shape(args, *tokens.shape, decode_steps)
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= args.vocab_size:
+        raise ConfigError(
+            f"token id {lo if lo < 0 else hi} is outside the vocabulary; allowed: "
+            f"0..{args.vocab_size - 1}",
+            field="tokens",
+        )
+
+
 def forward(
     session: Session | None,
     batch: int = 1,
@@ -390,9 +453,16 @@ def forward(
         return (session, msg, {"ok": False, "error": msg}, *([gr.skip()] * 5))
     args = ModelArgs.from_dict(session.config)
     try:
+        decode_steps = _int(decode_steps, "decode steps", 0, args.max_seq_len)
         tokens = runtime.parse_token_ids(token_ids)
         if tokens is None:
-            tokens = runtime.make_tokens(args.vocab_size, int(batch), int(seq_len), int(token_seed))
+            batch = _int(batch, "batch", 1, 2**20)  # the config's maxima: _check_run
+            seq_len = _int(seq_len, "seq length", 1, 2**24)
+            _check_shape(args, batch, seq_len, decode_steps)
+            tokens = runtime.make_tokens(
+                args.vocab_size, batch, seq_len, _int(token_seed, "token seed", 0, 2**63 - 1)
+            )
+        _check_run(args, tokens, decode_steps)  # the same rules on meta as on a real device
         if session.source == "zerogpu":
             result = runtime.build_and_run(
                 session.config,
@@ -400,7 +470,7 @@ def forward(
                 session.dtype,
                 session.seed,
                 tokens,
-                int(decode_steps),
+                decode_steps,
             )
             r, trace = result["run"], result["trace"]
         else:
@@ -408,7 +478,7 @@ def forward(
                 tokens = tokens.to("meta")
             else:
                 need = estimate_model(
-                    args, session.dtype, tokens.shape[0], tokens.shape[1] + int(decode_steps)
+                    args, session.dtype, tokens.shape[0], tokens.shape[1] + decode_steps
                 )
                 fits, reason = memory.check_fits(
                     need["total_bytes"] - need["weight_bytes"], session.device
@@ -419,7 +489,7 @@ def forward(
                     )
             session.touch()
             try:
-                r = memory.run_guarded(runtime.run, session.model, tokens, int(decode_steps))
+                r = memory.run_guarded(runtime.run, session.model, tokens, decode_steps)
                 trace = memory.run_guarded(runtime.trace, session.model, tokens)
             except memory.MemoryBudgetError:
                 session.model.reset_cache()  # drop the half-grown KV cache; the model stays
@@ -523,6 +593,10 @@ def import_config(file: Any) -> tuple[Any, str]:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path.name} is not valid JSON: {e}", field="preset") from None
+        except RecursionError:  # absurdly nested JSON: refuse rather than crash the handler
+            raise ConfigError(
+                f"{path.name} is nested too deeply to be a preset", field="preset"
+            ) from None
         if isinstance(doc, dict) and "args" in doc:
             args = presets.parse(text, source=path.name)["args"]
         else:
@@ -552,7 +626,8 @@ def export_weights(session: Session | None) -> tuple[Any, str]:
             f"✘ not exported: the weights take {human_bytes(session.model_bytes)}, above the "
             f"export limit {human_bytes(EXPORT_LIMIT)} (DSV3_EXPORT_LIMIT)"
         )
-    path = _tmp_dir() / f"dsv3-{session.dtype}-seed{session.seed}.safetensors"
+    origin = f"seed{session.seed}" if session.seed is not None else "imported"
+    path = _tmp_dir() / f"dsv3-{session.dtype}-{origin}.safetensors"
     t0 = time.perf_counter()
     checkpoint.save(session.model, path)
     size = path.stat().st_size
@@ -592,7 +667,11 @@ def import_hf(
         hf_cfg = checkpoint.read_hf_config(folder / "config.json")
         args = checkpoint.args_from_hf_config(hf_cfg)
         wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
-        fits, reason = (True, "") if dev == "meta" else memory.check_fits(wbytes, dev)
+        # The session's current model stays loaded until the import succeeds: it counts.
+        fits, reason = (True, "") if dev == "meta" else _fits_server(wbytes, dev)
+        if not fits:
+            evict_lru(dev, lambda: _fits_server(wbytes, dev)[0], keep=session)
+            fits, reason = _fits_server(wbytes, dev)
         if not fits:
             return (
                 session,
@@ -609,7 +688,9 @@ def import_hf(
     session.free()
     session.model, session.config, session.device = model, model.args.to_dict(), dev
     session.dtype, session.seed, session.source = model.dtype_name, None, "hf import"
-    session.build_seconds, session.model_bytes = seconds, runtime.tensor_bytes(model)
+    session.build_seconds = seconds
+    session.model_bytes = 0 if dev == "meta" else runtime.tensor_bytes(model)
+    session.touch()
     register(getattr(request, "session_hash", None), session)
     return (
         session,

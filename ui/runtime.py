@@ -104,7 +104,10 @@ def parse_token_ids(text: str) -> torch.Tensor | None:
         raise ValueError(
             f"every row of token ids needs the same length, got {[len(r) for r in ids]}"
         )
-    return torch.tensor(ids, dtype=torch.long)
+    try:
+        return torch.tensor(ids, dtype=torch.long)
+    except (RuntimeError, OverflowError):
+        raise ValueError("token ids must be non-negative integers below 2**63") from None
 
 
 def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict[str, Any]:

@@ -90,11 +90,19 @@ def free_session(session: Session | None) -> None:
     session.free()
 
 
-def held_bytes(device: str | None = None) -> int:
-    """Bytes of the models all live sessions hold (on `device` when given)."""
+def held_bytes(device: str | None = None, exclude: Session | None = None) -> int:
+    """Bytes of the models live sessions hold in memory (on `device` when given; meta models
+    hold none), leaving out `exclude` (a session about to replace its own model)."""
     with _LOCK:
         live = list(LIVE.values())
-    return sum(s.model_bytes for s in live if s.model is not None and device in (None, s.device))
+    return sum(
+        s.model_bytes
+        for s in live
+        if s.model is not None
+        and s is not exclude
+        and s.device != "meta"
+        and device in (None, s.device)
+    )
 
 
 def evict_lru(device: str, fits: Callable[[], bool], keep: Session | None) -> int:
