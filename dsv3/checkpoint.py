@@ -38,6 +38,8 @@ from safetensors.torch import save_file
 from .config import BLOCK_SIZE, MOE_FIELDS, ConfigError, ModelArgs
 from .layers import FP8, dequantize, quantize_fp8
 from .model import Transformer
+from .sharding import REF_FILE as _REF_FILE
+from .sharding import SPLIT_DIM
 
 __all__ = [
     "FORMAT_VERSION",
@@ -1146,20 +1148,9 @@ def load_hf(
 
 
 # ====================================================================== reference format
-# Dimension along which convert.py splits each module's tensors across ranks (None: copied to
-# every rank). Routed experts are not split: rank r holds experts [r*E/mp, (r+1)*E/mp).
-REFERENCE_SPLIT_DIM = {
-    "embed": 0,
-    "wq": 0,
-    "wq_b": 0,
-    "wkv_b": 0,
-    "wo": 1,
-    "w1": 0,
-    "w2": 1,
-    "w3": 0,
-    "head": 0,
-}
-_REF_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors")
+# convert.py's split dimensions (dsv3.sharding.SPLIT_DIM, one table for both). Routed experts
+# are not split: rank r holds experts [r*E/mp, (r+1)*E/mp).
+REFERENCE_SPLIT_DIM = SPLIT_DIM
 _REF_EXPERT = re.compile(r"(layers\.\d+\.ffn\.experts)\.(\d+)\.(w[123])\.(weight|scale)")
 
 

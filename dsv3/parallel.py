@@ -45,6 +45,7 @@ from torch import nn
 from .config import BLOCK_SIZE, ConfigError, LayerArgs, ModelArgs
 from .layers import FP8, Linear
 from .sharding import _PER_EXPERT, SPLIT_DIM, _placement
+from .sharding import REF_FILE as _REF_FILE
 
 __all__ = [
     "SPLIT_DIM",
@@ -59,8 +60,6 @@ __all__ = [
     "resolve_world",
     "shard_state_dict",
 ]
-
-_REF_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors")
 
 
 # ---------------------------------------------------------------------- world and checks

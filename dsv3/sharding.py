@@ -18,6 +18,8 @@ SPLIT_DIM = {
     "wo": 1,
     "w2": 1,
 }
+# DeepSeek's convert.py output: one file per model-parallel rank.
+REF_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors")
 # Stacked routed experts (dsv3): split along the expert axis.
 _STACKED = re.compile(r"layers\.(\d+)\.ffn\.experts\.(w[123])(_scale)?")
 # Per-expert keys (the reference's files): expert e lives on one rank.
