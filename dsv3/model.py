@@ -246,16 +246,59 @@ class Transformer(nn.Module):
         `all_logits`. Positions start at `start_pos`; the KV cache must hold 0..start_pos-1."""
         self._check_input(tokens, start_pos)
         B, S = tokens.shape
-        tokens = tokens.to(self.device)
-        cos, sin = self._rotary(tokens.device, start_pos, S)
+        out = self._forward(tokens.to(self.device), start_pos, all_logits)
+        self._filled = (B, start_pos + S)
+        return out
+
+    def _forward(self, tokens: torch.Tensor, start_pos: int, all_logits: bool) -> torch.Tensor:
+        """The forward without input checks or bookkeeping (no host syncs on CUDA, so it can be
+        captured in a CUDA graph: see `graphed_prefill`)."""
+        cos, sin = self._rotary(tokens.device, start_pos, tokens.shape[1])
         h = self.embed(tokens)  # (B, S, D)
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin)
         h = self.norm(h)
         if not all_logits:
             h = h[:, -1]  # (B, D)
-        self._filled = (B, start_pos + S)
         return self.head(h)
+
+    @torch.inference_mode()
+    def graphed_prefill(self, batch: int, seq_len: int, all_logits: bool = False):
+        """A CUDA-graph replay of the prefill of (batch, seq_len) tokens from position 0.
+
+        Small batches are bound by launching ~50 kernels per layer from Python, not by the GPU;
+        replaying a captured graph launches them all at once. Returns `run(tokens) -> logits`
+        (the logits tensor is reused by the next call; clone it to keep it). CUDA only."""
+        if self.device.type != "cuda":
+            raise ConfigError("graphed_prefill needs a model on CUDA", field="device")
+        static = torch.zeros(batch, seq_len, dtype=torch.long, device=self.device)
+        self._check_input(static, 0)
+        self.reset_cache()
+        self.reserve_cache(batch, seq_len)  # caches exist before capture: no allocation inside
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy tables, kernel selection
+                self._forward(static, 0, all_logits)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._forward(static, 0, all_logits)
+
+        def run(tokens: torch.Tensor) -> torch.Tensor:
+            self._check_input(tokens, 0)
+            if tuple(tokens.shape) != (batch, seq_len):
+                raise ConfigError(
+                    f"this graph runs tokens of shape ({batch}, {seq_len}), got "
+                    f"{tuple(tokens.shape)}",
+                    field="tokens",
+                )
+            static.copy_(tokens)
+            graph.replay()
+            self._filled = (batch, seq_len)
+            return logits
+
+        return run
 
 
 def _init_globals(model) -> None:
