@@ -293,8 +293,9 @@ class Transformer(nn.Module):
                     f"{tuple(tokens.shape)}",
                     field="tokens",
                 )
-            static.copy_(tokens)
-            graph.replay()
+            with torch.inference_mode():  # `static` is an inference tensor
+                static.copy_(tokens)
+                graph.replay()
             self._filled = (batch, seq_len)
             return logits
 
