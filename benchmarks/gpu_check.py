@@ -54,14 +54,27 @@ def main() -> int:
         worst = max(worst, (step - full[:, p]).abs().max().item())
     rows.append(("fp32 CUDA prefill+decode vs full", f"max diff {worst:.1e}", worst < 1e-3))
 
-    # a CUDA-graph prefill equals the eager one (fp32, new tokens after capture)
-    run = gpu.graphed_prefill(2, 64)
-    tok2 = torch.randint(0, args.vocab_size, (2, 64))
-    g = run(tok2.cuda()).clone()
-    gpu.reset_cache()
-    d = (g - gpu(tok2.cuda())).abs().max().item()
-    rows.append(("fp32 graphed_prefill vs eager (new tokens)", f"max diff {d:.1e}", d < 1e-4))
-    gpu.reset_cache()
+    # a CUDA-graph prefill equals the eager one (bf16: the sync-free grouped_mm path; new
+    # tokens after capture), within eager-vs-eager noise (atomic index_add)
+    g16 = Transformer(args, device="meta", dtype="bf16")
+    g16.to_empty(device="cuda")
+    g16.load_state_dict(cpu.state_dict())
+    g16.reset_cache()
+    run = g16.graphed_prefill(2, 64, all_logits=True)
+    tok2 = torch.randint(0, args.vocab_size, (2, 64), device="cuda")
+    g = run(tok2).float().clone()
+    g16.reset_cache()
+    e1 = g16(tok2, all_logits=True).float()
+    g16.reset_cache()
+    e2 = g16(tok2, all_logits=True).float()
+    d, noise = (g - e1).abs().max().item(), (e1 - e2).abs().max().item()
+    rows.append(
+        (
+            "bf16 graphed_prefill vs eager (new tokens)",
+            f"max diff {d:.1e} (eager vs eager {noise:.1e})",
+            d <= max(4 * noise, 0.05),
+        )
+    )
 
     # grouped_mm vs loop on CUDA, bf16
     E, D, I = 16, 256, 128

@@ -282,8 +282,16 @@ class Transformer(nn.Module):
                 self._forward(static, 0, all_logits)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._forward(static, 0, all_logits)
+        try:
+            with torch.cuda.graph(graph):
+                logits = self._forward(static, 0, all_logits)
+        except RuntimeError as e:  # a host sync inside the forward cannot be captured
+            raise ConfigError(
+                "this model's forward cannot be captured in a CUDA graph (its MoE dispatch "
+                "needs the host: grouped matmuls run sync-free only in bf16 on sm90+ GPUs): "
+                f"{str(e)[:160]}",
+                field="dtype",
+            ) from None
 
         def run(tokens: torch.Tensor) -> torch.Tensor:
             self._check_input(tokens, 0)
