@@ -152,7 +152,13 @@ class GroupedExperts(nn.Module):
         w1, w2, w3 = _expert_weights(self, x_TD.dtype)
         y_ND = dispatch(x_ND, counts_E, w1, w2, w3, impl)
         y_ND.mul_(weights_TK.flatten().index_select(0, order_N)[:, None])
-        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+        if x_TD.dtype == torch.float32:
+            return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+        # bf16: sum each token's K expert outputs in float32. On CUDA index_add_ adds with
+        # atomics in arbitrary order, and bf16 rounding at every add made the result vary from
+        # run to run by several ulps.
+        acc = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        return acc.index_add_(0, token_N, y_ND.float()).to(x_TD.dtype)
 
 
 class MoE(nn.Module):
