@@ -38,8 +38,7 @@ from safetensors.torch import save_file
 from .config import BLOCK_SIZE, MOE_FIELDS, ConfigError, ModelArgs
 from .layers import FP8, dequantize, quantize_fp8
 from .model import Transformer
-from .sharding import REF_FILE as _REF_FILE
-from .sharding import SPLIT_DIM
+from .sharding import SPLIT_DIM, reference_files
 
 __all__ = [
     "FORMAT_VERSION",
@@ -1159,26 +1158,17 @@ def _reference_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or directory")
-    found: dict[int, Path] = {}
-    sizes = set()
-    for f in path.glob("model*-mp*.safetensors"):
-        m = _REF_FILE.fullmatch(f.name)
-        if m:
-            found[int(m.group(1))] = f
-            sizes.add(int(m.group(2)))
-    if not found:
+    try:
+        found = reference_files(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if found is None:
         pickles = [p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES]
         extra = (
             f" (found pickles {', '.join(pickles[:3])}, which are never read)" if pickles else ""
         )
         raise CheckpointError(f"{path}: no model{{rank}}-mp{{N}}.safetensors files{extra}")
-    if len(sizes) != 1:
-        raise CheckpointError(f"{path}: shards of different model-parallel sizes {sorted(sizes)}")
-    mp = sizes.pop()
-    if sorted(found) != list(range(mp)):
-        missing = sorted(set(range(mp)) - set(found))
-        raise CheckpointError(f"{path}: mp={mp} but shard(s) {missing} are missing")
-    return [found[r] for r in range(mp)]
+    return found[0]
 
 
 def _reference_pieces(src: _Source, mp: int) -> tuple[list[_Piece], list[str]]:

@@ -44,8 +44,7 @@ from torch import nn
 
 from .config import BLOCK_SIZE, ConfigError, LayerArgs, ModelArgs
 from .layers import FP8, Linear
-from .sharding import _PER_EXPERT, SPLIT_DIM, _placement
-from .sharding import REF_FILE as _REF_FILE
+from .sharding import _PER_EXPERT, SPLIT_DIM, _placement, reference_files
 
 __all__ = [
     "SPLIT_DIM",
@@ -363,18 +362,9 @@ def _safetensors_files(path: Path) -> tuple[list[Path], int | None]:
         return [path], None
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    ranks: dict[int, Path] = {}
-    sizes = set()
-    for f in path.glob("model*-mp*.safetensors"):
-        m = _REF_FILE.fullmatch(f.name)
-        if m:
-            ranks[int(m.group(1))] = f
-            sizes.add(int(m.group(2)))
-    if ranks:
-        if len(sizes) != 1 or sorted(ranks) != list(range(next(iter(sizes)))):
-            raise ValueError(f"{path}: incomplete or mixed model{{rank}}-mp{{N}} files")
-        mp = sizes.pop()
-        return [ranks[r] for r in range(mp)], mp
+    found = reference_files(path)
+    if found is not None:
+        return found
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors files")

@@ -4,6 +4,7 @@ shared by `dsv3.parallel` (building and loading shards) and `dsv3.params` (per-G
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 # Module name -> the dimension of its weight (and fp8 scale) split across ranks; modules not
 # listed are replicated. The same table as the reference's convert.py.
@@ -37,3 +38,24 @@ def _placement(name: str) -> tuple[str, int | None]:
     if len(parts) >= 2 and parts[-1] in ("weight", "scale") and parts[-2] in SPLIT_DIM:
         return "split", SPLIT_DIM[parts[-2]]
     return "replicated", None
+
+
+def reference_files(directory: Path) -> tuple[list[Path], int] | None:
+    """DeepSeek convert.py's per-rank files in `directory` (model{rank}-mp{N}.safetensors) in
+    rank order, with N; None when there are none. Mixed N or missing ranks raise ValueError."""
+    found: dict[int, Path] = {}
+    sizes = set()
+    for f in directory.glob("model*-mp*.safetensors"):
+        m = REF_FILE.fullmatch(f.name)
+        if m:
+            found[int(m.group(1))] = f
+            sizes.add(int(m.group(2)))
+    if not found:
+        return None
+    if len(sizes) != 1:
+        raise ValueError(f"{directory}: shards of different model-parallel sizes {sorted(sizes)}")
+    mp = sizes.pop()
+    if sorted(found) != list(range(mp)):
+        missing = sorted(set(range(mp)) - set(found))
+        raise ValueError(f"{directory}: mp={mp} but shard(s) {missing} are missing")
+    return [found[r] for r in range(mp)], mp
