@@ -4,9 +4,10 @@ Legend: T tokens, D model dim, I expert width, E routed experts, K activated exp
 N = T*K routed (token, expert) pairs.
 
 Dispatch: sort the N pairs by expert (stable), gather their inputs, run each expert on its
-contiguous slice, scale by the routing weight and scatter-add back to tokens. Two
-implementations with one signature: `dispatch_loop` (a matmul per expert that received tokens)
-and `dispatch_grouped` (`torch._grouped_mm` over all experts at once); `dispatch` picks.
+contiguous slice, scale by the routing weight and scatter-add back to tokens. Three
+implementations with one signature: `dispatch_loop` (a matmul per expert that received tokens),
+`dispatch_grouped` (`torch._grouped_mm` over all experts at once) and `dispatch_padded` (every
+expert's rows zero-padded to the largest count, then batched matmuls); `dispatch` picks.
 """
 
 from __future__ import annotations
@@ -81,16 +82,108 @@ def dispatch_grouped(
     return torch._grouped_mm(h1, w2_EDI.transpose(-2, -1), offs=offs)  # (N, D)
 
 
+def padded_layout(counts: list[int], run: int) -> list[tuple[int, int, int]]:
+    """Experts in runs of `run` consecutive experts; each run's rows are padded to its largest
+    count. -> [(first expert, experts in the run, padded rows per expert)], runs with no rows
+    left out. Short runs pad less (the largest of 8 counts is nearer the mean than the largest
+    of 64) and still give every core whole experts to multiply."""
+    return [
+        (r, len(counts[r : r + run]), max(counts[r : r + run]))
+        for r in range(0, len(counts), run)
+        if max(counts[r : r + run]) > 0
+    ]
+
+
+def padded_rows(counts: list[int], run: int) -> int:
+    """Rows `dispatch_padded` multiplies for these counts (the useful ones are sum(counts))."""
+    return sum(n * c for _, n, c in padded_layout(counts, run))
+
+
+def default_run() -> int:
+    """Experts per padded batch: four per core, at least 8 (benchmarks/run.py, moe)."""
+    return max(8, 4 * torch.get_num_threads())
+
+
+def dispatch_padded(
+    x_ND: torch.Tensor,
+    counts: list[int],
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+    run: int | None = None,
+) -> torch.Tensor:
+    """Same contract as `dispatch_loop`, as `bmm`s over runs of experts whose rows are
+    zero-padded to the run's largest count (`padded_layout`). The zero rows cost FLOPs, but a
+    CPU `bmm` gives each core whole expert products, while grouped or looped matmuls split every
+    ~32-row product across all cores and pay a sync for each: with 64 experts this is 1.3-1.5x
+    faster than `dispatch_grouped` on 2 cores (benchmarks/run.py, moe). Fastest when the
+    weights are stored input-major (`GroupedExperts(input_major=True)`): plain, untransposed
+    operands for the BLAS."""
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
+    N, D = x_ND.shape
+    I = w1_EID.shape[1]  # noqa: E741 - the expert width, as in the legend
+    if N == 0:
+        return torch.empty_like(x_ND)
+    runs = padded_layout(counts, run or default_run())
+    # Where each expert's first row goes in the padded buffer, minus where it is in x_ND.
+    shift_E, base, seen = [0] * len(counts), 0, 0
+    for first, n, cap in runs:
+        for e in range(first, first + n):
+            shift_E[e] = base - seen
+            base += cap
+            seen += counts[e]
+    dev = x_ND.device
+    shift_N = torch.repeat_interleave(
+        torch.tensor(shift_E, device=dev), torch.tensor(counts, device=dev), output_size=N
+    )
+    slot_N = torch.arange(N, device=dev) + shift_N  # (N,) row of each pair in the padded buffer
+    x_PD = x_ND.new_zeros(base, D).index_copy_(0, slot_N, x_ND)  # P = padded rows
+    h1_PI, h3_PI, y_PD = x_ND.new_empty(base, I), x_ND.new_empty(base, I), x_ND.new_empty(base, D)
+    row = 0
+    for first, n, cap in runs:
+        rows, ws = slice(row, row + n * cap), slice(first, first + n)
+        x_ncD = x_PD[rows].view(n, cap, D)
+        torch.bmm(x_ncD, w1_EID[ws].transpose(1, 2), out=h1_PI[rows].view(n, cap, I))
+        torch.bmm(x_ncD, w3_EID[ws].transpose(1, 2), out=h3_PI[rows].view(n, cap, I))
+        row += n * cap
+    h_PI = F.silu(h1_PI, inplace=True).mul_(h3_PI)
+    row = 0
+    for first, n, cap in runs:
+        rows, ws = slice(row, row + n * cap), slice(first, first + n)
+        out = y_PD[rows].view(n, cap, D)
+        torch.bmm(h_PI[rows].view(n, cap, I), w2_EDI[ws].transpose(1, 2), out=out)
+        row += n * cap
+    return y_PD.index_select(0, slot_N)  # (N, D), the input's order
+
+
+PAD_LIMIT = 2.0  # "auto" pads on CPU while padded rows <= PAD_LIMIT * N (benchmarks/run.py, moe)
+
+
 def dispatch(x_ND, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
-    """Run the experts on expert-sorted pairs. "auto": grouped matmuls where supported, except
-    on CPU with fewer pairs than experts (decoding: most experts are idle, and a few small
-    matmuls beat a grouped call over all E there; on a GPU the loop's launches cost more)."""
+    """Run the experts on expert-sorted pairs. "auto": on CPU, the loop with fewer pairs than
+    experts (decoding: most experts are idle, and a few small matmuls beat any batched call
+    over all E), padded bmm while padding at most doubles the work, else grouped matmuls where
+    supported. On a GPU grouped matmuls (the loop's launches and padding's FLOPs cost more)."""
     if impl == "auto":
-        few = x_ND.device.type == "cpu" and x_ND.shape[0] < len(counts)
-        impl = "grouped" if not few and grouped_mm_supported(x_ND, w1, w2, w3) else "loop"
+        impl = _auto_impl(x_ND, counts, w1, w2, w3)
     if impl == "grouped":
         return dispatch_grouped(x_ND, counts, w1, w2, w3)
+    if impl == "padded":
+        return dispatch_padded(x_ND, counts, w1, w2, w3)
     return dispatch_loop(x_ND, counts, w1, w2, w3)
+
+
+def _auto_impl(x_ND, counts, w1, w2, w3) -> str:
+    N, E = x_ND.shape[0], len(counts)
+    if x_ND.device.type == "cpu":
+        if N < E:
+            return "loop"
+        if isinstance(counts, torch.Tensor):
+            counts = counts.tolist()
+        if padded_rows(counts, default_run()) <= PAD_LIMIT * N:
+            return "padded"
+    return "grouped" if grouped_mm_supported(x_ND, w1, w2, w3) else "loop"
 
 
 class GroupedExperts(nn.Module):
@@ -98,17 +191,32 @@ class GroupedExperts(nn.Module):
     With fp8 weights, float32 buffers w1_scale/w2_scale/w3_scale hold each expert's block scales.
     `load_state_dict` also takes the reference's per-expert keys (`E.w1.weight`, `E.w1.scale`).
     Under expert parallelism (dsv3.parallel) this rank holds the n_experts experts numbered from
-    `first`; routed pairs of other ranks' experts are skipped."""
+    `first`; routed pairs of other ranks' experts are skipped.
+
+    `input_major=True` stores each weight transposed in memory, (E, in, out), behind the same
+    (E, out, in) shape: a CPU `bmm` multiplies plain row-major operands then, 1.15-1.25x faster
+    than through a transposed view (benchmarks/run.py, moe). Values, names, state dicts and
+    checkpoints are the same in either layout; `Transformer` picks it for CPU fp32/bf16."""
 
     def __init__(
-        self, n_experts: int, dim: int, inter_dim: int, dtype=None, device=None, first: int = 0
+        self,
+        n_experts: int,
+        dim: int,
+        inter_dim: int,
+        dtype=None,
+        device=None,
+        first: int = 0,
+        input_major: bool = False,
     ):
         super().__init__()
         self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
         self.first = first
         shapes = {"w1": (inter_dim, dim), "w2": (dim, inter_dim), "w3": (inter_dim, dim)}
         for name, (o, i) in shapes.items():
-            w = torch.empty(n_experts, o, i, dtype=dtype, device=device)
+            if input_major:
+                w = torch.empty(n_experts, i, o, dtype=dtype, device=device).transpose(1, 2)
+            else:
+                w = torch.empty(n_experts, o, i, dtype=dtype, device=device)
             setattr(self, name, nn.Parameter(w, requires_grad=False))
             if dtype == FP8:
                 s = torch.empty(n_experts, *scale_shape(o, i), dtype=torch.float32, device=device)
@@ -169,9 +277,11 @@ class MoE(nn.Module):
     app plots. On the meta device only shapes flow: expert outputs are not computed.
     """
 
-    impl = "auto"  # "auto" | "loop" | "grouped"
+    impl = "auto"  # "auto" | "loop" | "grouped" | "padded"
 
-    def __init__(self, la: LayerArgs, dtype=None, device=None, world_size=1, rank=0):
+    def __init__(
+        self, la: LayerArgs, dtype=None, device=None, world_size=1, rank=0, input_major=False
+    ):
         super().__init__()
         self.dim = la.dim
         self.n_routed_experts = la.n_routed_experts
@@ -181,7 +291,7 @@ class MoE(nn.Module):
         self.gate = Gate(la, dtype=gate_dtype, device=device)
         n_local = la.n_routed_experts // world_size  # expert parallel (dsv3.parallel)
         self.experts = GroupedExperts(
-            n_local, la.dim, la.moe_inter_dim, dtype, device, first=rank * n_local
+            n_local, la.dim, la.moe_inter_dim, dtype, device, rank * n_local, input_major
         )
         if la.n_shared_experts > 0:
             width = la.n_shared_experts * la.moe_inter_dim // world_size

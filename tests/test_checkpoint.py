@@ -522,7 +522,9 @@ def to_reference(model: Transformer, mp: int) -> list[dict[str, torch.Tensor]]:
             w, kind = (w[:-6], "scale") if w.endswith("_scale") else (w, "weight")
             n_local = t.shape[0] // mp
             for e in range(t.shape[0]):
-                shards[e // n_local][f"{prefix}.{e}.{w}.{kind}"] = t[e].clone()
+                shards[e // n_local][f"{prefix}.{e}.{w}.{kind}"] = t[e].clone(
+                    memory_format=torch.contiguous_format
+                )
             continue
         module = name.split(".")[-2]
         dim = REFERENCE_SPLIT_DIM.get(module)

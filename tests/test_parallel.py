@@ -304,7 +304,7 @@ def _write_reference(full: dict, args: ModelArgs, mp_size: int, root: Path) -> N
                 d = split[parts[-2]]
                 n = v.shape[d] // mp_size
                 v = v.narrow(d, rank * n, n)
-            sd[k] = v.clone()
+            sd[k] = v.clone(memory_format=torch.contiguous_format)
         save_file(sd, str(root / f"model{rank}-mp{mp_size}.safetensors"))
 
 
