@@ -144,25 +144,37 @@ class MLA(nn.Module):
             self.cache = KVCache(shapes, max_seq_len, packed=True)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        start_pos: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        """x (B, S, D) at positions start_pos.. -> (B, S, D), or (B, 1, D) for the last position
+        only with `last_only` (the cache still takes every position's keys and values)."""
         B, S, _ = x.shape
         end_pos = start_pos + S
         H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         C = self.kv_lora_rank
-        if self.q_lora_rank == 0:
-            q = self.wq(x)
-        else:
-            q = self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(B, S, H, self.qk_head_dim)  # (B, S, H, Dqk)
         freqs = torch.complex(cos, sin)  # (S, Dr/2)
-        _rotate_(q[..., Dn:], freqs)
         kv = self.wkv_a(x)  # (B, S, C + Dr)
         k_pe = kv[..., C:].unsqueeze(2)  # (B, S, 1, Dr)
         _rotate_(k_pe, freqs)
         kv = self.kv_norm(kv[..., :C])  # (B, S, C)
         self.cache.ensure(B, end_pos, x, keep=start_pos > 0)
         c = self.cache.tensors
+        if last_only:  # queries of the last position only: one query at end_pos - 1
+            x, freqs, q_pos = x[:, -1:], freqs[-1:], end_pos - 1
+        else:
+            q_pos = start_pos
+        Sq = x.shape[1]
+        if self.q_lora_rank == 0:
+            q = self.wq(x)
+        else:
+            q = self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, Sq, H, self.qk_head_dim)  # (B, Sq, H, Dqk)
+        _rotate_(q[..., Dn:], freqs)
 
         if self.attn_impl == "naive":
             kvb = self.wkv_b(kv).view(B, S, H, Dn + Dv)
@@ -170,36 +182,37 @@ class MLA(nn.Module):
             k_new[..., :Dn] = kvb[..., :Dn]
             k_new[..., Dn:] = k_pe
             c["v"][:B, start_pos:end_pos] = kvb[..., Dn:]
-            o = self._sdpa(q, c["k"][:B, :end_pos], c["v"][:B, :end_pos], start_pos)
+            o = self._sdpa(q, c["k"][:B, :end_pos], c["v"][:B, :end_pos], q_pos)
             return self.wo(o.flatten(2))
 
         lat = self.cache.packed[:B, :end_pos]  # (B, T, C + Dr): kv | pe
         lat[:, start_pos:, :C] = kv
         lat[:, start_pos:, C:] = k_pe.squeeze(2)
         wkv_b = self.wkv_b.effective_weight(x.dtype)  # (H * (Dn + Dv), C)
-        if S > 1 and not self.absorbed_prefill:
+        if Sq > 1 and not self.absorbed_prefill:
             # Expand the cached latent into per-head keys/values: cheaper than absorbing at S ~ T.
             T = end_pos
             kv_all = kv if start_pos == 0 else lat[..., :C]  # (B, T, C)
             kvb = F.linear(kv_all, wkv_b).view(B, T, H, Dn + Dv)
             k = torch.cat([kvb[..., :Dn], lat[:, :, None, C:].expand(B, T, H, Dr)], dim=-1)
-            o = self._sdpa(q, k, kvb[..., Dn:], start_pos)
+            o = self._sdpa(q, k, kvb[..., Dn:], q_pos)
             return self.wo(o.flatten(2))
         # Absorbed: q_nope . (W_uk kv) == (q_nope W_uk) . kv, and the output folds W_uv. Per-head
-        # bmm over (H, B*S, .) views: the einsum equivalents cost more in overhead at S = 1.
+        # bmm over (H, B*Sq, .) views: the einsum equivalents cost more in overhead at Sq = 1.
         wkv_b = wkv_b.view(H, Dn + Dv, C)
-        q_nope = q[..., :Dn].reshape(B * S, H, Dn).transpose(0, 1)  # (H, B*S, Dn)
-        q_abs = torch.bmm(q_nope, wkv_b[:, :Dn]).transpose(0, 1)  # (B*S, H, C)
-        qc = torch.cat([q_abs, q[..., Dn:].reshape(B * S, H, Dr)], dim=-1)  # (B*S, H, C+Dr)
+        q_nope = q[..., :Dn].reshape(B * Sq, H, Dn).transpose(0, 1)  # (H, B*Sq, Dn)
+        q_abs = torch.bmm(q_nope, wkv_b[:, :Dn]).transpose(0, 1)  # (B*Sq, H, C)
+        qc = torch.cat([q_abs, q[..., Dn:].reshape(B * Sq, H, Dr)], dim=-1)  # (B*Sq, H, C+Dr)
         T = end_pos
-        scores = torch.bmm(qc.view(B, S * H, C + Dr), lat.transpose(1, 2))  # (B, S*H, T)
+        scores = torch.bmm(qc.view(B, Sq * H, C + Dr), lat.transpose(1, 2))  # (B, Sq*H, T)
         scores.mul_(self.softmax_scale)
-        if S > 1:
-            scores = scores.view(B, S, H, T).add_(_causal_bias(S, T, start_pos, x.device)[:, None])
-        p = scores.view(B, S * H, T).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-        o = torch.bmm(p, lat[..., :C]).view(B * S, H, C).transpose(0, 1)  # (H, B*S, C)
-        o = torch.bmm(o, wkv_b[:, Dn:].transpose(1, 2))  # (H, B*S, Dv)
-        return self.wo(o.transpose(0, 1).reshape(B, S, H * Dv))
+        if Sq > 1:
+            bias = _causal_bias(Sq, T, q_pos, x.device)[:, None]
+            scores = scores.view(B, Sq, H, T).add_(bias)
+        p = scores.view(B, Sq * H, T).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        o = torch.bmm(p, lat[..., :C]).view(B * Sq, H, C).transpose(0, 1)  # (H, B*Sq, C)
+        o = torch.bmm(o, wkv_b[:, Dn:].transpose(1, 2))  # (H, B*Sq, Dv)
+        return self.wo(o.transpose(0, 1).reshape(B, Sq, H * Dv))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int):
         """q (B,S,H,Dqk), k (B,T,H,Dqk), v (B,T,H,Dv) -> (B,S,H,Dv), causal from start_pos.

@@ -16,7 +16,8 @@ from torch import nn
 from .attention import MLA
 from .config import ConfigError, LayerArgs, ModelArgs
 from .layers import FP8, MLP, Embedding, Linear, RMSNorm, dequantize, quantize_fp8
-from .moe import MoE
+from .memory import keep_freed_memory
+from .moe import GroupedExperts, MoE
 from .parallel import (
     ParallelEmbedding,
     ParallelHead,
@@ -60,15 +61,7 @@ class Block(nn.Module):
     and E/N routed experts; attention and feed-forward outputs are partial sums, all-reduced."""
 
     def __init__(
-        self,
-        la: LayerArgs,
-        max_seq_len: int,
-        wdtype,
-        dtype,
-        device=None,
-        world_size=1,
-        rank=0,
-        input_major=False,
+        self, la: LayerArgs, max_seq_len: int, wdtype, dtype, device=None, world_size=1, rank=0
     ):
         super().__init__()
         self.layer_id = la.layer_id
@@ -77,13 +70,18 @@ class Block(nn.Module):
         if la.ffn == "dense":
             self.ffn = MLP(la.dim, la.inter_dim // world_size, dtype=wdtype, device=device)
         else:
-            self.ffn = MoE(la, wdtype, device, world_size, rank, input_major)
+            self.ffn = MoE(la, dtype=wdtype, device=device, world_size=world_size, rank=rank)
         self.attn_norm = RMSNorm(la.dim, dtype=dtype, device=device)
         self.ffn_norm = RMSNorm(la.dim, dtype=dtype, device=device)
 
-    def forward(self, x, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D); with `last_only`, (B, 1, D) of the last position (the KV
+        cache still takes all S positions)."""
         n = self.world_size
-        x = x + all_reduce(self.attn(self.attn_norm(x), start_pos, cos, sin), n)
+        a = all_reduce(self.attn(self.attn_norm(x), start_pos, cos, sin, last_only), n)
+        x = (x[:, -1:] if last_only else x) + a
         return x + all_reduce(self.ffn(self.ffn_norm(x)), n)
 
 
@@ -117,23 +115,13 @@ class Transformer(nn.Module):
         check_shardable(args, ws, self.dtype_name)
         self.compute_dtype = dtype
         device = torch.device(device) if device is not None else torch.get_default_device()
-        # Routed experts input-major on CPU: its padded bmm dispatch runs faster (dsv3.moe).
-        input_major = device.type == "cpu" and wdtype != FP8
         with torch.device("meta"):
             if ws == 1:
                 self.embed = Embedding(args.vocab_size, args.dim, dtype=dtype)
             else:
                 self.embed = ParallelEmbedding(args.vocab_size, args.dim, ws, r, dtype=dtype)
             self.layers = nn.ModuleList(
-                Block(
-                    args.for_layer(i),
-                    args.max_seq_len,
-                    wdtype,
-                    dtype,
-                    world_size=ws,
-                    rank=r,
-                    input_major=input_major,
-                )
+                Block(args.for_layer(i), args.max_seq_len, wdtype, dtype, world_size=ws, rank=r)
                 for i in range(args.n_layers)
             )
             self.norm = RMSNorm(args.dim, dtype=dtype)
@@ -144,6 +132,8 @@ class Transformer(nn.Module):
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._filled = (0, 0)  # (batch, positions) held by the KV caches
         if device.type != "meta":
+            if device.type == "cpu":
+                keep_freed_memory()  # no page faults on every forward (dsv3.memory)
             self.to_empty(device=device)
             self.init_weights(progress)
 
@@ -152,14 +142,24 @@ class Transformer(nn.Module):
         return self.embed.weight.device
 
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Transformer:
-        """`nn.Module.to_empty` with `torch.empty_strided` for every tensor: `torch.empty_like` of
+        """`nn.Module.to_empty` with `torch.empty(shape)` for every tensor: `torch.empty_like` of
         a meta tensor runs a Python reference that imports sympy (0.3 s, the first build in a
-        process). Same layout as the meta tensors (input-major experts stay input-major)."""
+        process). The one place that picks memory layouts: contiguous, except routed expert
+        weights on CPU (fp32/bf16), stored input-major for the CPU dispatch (dsv3.moe). Every
+        build and load comes through here, so a model's layout depends only on its device."""
         dev = torch.device(device) if device is not None else torch.get_default_device()
-        return self._apply(
-            lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=dev),
-            recurse=recurse,
-        )
+        transposed: set[int] = set()
+        if dev.type == "cpu":
+            for m in self.modules():
+                if isinstance(m, GroupedExperts):
+                    transposed |= {id(w) for w in (m.w1, m.w2, m.w3) if w.dtype != FP8}
+
+        def empty(t: torch.Tensor) -> torch.Tensor:
+            if id(t) in transposed:
+                return GroupedExperts.input_major(t, dev)
+            return torch.empty(t.shape, dtype=t.dtype, device=dev)
+
+        return self._apply(empty, recurse=recurse)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -260,22 +260,38 @@ class Transformer(nn.Module):
                 )
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, all_logits: bool = False):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        all_logits: bool = False,
+        full: bool = False,
+    ):
         """tokens (B, S) -> logits (B, vocab) of the last position, or (B, S, vocab) with
-        `all_logits`. Positions start at `start_pos`; the KV cache must hold 0..start_pos-1."""
+        `all_logits`. Positions start at `start_pos`; the KV cache must hold 0..start_pos-1.
+
+        For last-position logits the last layer computes only what they need: keys and values of
+        every position (the cache gets them all, so decoding continues exactly), queries,
+        attention output and feed-forward of the last position alone (a 1/n_layers saving).
+        `full=True` runs every layer on every position, for instrumentation that reads the last
+        layer's routing or module outputs (dsv3.stats, the app)."""
         self._check_input(tokens, start_pos)
         B, S = tokens.shape
-        out = self._forward(tokens.to(self.device), start_pos, all_logits)
+        out = self._forward(tokens.to(self.device), start_pos, all_logits, full)
         self._filled = (B, start_pos + S)
         return out
 
-    def _forward(self, tokens: torch.Tensor, start_pos: int, all_logits: bool) -> torch.Tensor:
+    def _forward(
+        self, tokens: torch.Tensor, start_pos: int, all_logits: bool, full: bool = False
+    ) -> torch.Tensor:
         """The forward without input checks or bookkeeping (no host syncs on CUDA, so it can be
         captured in a CUDA graph: see `graphed_prefill`)."""
         cos, sin = self._rotary(tokens.device, start_pos, tokens.shape[1])
         h = self.embed(tokens)  # (B, S, D)
-        for layer in self.layers:
-            h = layer(h, start_pos, cos, sin)
+        prune = not (all_logits or full) and tokens.shape[1] > 1
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h = layer(h, start_pos, cos, sin, last_only=prune and i == last)
         h = self.norm(h)
         if not all_logits:
             h = h[:, -1]  # (B, D)
@@ -298,12 +314,12 @@ class Transformer(nn.Module):
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: lazy tables, kernel selection
-                self._forward(static, 0, all_logits)
+                self._forward(static, 0, all_logits, full=True)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                logits = self._forward(static, 0, all_logits)
+                logits = self._forward(static, 0, all_logits, full=True)
         except RuntimeError as e:  # a host sync inside the forward cannot be captured
             raise ConfigError(
                 "this model's forward cannot be captured in a CUDA graph (its MoE dispatch "

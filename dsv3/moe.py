@@ -193,30 +193,21 @@ class GroupedExperts(nn.Module):
     Under expert parallelism (dsv3.parallel) this rank holds the n_experts experts numbered from
     `first`; routed pairs of other ranks' experts are skipped.
 
-    `input_major=True` stores each weight transposed in memory, (E, in, out), behind the same
-    (E, out, in) shape: a CPU `bmm` multiplies plain row-major operands then, 1.15-1.25x faster
-    than through a transposed view (benchmarks/run.py, moe). Values, names, state dicts and
-    checkpoints are the same in either layout; `Transformer` picks it for CPU fp32/bf16."""
+    Layout: on CPU, `Transformer.to_empty` stores fp32/bf16 expert weights input-major, each
+    transposed in memory as (E, in, out) behind the same (E, out, in) shape (`input_major`): a
+    CPU `bmm` then multiplies plain row-major operands, 1.15-1.25x faster than through a
+    transposed view (benchmarks/run.py, moe). Values, names, state dicts and checkpoints are
+    the same in either layout."""
 
     def __init__(
-        self,
-        n_experts: int,
-        dim: int,
-        inter_dim: int,
-        dtype=None,
-        device=None,
-        first: int = 0,
-        input_major: bool = False,
+        self, n_experts: int, dim: int, inter_dim: int, dtype=None, device=None, first: int = 0
     ):
         super().__init__()
         self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
         self.first = first
         shapes = {"w1": (inter_dim, dim), "w2": (dim, inter_dim), "w3": (inter_dim, dim)}
         for name, (o, i) in shapes.items():
-            if input_major:
-                w = torch.empty(n_experts, i, o, dtype=dtype, device=device).transpose(1, 2)
-            else:
-                w = torch.empty(n_experts, o, i, dtype=dtype, device=device)
+            w = torch.empty(n_experts, o, i, dtype=dtype, device=device)
             setattr(self, name, nn.Parameter(w, requires_grad=False))
             if dtype == FP8:
                 s = torch.empty(n_experts, *scale_shape(o, i), dtype=torch.float32, device=device)
@@ -226,6 +217,13 @@ class GroupedExperts(nn.Module):
         self._register_load_state_dict_pre_hook(
             GroupedExperts._stack_reference_keys, with_module=True
         )
+
+    @staticmethod
+    def input_major(w: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """An empty tensor on `device` shaped like expert weight `w` (E, out, in), stored
+        (E, in, out)."""
+        E, o, i = w.shape
+        return torch.empty(E, i, o, dtype=w.dtype, device=device).transpose(1, 2)
 
     def effective(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         w = getattr(self, name)
@@ -279,9 +277,7 @@ class MoE(nn.Module):
 
     impl = "auto"  # "auto" | "loop" | "grouped" | "padded"
 
-    def __init__(
-        self, la: LayerArgs, dtype=None, device=None, world_size=1, rank=0, input_major=False
-    ):
+    def __init__(self, la: LayerArgs, dtype=None, device=None, world_size=1, rank=0):
         super().__init__()
         self.dim = la.dim
         self.n_routed_experts = la.n_routed_experts
@@ -291,7 +287,7 @@ class MoE(nn.Module):
         self.gate = Gate(la, dtype=gate_dtype, device=device)
         n_local = la.n_routed_experts // world_size  # expert parallel (dsv3.parallel)
         self.experts = GroupedExperts(
-            n_local, la.dim, la.moe_inter_dim, dtype, device, rank * n_local, input_major
+            n_local, la.dim, la.moe_inter_dim, dtype, device, first=rank * n_local
         )
         if la.n_shared_experts > 0:
             width = la.n_shared_experts * la.moe_inter_dim // world_size

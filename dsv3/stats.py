@@ -38,7 +38,7 @@ def trace_shapes(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0) -> 
         if name:  # the root's output is returned to the caller anyway; recorded last below
             hooks.append(mod.register_forward_hook(hook(name)))
     try:
-        out = model(tokens, start_pos=start_pos)
+        out = model(tokens, start_pos=start_pos, full=True)  # every module on every position
     finally:
         for h in hooks:
             h.remove()
@@ -50,6 +50,8 @@ def trace_shapes(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0) -> 
 
 def routing_stats(model: nn.Module) -> list[dict]:
     """Per MoE layer, from the last forward: tokens per expert and per group, and imbalance.
+    Run that forward with `full=True`: a default one routes only the last position in the
+    last layer (see `Transformer.forward`).
 
     max_over_mean: the busiest expert's load over the mean (1 = perfectly even);
     cv: coefficient of variation of the loads; entropy: of the load distribution in nats, and

@@ -366,13 +366,45 @@ def test_meta_build_and_trace_shapes():
 
 
 def test_routing_stats_counts_every_assignment(tiny_model, tiny_args):
-    tiny_model(torch.randint(0, tiny_args.vocab_size, (2, 32)))
+    tok = torch.randint(0, tiny_args.vocab_size, (2, 32))
+    tiny_model(tok, full=True)
     stats = routing_stats(tiny_model)
     assert [s["layer"] for s in stats] == [1, 2, 3]
     for s in stats:
         assert sum(s["counts"]) == 64 * tiny_args.n_activated_experts
         assert sum(s["group_counts"]) == sum(s["counts"]) and len(s["group_counts"]) == 4
         assert 0 < s["entropy_norm"] <= 1
+    # A default (last-position) forward routes only the last position in the last layer.
+    tiny_model(tok)
+    counts = [sum(s["counts"]) for s in routing_stats(tiny_model)]
+    assert counts == [64 * tiny_args.n_activated_experts] * 2 + [2 * tiny_args.n_activated_experts]
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+def test_last_layer_pruning_is_exact(tiny_args, attn_impl):
+    """Default forwards compute only the last position in the last layer: same logits as the
+    full forward, and the same cache (decoding continues identically)."""
+    import dataclasses
+
+    args = dataclasses.replace(tiny_args, attn_impl=attn_impl)
+    torch.manual_seed(0)
+    model = Transformer(args, device="cpu")
+    tok = torch.randint(0, args.vocab_size, (2, 24))
+    full = model(tok[:, :20], full=True)
+    cache_full = [blk.attn.cache.tensors for blk in model.layers]
+    cache_full = [{k: v.clone() for k, v in c.items()} for c in cache_full]
+    pruned = model(tok[:, :20])
+    torch.testing.assert_close(pruned, full, rtol=0, atol=2e-5)
+    for blk, want in zip(model.layers, cache_full):
+        for k, v in blk.attn.cache.tensors.items():
+            torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+    # A chunk from start_pos > 0 prunes too, then decoding goes on from the cache.
+    chunk = model(tok[:, 20:23], start_pos=20)
+    step = model(tok[:, 23:], start_pos=23)
+    model.reset_cache()
+    ref = model(tok, all_logits=True)
+    torch.testing.assert_close(chunk, ref[:, 22], rtol=0, atol=2e-5)
+    torch.testing.assert_close(step, ref[:, 23], rtol=0, atol=2e-5)
 
 
 def test_cli_seed_demo_prints_output_shape(capsys):

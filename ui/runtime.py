@@ -123,7 +123,8 @@ def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    logits = model(tokens.to(model.device), start_pos=0)
+    # full: the last layer routes every position too (the expert-load plot shows them all)
+    logits = model(tokens.to(model.device), start_pos=0, full=True)
     _sync(device)
     prefill_s = time.perf_counter() - t0
     out: dict[str, Any] = {
