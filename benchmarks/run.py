@@ -12,7 +12,8 @@ What it measures (CPU, float32, same weights and thread count for every peer):
   peers      prefill 2 x 256 tokens and 64 decode steps after a 256-token prefill, dsv3 vs
              transformers (sdpa attention, grouped-matmul experts, its DynamicCache) vs the
              reference inference/model.py; the logits of all three are compared too.
-  moe        the expert dispatch: grouped matmuls vs the per-expert loop, same inputs.
+  moe        the expert dispatch: padded bmm vs grouped matmuls vs the per-expert loop, same
+             inputs; runs of experts vs one batch; input-major vs output-major weights.
   flops      this machine's dense fp32 matmul rate and the achieved FLOP/s of a `small` preset
              prefill of 4 x 512 tokens, as a fraction of it.
   build      peak resident memory and time of a build (fresh interpreter) vs the weight bytes
@@ -295,6 +296,9 @@ def section_peers(rows: Rows, opts) -> None:
                 ok=diff < 1e-4,
             )
         fns = {n: run_prefill(n) for n in ("dsv3", *peers)}
+        # The same forward with every layer on every position (no last-layer pruning): what
+        # the kernels alone gain, shown next to the default.
+        fns["dsv3 full"] = lambda: ours(prefill_tok, full=True)
         times = interleaved(fns, opts.rounds)
     targets = {"transformers": 1.5, "reference": 2.0}
     for n in peers:
@@ -307,6 +311,15 @@ def section_peers(rows: Rows, opts) -> None:
             f">= {targets[n]}x",
             ratio >= targets[n],
             hf_note if n == "transformers" else "",
+        )
+    for n in peers:
+        ratio = best(times[n]) / best(times["dsv3 full"])
+        rows.add(
+            f"prefill {B}x{S}, fp32, full=True (last layer on every position): vs {n}",
+            ms(best(times["dsv3 full"])),
+            f"{n} {ms(best(times[n]))}",
+            ratio,
+            note="information: the default prunes the last layer to the last position",
         )
 
     # Decode: prefill S tokens (untimed), then DECODE_STEPS single-token steps with the cache.
@@ -378,8 +391,15 @@ def section_peers(rows: Rows, opts) -> None:
 
 # ---------------------------------------------------------------------------- MoE dispatch
 def section_moe(rows: Rows, opts) -> None:
-    print("moe: grouped vs loop dispatch", flush=True)
-    from dsv3.moe import dispatch_grouped, dispatch_loop, grouped_mm_supported
+    print("moe: padded vs grouped vs loop dispatch", flush=True)
+    from dsv3.moe import (
+        default_run,
+        dispatch_grouped,
+        dispatch_loop,
+        dispatch_padded,
+        grouped_mm_supported,
+        padded_rows,
+    )
 
     args = ModelArgs(**BENCH)
     model = build_ours(args)
@@ -393,28 +413,45 @@ def section_moe(rows: Rows, opts) -> None:
         counts = torch.bincount(idx.flatten(), minlength=args.n_routed_experts).tolist()
         x_ND = x.index_select(0, order // K)
         ex = moe.experts
-        w = (ex.w1, ex.w2, ex.w3)
-        if not grouped_mm_supported(x_ND, *w):
-            rows.add("MoE grouped dispatch", "unsupported here (torch._grouped_mm)")
-            return
-        a, b = dispatch_grouped(x_ND, counts, *w), dispatch_loop(x_ND, counts, *w)
-        diff = (a - b).abs().max().item()
-        times = interleaved(
-            {
-                "grouped": lambda: dispatch_grouped(x_ND, counts, *w),
-                "loop": lambda: dispatch_loop(x_ND, counts, *w),
-            },
-            opts.rounds * 3,
-        )
-    ratio = best(times["loop"]) / best(times["grouped"])
+        w = (ex.w1, ex.w2, ex.w3)  # input-major on CPU (Transformer.to_empty)
+        w_out = tuple(t.contiguous() for t in w)  # the same values stored output-major
+        fns = {
+            "padded": lambda: dispatch_padded(x_ND, counts, *w),
+            "padded, one batch": lambda: dispatch_padded(x_ND, counts, *w, run=len(counts)),
+            "padded, output-major": lambda: dispatch_padded(x_ND, counts, *w_out),
+            "loop": lambda: dispatch_loop(x_ND, counts, *w),
+        }
+        if grouped_mm_supported(x_ND, *w):
+            fns["grouped"] = lambda: dispatch_grouped(x_ND, counts, *w)
+        want = dispatch_loop(x_ND, counts, *w)
+        diff = max((fn() - want).abs().max().item() for fn in fns.values())
+        times = interleaved(fns, opts.rounds * 3)
+    pad = padded_rows(counts, default_run()) / len(x_ND)
+    title = f"MoE dispatch {B * S} tokens x top-{K} over {len(counts)} experts"
+    t = {k: best(v) for k, v in times.items()}
+    for peer in ("grouped", "loop"):
+        if peer in t:
+            rows.add(
+                f"{title}: padded (CPU auto) vs {peer}",
+                ms(t["padded"]),
+                f"{peer} {ms(t[peer])}",
+                t[peer] / t["padded"],
+                "agree (tested)",
+                diff < 1e-4,
+                f"max diff over all paths {diff:.1e}; padded rows {pad:.2f}x the useful ones",
+            )
     rows.add(
-        f"MoE dispatch {B * S} tokens x top-{K} over {len(counts)} experts: grouped vs loop",
-        ms(best(times["grouped"])),
-        f"loop {ms(best(times['loop']))}",
-        ratio,
-        "agree (tested)",
-        diff < 1e-4,
-        f"max diff {diff:.1e}",
+        f"{title}: runs of {default_run()} experts vs one padded batch",
+        ms(t["padded"]),
+        f"one batch {ms(t['padded, one batch'])}",
+        t["padded, one batch"] / t["padded"],
+        note=f"one batch pads {padded_rows(counts, len(counts)) / len(x_ND):.2f}x",
+    )
+    rows.add(
+        f"{title}: input-major vs output-major expert weights (padded)",
+        ms(t["padded"]),
+        f"output-major {ms(t['padded, output-major'])}",
+        t["padded, output-major"] / t["padded"],
     )
 
 
@@ -431,7 +468,7 @@ def matmul_peak(n: int, rounds: int) -> float:
 
 
 def prefill_flops(args: ModelArgs, batch: int, seq_len: int) -> float:
-    """FLOPs of a prefill that computes logits for the last position only (the default)."""
+    """FLOPs of a full prefill (every layer on every position) with last-position logits."""
     f = estimate(args, "fp32", batch=batch, seq_len=seq_len)["flops_forward"]
     return f - 2 * batch * (seq_len - 1) * args.dim * args.vocab_size
 
@@ -453,7 +490,9 @@ def section_flops(rows: Rows, opts) -> None:
     tok = torch.randint(0, args.vocab_size, (B, S), generator=torch.Generator().manual_seed(3))
     flops = prefill_flops(args, B, S)
     with torch.inference_mode():
-        times = interleaved({"fwd": lambda: model(tok)}, max(2, opts.rounds // 2))
+        # full=True: every layer on every position, the work prefill_flops counts (a default
+        # forward skips most of the last layer, and would overstate the rate).
+        times = interleaved({"fwd": lambda: model(tok, full=True)}, max(2, opts.rounds // 2))
     t = best(times["fwd"])
     frac = flops / t / peak
     rows.add(
