@@ -104,28 +104,10 @@ def default_run() -> int:
     return max(8, 4 * torch.get_num_threads())
 
 
-def dispatch_padded(
-    x_ND: torch.Tensor,
-    counts: list[int],
-    w1_EID: torch.Tensor,
-    w2_EDI: torch.Tensor,
-    w3_EID: torch.Tensor,
-    run: int | None = None,
-) -> torch.Tensor:
-    """Same contract as `dispatch_loop`, as `bmm`s over runs of experts whose rows are
-    zero-padded to the run's largest count (`padded_layout`). The zero rows cost FLOPs, but a
-    CPU `bmm` gives each core whole expert products, while grouped or looped matmuls split every
-    ~32-row product across all cores and pay a sync for each: with 64 experts this is 1.3-1.5x
-    faster than `dispatch_grouped` on 2 cores (benchmarks/run.py, moe). Fastest when the
-    weights are stored input-major (`GroupedExperts(input_major=True)`): plain, untransposed
-    operands for the BLAS."""
-    if isinstance(counts, torch.Tensor):
-        counts = counts.tolist()
-    N, D = x_ND.shape
-    I = w1_EID.shape[1]  # noqa: E741 - the expert width, as in the legend
-    if N == 0:
-        return torch.empty_like(x_ND)
-    runs = padded_layout(counts, run or default_run())
+def padded_slots(
+    counts: list[int], runs: list[tuple[int, int, int]], device
+) -> tuple[torch.Tensor, int]:
+    """-> (slot_N, P): the padded row of each expert-sorted pair, and the padded row count."""
     # Where each expert's first row goes in the padded buffer, minus where it is in x_ND.
     shift_E, base, seen = [0] * len(counts), 0, 0
     for first, n, cap in runs:
@@ -133,13 +115,24 @@ def dispatch_padded(
             shift_E[e] = base - seen
             base += cap
             seen += counts[e]
-    dev = x_ND.device
+    N = seen
     shift_N = torch.repeat_interleave(
-        torch.tensor(shift_E, device=dev), torch.tensor(counts, device=dev), output_size=N
+        torch.tensor(shift_E, device=device), torch.tensor(counts, device=device), output_size=N
     )
-    slot_N = torch.arange(N, device=dev) + shift_N  # (N,) row of each pair in the padded buffer
-    x_PD = x_ND.new_zeros(base, D).index_copy_(0, slot_N, x_ND)  # P = padded rows
-    h1_PI, h3_PI, y_PD = x_ND.new_empty(base, I), x_ND.new_empty(base, I), x_ND.new_empty(base, D)
+    return torch.arange(N, device=device) + shift_N, base
+
+
+def padded_experts(
+    x_PD: torch.Tensor,
+    runs: list[tuple[int, int, int]],
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+) -> torch.Tensor:
+    """The experts on padded rows (P, D) laid out as `runs` says -> (P, D); zero rows give 0."""
+    P, D = x_PD.shape
+    I = w1_EID.shape[1]  # noqa: E741 - the expert width, as in the legend
+    h1_PI, h3_PI, y_PD = x_PD.new_empty(P, I), x_PD.new_empty(P, I), x_PD.new_empty(P, D)
     row = 0
     for first, n, cap in runs:
         rows, ws = slice(row, row + n * cap), slice(first, first + n)
@@ -154,6 +147,33 @@ def dispatch_padded(
         out = y_PD[rows].view(n, cap, D)
         torch.bmm(h_PI[rows].view(n, cap, I), w2_EDI[ws].transpose(1, 2), out=out)
         row += n * cap
+    return y_PD
+
+
+def dispatch_padded(
+    x_ND: torch.Tensor,
+    counts: list[int],
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+    run: int | None = None,
+) -> torch.Tensor:
+    """Same contract as `dispatch_loop`, as `bmm`s over runs of experts whose rows are
+    zero-padded to the run's largest count (`padded_layout`). The zero rows cost FLOPs, but a
+    CPU `bmm` gives each core whole expert products, while grouped or looped matmuls split every
+    ~32-row product across all cores and pay a sync for each: with 64 experts this is 1.1-1.4x
+    faster than `dispatch_grouped` and 1.7x faster than the loop on 2 cores (benchmarks/run.py,
+    moe). Fastest with input-major weights (see `GroupedExperts`): plain, untransposed operands
+    for the BLAS. `GroupedExperts.forward` runs the same products without the (N, D) copies."""
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
+    N, D = x_ND.shape
+    if N == 0:
+        return torch.empty_like(x_ND)
+    runs = padded_layout(counts, run or default_run())
+    slot_N, P = padded_slots(counts, runs, x_ND.device)
+    x_PD = x_ND.new_zeros(P, D).index_copy_(0, slot_N, x_ND)
+    y_PD = padded_experts(x_PD, runs, w1_EID, w2_EDI, w3_EID)
     return y_PD.index_select(0, slot_N)  # (N, D), the input's order
 
 
@@ -166,7 +186,7 @@ def dispatch(x_ND, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
     over all E), padded bmm while padding at most doubles the work, else grouped matmuls where
     supported. On a GPU grouped matmuls (the loop's launches and padding's FLOPs cost more)."""
     if impl == "auto":
-        impl = _auto_impl(x_ND, counts, w1, w2, w3)
+        impl = _auto_impl(x_ND, x_ND.shape[0], counts, w1, w2, w3)
     if impl == "grouped":
         return dispatch_grouped(x_ND, counts, w1, w2, w3)
     if impl == "padded":
@@ -174,16 +194,18 @@ def dispatch(x_ND, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
     return dispatch_loop(x_ND, counts, w1, w2, w3)
 
 
-def _auto_impl(x_ND, counts, w1, w2, w3) -> str:
-    N, E = x_ND.shape[0], len(counts)
-    if x_ND.device.type == "cpu":
+def _auto_impl(x, N: int, counts, w1, w2, w3) -> str:
+    """The dispatch for N pairs of rows of x (x_ND, or the tokens x_TD they are gathered from:
+    same device, dtype and row stride)."""
+    E = len(counts)
+    if x.device.type == "cpu":
         if N < E:
             return "loop"
         if isinstance(counts, torch.Tensor):
             counts = counts.tolist()
         if padded_rows(counts, default_run()) <= PAD_LIMIT * N:
             return "padded"
-    return "grouped" if grouped_mm_supported(x_ND, w1, w2, w3) else "loop"
+    return "grouped" if grouped_mm_supported(x, w1, w2, w3) else "loop"
 
 
 class GroupedExperts(nn.Module):
@@ -254,17 +276,44 @@ class GroupedExperts(nn.Module):
             if order_N.numel() == 0:
                 return torch.zeros_like(x_TD)
         token_N = order_N // K
-        x_ND = x_TD.index_select(0, token_N)  # index_select: several times faster than x[idx]
         w1, w2, w3 = _expert_weights(self, x_TD.dtype)
+        weight_N = weights_TK.flatten().index_select(0, order_N)
+        if impl == "auto":
+            impl = _auto_impl(x_TD, order_N.numel(), counts_E, w1, w2, w3)
+        if impl == "padded":
+            return self._padded(x_TD, token_N, weight_N, counts_E, w1, w2, w3)
+        x_ND = x_TD.index_select(0, token_N)  # index_select: several times faster than x[idx]
         y_ND = dispatch(x_ND, counts_E, w1, w2, w3, impl)
-        y_ND.mul_(weights_TK.flatten().index_select(0, order_N)[:, None])
-        if x_TD.dtype == torch.float32:
-            return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
-        # bf16: sum each token's K expert outputs in float32. On CUDA index_add_ adds with
-        # atomics in arbitrary order, and bf16 rounding at every add made the result vary from
-        # run to run by several ulps.
-        acc = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-        return acc.index_add_(0, token_N, y_ND.float()).to(x_TD.dtype)
+        y_ND.mul_(weight_N[:, None])
+        return _combine(x_TD, token_N, y_ND)
+
+    def _padded(self, x_TD, token_N, weight_N, counts, w1, w2, w3) -> torch.Tensor:
+        """`dispatch_padded` gathering straight from the tokens into the padded rows and adding
+        the padded rows back (padding rows point at a zero row T, dropped after): two (N, D)
+        copies fewer than going through x_ND."""
+        if isinstance(counts, torch.Tensor):
+            counts = counts.tolist()
+        T, D = x_TD.shape
+        runs = padded_layout(counts, default_run())
+        slot_N, P = padded_slots(counts, runs, x_TD.device)
+        token_P = torch.full((P,), T, dtype=token_N.dtype, device=x_TD.device)
+        token_P.index_copy_(0, slot_N, token_N)
+        weight_P = weight_N.new_zeros(P).index_copy_(0, slot_N, weight_N)
+        x_ext = torch.cat([x_TD, x_TD.new_zeros(1, D)])  # (T + 1, D): row T is the padding
+        y_PD = padded_experts(x_ext.index_select(0, token_P), runs, w1, w2, w3)
+        y_PD.mul_(weight_P[:, None])
+        return _combine(x_ext, token_P, y_PD)[:T]
+
+
+def _combine(x_TD: torch.Tensor, token_N: torch.Tensor, y_ND: torch.Tensor) -> torch.Tensor:
+    """Sum each token's weighted expert outputs: (T, D) with out[token_N[n]] += y_ND[n]."""
+    if x_TD.dtype == torch.float32:
+        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+    # bf16: sum each token's K expert outputs in float32. On CUDA index_add_ adds with
+    # atomics in arbitrary order, and bf16 rounding at every add made the result vary from
+    # run to run by several ulps.
+    acc = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    return acc.index_add_(0, token_N, y_ND.float()).to(x_TD.dtype)
 
 
 class MoE(nn.Module):

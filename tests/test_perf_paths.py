@@ -137,3 +137,79 @@ def test_estimate_cache_follows_changes(tiny_args):
     assert count_params(a)["total"] > before
     assert estimate(a)["params"]["total"] == count_params(a)["total"]
     assert count_params(a.replace(n_heads=4))["total"] == before
+
+
+@pytest.mark.parametrize(
+    "S, T, start_pos", [(1 + 2 * 128, 1 + 2 * 128, 0), (40, 100, 60), (7, 7, 0)]
+)
+def test_blocked_causal_attention_equals_sdpa(S, T, start_pos):
+    """The CPU float32 attention path (blocks of queries, no head-dim padding) against torch's
+    scaled_dot_product_attention with an explicit causal mask, Dqk != Dv."""
+    from dsv3.attention import _blocked_causal, _causal_bias
+
+    torch.manual_seed(0)
+    B, H, Dqk, Dv = 2, 3, 24, 16
+    q, k, v = torch.randn(B, S, H, Dqk), torch.randn(B, T, H, Dqk), torch.randn(B, T, H, Dv)
+    got = _blocked_causal(q, k, v, 0.2, start_pos)
+    mask = _causal_bias(S, T, start_pos, "cpu") == 0
+    want = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=0.2
+    ).transpose(1, 2)
+    assert got.shape == (B, S, H, Dv)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_dispatch_runs_and_skew():
+    """Padded dispatch agrees with the loop for any run length, idle experts and one expert
+    taking most pairs; its row count is what padded_rows says."""
+    from dsv3.moe import dispatch_padded, padded_rows
+
+    torch.manual_seed(0)
+    E, D, I = 12, 32, 16
+    counts = [0, 40, 1, 0, 3, 0, 0, 7, 2, 0, 0, 5]
+    x = torch.randn(sum(counts), D)
+    w1, w2, w3 = torch.randn(E, I, D), torch.randn(E, D, I), torch.randn(E, I, D)
+    want = dispatch_loop(x, counts, w1, w2, w3)
+    for run in (1, 3, 5, 8, 12, 100):
+        got = dispatch_padded(x, counts, w1, w2, w3, run=run)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert padded_rows(counts, 1) == sum(counts)  # one expert per run: no padding at all
+    assert padded_rows(counts, E) == E * 40  # one run: every expert padded to 40
+    # Input-major weights (how CPU models store them) give the same numbers.
+    t = [w.transpose(1, 2).contiguous().transpose(1, 2) for w in (w1, w2, w3)]
+    torch.testing.assert_close(dispatch_padded(x, counts, *t), want, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_experts_are_input_major_and_loads_keep_it(tmp_path):
+    """to_empty stores CPU expert weights input-major, for builds and loads alike; meta and
+    the state dict shapes are unchanged."""
+    from dsv3 import load, save
+
+    args = ModelArgs(
+        vocab_size=64, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_dense_layers=1,
+        n_heads=2, n_routed_experts=8, n_activated_experts=2, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+    )  # fmt: skip
+    built = Transformer(args, device="cpu")
+    loaded = load(save(built, tmp_path / "m.safetensors"))
+    for m in (built, loaded):
+        ex = m.layers[1].ffn.experts
+        assert ex.w1.shape == (8, 16, 32) and ex.w1.stride() == (16 * 32, 1, 16)
+        assert ex.w2.shape == (8, 32, 16) and ex.w2.stride() == (32 * 16, 1, 32)
+    assert Transformer(args, device="meta").layers[1].ffn.experts.w1.is_contiguous()
+    tok = torch.randint(0, 64, (2, 9))
+    assert torch.equal(built(tok), loaded(tok))
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 6), (3, 5, 7), (40, 5, 7), (33, 3, 3), (17, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_major_init_draws_the_contiguous_values(shape, dtype):
+    """A seed gives the same expert weights whatever their memory layout."""
+    from dsv3.model import _normal_logical_
+
+    torch.manual_seed(0)
+    want = torch.empty(shape, dtype=dtype).normal_(0, 0.5)
+    torch.manual_seed(0)
+    got = torch.empty(shape[0], shape[2], shape[1], dtype=dtype).transpose(1, 2)
+    _normal_logical_(got, 0.5)
+    assert torch.equal(got, want)
