@@ -241,13 +241,21 @@ class MLA(nn.Module):
 
 BLOCK_ROWS = 128  # query rows per block of `_blocked_causal`
 BLOCKED_MAX_KEYS = 512  # beyond this the flash kernel wins (benchmarks: flash 1.2x at 1024)
+BLOCKED_MAX_SCORES = 1 << 24  # one block's scores (64 MiB in float32); more: the flash kernel
 
 
 def _blocked_fits(q: torch.Tensor, T: int) -> bool:
-    """CPU float32 attention over at most BLOCKED_MAX_KEYS keys: where `_blocked_causal` beats
-    the CPU flash kernel (by 10-25% at 256-512 keys on 2 cores; bf16 keeps the flash kernel,
-    which accumulates in float32)."""
-    return q.device.type == "cpu" and q.dtype == torch.float32 and T <= BLOCKED_MAX_KEYS
+    """CPU float32 attention over at most BLOCKED_MAX_KEYS keys, with a block's scores
+    bounded: where `_blocked_causal` beats the CPU flash kernel (by 10-25% at 256-512 keys on
+    2 cores) without its memory growing much past the flash kernel's. bf16 keeps the flash
+    kernel, which accumulates in float32."""
+    B, S, H, _ = q.shape
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and T <= BLOCKED_MAX_KEYS
+        and B * H * min(S, BLOCK_ROWS) * T <= BLOCKED_MAX_SCORES
+    )
 
 
 def _blocked_causal(
