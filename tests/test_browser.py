@@ -1,6 +1,6 @@
 """Browser smoke test: the real page in headless Chromium (Debian package) via Playwright.
 
-Load the page, keep the tiny preset, edit one per-layer override in the table, build, run a
+Load the page, keep the tiny preset, edit two per-layer overrides in the table, build, run a
 forward, and check that the expert heatmap and the rotary plot are drawn by plotly. A full-page
 screenshot is written to tests/artifacts/ (path printed).
 """
@@ -85,6 +85,16 @@ def test_page_build_forward_plots(url):
             _edit_cell(page, 0, OVERRIDE_COLUMNS.index("n_heads"), "8")
             expect(page.locator("#config-msg")).to_contain_text("1 layer override", timeout=30_000)
             expect(page.locator("#estimate-summary")).not_to_contain_text("387,416", timeout=30_000)
+            # "+ layer row" appends a blank row for the next override: layer 3 goes dense, and
+            # layer 2's edit survives the re-rendered table.
+            page.locator("#add-row").click()
+            _edit_cell(page, 1, 0, "3")
+            _edit_cell(page, 1, OVERRIDE_COLUMNS.index("ffn"), "dense")
+            expect(page.locator("#config-msg")).to_contain_text("2 layer override", timeout=30_000)
+            heads = page.locator(
+                f"#overrides [data-testid='cell-0-{OVERRIDE_COLUMNS.index('n_heads')}']"
+            )
+            expect(heads).to_contain_text("8")
 
             page.locator("#build-btn").click()
             expect(page.locator("#build-msg")).to_contain_text("built", timeout=60_000)
@@ -119,7 +129,7 @@ def test_page_build_forward_plots(url):
             expect(page.locator("#saved input")).to_have_value("edited-tiny", timeout=30_000)
             expect(page.locator("#config-msg")).not_to_contain_text("override", timeout=30_000)
             page.get_by_role("button", name="Load", exact=True).click()
-            expect(page.locator("#config-msg")).to_contain_text("1 layer override", timeout=30_000)
+            expect(page.locator("#config-msg")).to_contain_text("2 layer override", timeout=30_000)
             cell = page.locator(
                 f"#overrides [data-testid='cell-0-{OVERRIDE_COLUMNS.index('n_heads')}']"
             )

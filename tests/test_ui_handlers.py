@@ -491,3 +491,20 @@ def test_server_budget_ignores_meta_models_and_own_model(monkeypatch, tiny_cfg):
 class _Req:
     def __init__(self, session_hash: str):
         self.session_hash = session_hash
+
+
+def test_add_override_row_keeps_every_cell():
+    """The "+ layer row" button: rows come back as strings in column order, one blank row more;
+    numbers and NaN blanks from the pandas table survive as what the user typed."""
+    import pandas as pd
+
+    cols = fields.OVERRIDE_COLUMNS
+    df = pd.DataFrame([["2", "8"] + [""] * (len(cols) - 2)], columns=cols)
+    df.loc[0, "ffn"] = "dense"
+    df.loc[0, "q_lora_rank"] = float("nan")
+    rows = handlers.add_override_row(df)
+    assert len(rows) == 2 and rows[1] == [""] * len(cols)
+    assert rows[0][0] == "2" and rows[0][cols.index("n_heads")] == "8"
+    assert rows[0][cols.index("ffn")] == "dense" and rows[0][cols.index("q_lora_rank")] == ""
+    assert fields.parse_overrides(rows) == {2: {"n_heads": 8, "ffn": "dense"}}
+    assert handlers.add_override_row(None) == [[""] * len(cols)]

@@ -264,6 +264,18 @@ def parse_overrides(table: Any) -> dict[int, dict[str, Any]]:
     return out
 
 
+def with_blank_row(table: Any) -> list[list[str]]:
+    """The override table's rows (as strings, in OVERRIDE_COLUMNS order) plus one blank row to
+    type the next layer into."""
+    headers, rows = _table(table)
+    at = {h: i for i, h in enumerate(headers)}
+    out = [
+        ["" if c not in at or _blank(r[at[c]]) else str(r[at[c]]) for c in OVERRIDE_COLUMNS]
+        for r in rows
+    ]
+    return out + [[""] * len(OVERRIDE_COLUMNS)]
+
+
 def overrides_to_rows(
     layer_config: dict[Any, dict[str, Any]], blank_rows: int = 1
 ) -> list[list[str]]:

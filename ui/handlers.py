@@ -146,6 +146,12 @@ def form_changed(prev_cfg: dict | None, overrides: Any, **values: Any) -> tuple[
     return cfg, _valid(cfg)
 
 
+def add_override_row(overrides: Any) -> list[list[str]]:
+    """The "+ layer row" button: one more blank row under the override table. A button, not an
+    automatic row: re-rendering the table while the user types would drop an edit in flight."""
+    return fields.with_blank_row(overrides)
+
+
 # ---------------------------------------------------------------------- estimate
 def _fits_line(nbytes: float, device: str, what: str) -> tuple[bool, str]:
     dev = runtime.resolve_device(device)
