@@ -47,6 +47,9 @@ def test_all_position_logits_match_transformers(name):
     diff = (got - ref).abs().max().item()
     print(f"{name}: max |dsv3 - transformers| = {diff:.2e}")
     assert diff <= 1e-4
+    # The default forward (last layer on the last position only) gives the same last logits.
+    last = (ours(tok) - ref[:, -1]).abs().max().item()
+    assert last <= 1e-4, last
 
 
 @pytest.mark.parametrize("name", ["v3-style", "softmax-v2"])
