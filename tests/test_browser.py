@@ -88,6 +88,8 @@ def test_page_build_forward_plots(url):
             # "+ layer row" appends a blank row for the next override: layer 3 goes dense, and
             # layer 2's edit survives the re-rendered table.
             page.locator("#add-row").click()
+            expect(page.locator("#overrides [data-testid='cell-1-0']")).to_have_count(1)
+            page.wait_for_timeout(500)  # let the re-rendered table settle before typing into it
             _edit_cell(page, 1, 0, "3")
             _edit_cell(page, 1, OVERRIDE_COLUMNS.index("ffn"), "dense")
             expect(page.locator("#config-msg")).to_contain_text("2 layer override", timeout=30_000)

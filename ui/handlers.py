@@ -174,33 +174,58 @@ def estimate(
 ) -> tuple[str, pd.DataFrame, Any, Any]:
     """Analytic estimate, no build: -> (summary Markdown, per-layer table, layer map, params)."""
     try:
-        args = _args(cfg)
-        batch = _int(batch, "batch", 1)
-        seq_len = _int(seq_len, "length", 1) if seq_len else args.max_seq_len  # 0 = max_seq_len
-        n_gpus = _int(n_gpus, "n GPUs", 1, 4096)
-        if seq_len > args.max_seq_len or batch > args.max_batch_size:
-            raise ConfigError(
-                f"estimate for batch {batch} x length {seq_len} exceeds max_batch_size="
-                f"{args.max_batch_size} / max_seq_len={args.max_seq_len}",
-                field="seq_len" if seq_len > args.max_seq_len else "batch",
-            )
+        args, batch, seq_len, n_gpus = _estimate_request(cfg, batch, seq_len, n_gpus)
         e = estimate_model(args, dtype=dtype, batch=batch, seq_len=seq_len, n_gpus=n_gpus)
-        split_note = ""
-        if n_gpus > 1:
-            from dsv3.parallel import check_shardable  # torch: first use only
-
-            try:
-                check_shardable(args, n_gpus, dtype=dtype)
-            except ConfigError as why:
-                split_note = f"✘ does not split over {n_gpus} GPUs: {why}"
+        split_note = _split_note(args, n_gpus, dtype)
     except (ConfigError, ValueError) as err:
         return problem(err), gr.skip(), gr.skip(), gr.skip()
+    md = _estimate_markdown(e, args, device, dtype, batch, seq_len, split_note)
+    layers = [la.to_dict() for la in args.layers()]
+    return (
+        md,
+        pd.DataFrame(e["layers"]),
+        plots.layer_map(layers),
+        plots.params_by_group(e["params"]),
+    )
+
+
+def _estimate_request(cfg, batch, seq_len, n_gpus) -> tuple[ModelArgs, int, int, int]:
+    """The estimate's inputs, checked: (args, batch, length (0 = max_seq_len), GPUs)."""
+    args = _args(cfg)
+    batch = _int(batch, "batch", 1)
+    seq_len = _int(seq_len, "length", 1) if seq_len else args.max_seq_len
+    n_gpus = _int(n_gpus, "n GPUs", 1, 4096)
+    if seq_len > args.max_seq_len or batch > args.max_batch_size:
+        raise ConfigError(
+            f"estimate for batch {batch} x length {seq_len} exceeds max_batch_size="
+            f"{args.max_batch_size} / max_seq_len={args.max_seq_len}",
+            field="seq_len" if seq_len > args.max_seq_len else "batch",
+        )
+    return args, batch, seq_len, n_gpus
+
+
+def _split_note(args: ModelArgs, n_gpus: int, dtype: str) -> str:
+    """Why the model does not split over n_gpus (tensor/expert parallel), or ""."""
+    if n_gpus == 1:
+        return ""
+    from dsv3.parallel import check_shardable  # torch: first use only
+
+    try:
+        check_shardable(args, n_gpus, dtype=dtype)
+    except ConfigError as why:
+        return f"✘ does not split over {n_gpus} GPUs: {why}"
+    return ""
+
+
+def _estimate_markdown(
+    e: dict, args: ModelArgs, device: str, dtype: str, batch: int, seq_len: int, split_note: str
+) -> str:
     p = e["params"]
     wb, kvt, kvc = e["weight_bytes_by_dtype"], e["kv_bytes_per_token"], e["kv_cache_bytes"]
     mark = {k: " (configured)" if k == args.attn_impl else "" for k in ("naive", "absorb")}
     fits_weights = _fits_line(e["weight_bytes"], device, f"a {dtype} build")[1]
     fits_all = _fits_line(e["per_gpu_bytes"], device, "weights + KV + activations per GPU")[1]
-    md = "\n".join(
+    return "\n".join(
         [
             f"**{p['total']:,} parameters** ({plots.human(p['total'])}), "
             f"**{p['active']:,} active** per token ({plots.human(p['active'])})",
@@ -225,9 +250,6 @@ def estimate(
             f"{fits_all}" + (f"  \n{split_note}" if split_note else ""),
         ]
     )
-    table = pd.DataFrame(e["layers"])
-    layers = [la.to_dict() for la in args.layers()]
-    return md, table, plots.layer_map(layers), plots.params_by_group(p)
 
 
 def rotary(
@@ -308,22 +330,9 @@ def build(
     """Build the config on `device` in `dtype` (refused before allocating if it won't fit)."""
     session = session if session is not None else Session()
     try:
-        args = _args(cfg)
-        seed = _int(seed, "seed", 0, 2**63 - 1)
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}", field="dtype")
-        if device not in DEVICES:
-            raise ConfigError(
-                f"device={device!r}: choose one of {', '.join(DEVICES)}", field="device"
-            )
-        dev = runtime.resolve_device(device)
-        wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
-        if dev == "cuda" and not (runtime.ZERO_GPU or _cuda_ok()):
-            raise ConfigError(
-                "device cuda is not available here; use auto, cpu or meta", field="device"
-            )
+        args, seed, dev, wbytes = _build_request(cfg, device, dtype, seed)
         fits, reason = (
-            (True, "meta device") if dev == "meta" else _fits_server(wbytes, dev, session)
+            _fits_server(wbytes, dev, session) if dev != "meta" else (True, "meta device")
         )
     except (ConfigError, ValueError) as e:
         return session, problem(e), {**session.summary(), "ok": False, "error": str(e)}
@@ -332,28 +341,12 @@ def build(
         evicted = evict_lru(dev, lambda: _fits_server(wbytes, dev, session)[0], keep=session)
         fits, reason = _fits_server(wbytes, dev, session)
     if not fits:
-        reason = reason.split("; try")[0]  # our own suggestion follows, with numbers
-        msg = f"✘ Not built, nothing allocated: the {dtype} weights {reason}. {_suggest(args, dev, dtype, session)}"
-        msg = msg.replace("weights needs", "weights need")
-        if session.model is not None:
-            msg += " The previous model is kept."
-        return session, msg, {**session.summary(), "ok": False, "error": reason}
+        return session, _refusal(args, dev, dtype, reason, session), {
+            **session.summary(), "ok": False, "error": reason
+        }  # fmt: skip
     session.free()  # the next build replaces the previous model: free it first
     if runtime.ZERO_GPU and dev == "cuda":
-        # No GPU outside @spaces.GPU calls: build + run happen together in each forward.
-        session.config, session.device, session.dtype, session.seed = (
-            args.to_dict(),
-            dev,
-            dtype,
-            int(seed),
-        )
-        session.source = "zerogpu"
-        register(getattr(request, "session_hash", None), session)
-        return (
-            session,
-            ok("ZeroGPU: the model is built on the GPU inside each Run."),
-            {**session.summary(), "ok": True},
-        )
+        return _defer_to_zerogpu(session, args, dev, dtype, seed, request)
 
     def tick(done: int, total: int) -> None:
         progress((done, total), desc=f"initialising layer {done}/{total}", unit="layers")
@@ -363,23 +356,67 @@ def build(
     except (ConfigError, ValueError, RuntimeError) as e:  # RuntimeError: out of memory
         msg = problem(e) + " (the previous model, if any, had been freed to make room)"
         return session, msg, {**session.summary(), "ok": False, "error": str(e)}
-    session.model, session.config, session.device, session.dtype = model, args.to_dict(), dev, dtype
-    session.seed, session.build_seconds = seed, info["seconds"]
-    session.model_bytes = 0 if dev == "meta" else info["model_bytes"]  # meta holds no memory
-    session.source = "build"
+    _adopt(session, model, seed, info["seconds"], info["model_bytes"], "build", request)
+    if evicted:
+        reason += f"; freed {evicted} idle session model(s), least recently used first"
+    msg = _built_message(args, dev, dtype, info, reason)
+    return session, msg, {**session.summary(), "ok": True}
+
+
+def _adopt(session, model, seed, seconds: float, nbytes: int, source: str, request) -> None:
+    """Make `model` the session's (built or imported) and register the session."""
+    session.model, session.config = model, model.args.to_dict()
+    session.device, session.dtype = model.device.type, model.dtype_name
+    session.seed, session.build_seconds, session.source = seed, seconds, source
+    session.model_bytes = 0 if session.device == "meta" else nbytes  # meta holds no memory
     session.notes.pop("evicted", None)
     session.touch()
     register(getattr(request, "session_hash", None), session)
-    if evicted:
-        reason += f"; freed {evicted} idle session model(s), least recently used first"
+
+
+def _build_request(cfg, device, dtype, seed) -> tuple[ModelArgs, int, str, int]:
+    """The build's inputs, checked: (args, seed, resolved device, weight bytes)."""
+    args = _args(cfg)
+    seed = _int(seed, "seed", 0, 2**63 - 1)
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}", field="dtype")
+    if device not in DEVICES:
+        raise ConfigError(f"device={device!r}: choose one of {', '.join(DEVICES)}", field="device")
+    dev = runtime.resolve_device(device)
+    if dev == "cuda" and not (runtime.ZERO_GPU or _cuda_ok()):
+        raise ConfigError(
+            "device cuda is not available here; use auto, cpu or meta", field="device"
+        )
+    wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
+    return args, seed, dev, wbytes
+
+
+def _refusal(args: ModelArgs, dev: str, dtype: str, reason: str, session: Session) -> str:
+    reason = reason.split("; try")[0]  # our own suggestion follows, with numbers
+    msg = f"✘ Not built, nothing allocated: the {dtype} weights {reason}. {_suggest(args, dev, dtype, session)}"
+    msg = msg.replace("weights needs", "weights need")
+    if session.model is not None:
+        msg += " The previous model is kept."
+    return msg
+
+
+def _defer_to_zerogpu(session, args, dev, dtype, seed, request) -> tuple[Session, str, dict]:
+    """ZeroGPU: no GPU outside @spaces.GPU calls, so build + run happen together in each Run."""
+    session.config, session.device, session.dtype = args.to_dict(), dev, dtype
+    session.seed, session.source = int(seed), "zerogpu"
+    register(getattr(request, "session_hash", None), session)
+    msg = ok("ZeroGPU: the model is built on the GPU inside each Run.")
+    return session, msg, {**session.summary(), "ok": True}
+
+
+def _built_message(args: ModelArgs, dev: str, dtype: str, info: dict, reason: str) -> str:
     mem = "no memory (meta)" if dev == "meta" else human_bytes(info["model_bytes"])
     if "cuda_peak_bytes" in info:
         mem += f", CUDA peak {human_bytes(info['cuda_peak_bytes'])}"
-    msg = ok(
+    return ok(
         f"built {plots.human(count_params(args)['total'])} params on **{dev}** in **{dtype}** "
         f"in **{info['seconds']:.2f} s**, {mem} ({reason})"
     )
-    return session, msg, {**session.summary(), "ok": True}
 
 
 def _cuda_ok() -> bool:
@@ -459,51 +496,58 @@ def forward(
         return (session, msg, {"ok": False, "error": msg}, *([gr.skip()] * 5))
     args = ModelArgs.from_dict(session.config)
     try:
-        decode_steps = _int(decode_steps, "decode steps", 0, args.max_seq_len)
-        tokens = runtime.parse_token_ids(token_ids)
-        if tokens is None:
-            batch = _int(batch, "batch", 1, 2**20)  # the config's maxima: _check_run
-            seq_len = _int(seq_len, "seq length", 1, 2**24)
-            _check_shape(args, batch, seq_len, decode_steps)
-            tokens = runtime.make_tokens(
-                args.vocab_size, batch, seq_len, _int(token_seed, "token seed", 0, 2**63 - 1)
-            )
-        _check_run(args, tokens, decode_steps)  # the same rules on meta as on a real device
-        if session.source == "zerogpu":
-            result = runtime.build_and_run(
-                session.config,
-                session.device,
-                session.dtype,
-                session.seed,
-                tokens,
-                decode_steps,
-            )
-            r, trace = result["run"], result["trace"]
-        else:
-            if session.device == "meta":
-                tokens = tokens.to("meta")
-            else:
-                need = estimate_model(
-                    args, session.dtype, tokens.shape[0], tokens.shape[1] + decode_steps
-                )
-                fits, reason = memory.check_fits(
-                    need["total_bytes"] - need["weight_bytes"], session.device
-                )
-                if not fits:
-                    raise ConfigError(
-                        f"this run's KV cache and activations {reason}", field="batch"
-                    )
-            session.touch()
-            try:
-                r = memory.run_guarded(runtime.run, session.model, tokens, decode_steps)
-                trace = memory.run_guarded(runtime.trace, session.model, tokens)
-            except memory.MemoryBudgetError:
-                session.model.reset_cache()  # drop the half-grown KV cache; the model stays
-                memory.release_memory()
-                raise
+        tokens, decode_steps = _run_request(
+            args, batch, seq_len, token_seed, token_ids, decode_steps
+        )
+        r, trace = _run_session(session, args, tokens, decode_steps)
     except (ConfigError, ValueError, RuntimeError) as e:
         return (session, problem(e), {"ok": False, "error": str(e)}, *([gr.skip()] * 5))
     session.runs += 1
+    return (session, *_run_outputs(r, trace))
+
+
+def _run_request(args, batch, seq_len, token_seed, token_ids, decode_steps) -> tuple[Any, int]:
+    """The run's tokens (typed ids, else random from the seed) and decode steps, checked
+    against the config before anything runs (on meta too: it cannot check values itself)."""
+    decode_steps = _int(decode_steps, "decode steps", 0, args.max_seq_len)
+    tokens = runtime.parse_token_ids(token_ids)
+    if tokens is None:
+        batch = _int(batch, "batch", 1, 2**20)  # the config's maxima: _check_run
+        seq_len = _int(seq_len, "seq length", 1, 2**24)
+        _check_shape(args, batch, seq_len, decode_steps)
+        seed = _int(token_seed, "token seed", 0, 2**63 - 1)
+        tokens = runtime.make_tokens(args.vocab_size, batch, seq_len, seed)
+    _check_run(args, tokens, decode_steps)
+    return tokens, decode_steps
+
+
+def _run_session(session: Session, args: ModelArgs, tokens, decode_steps: int):
+    """-> (run info, shape trace) of the session's model (or a ZeroGPU build + run)."""
+    if session.source == "zerogpu":
+        result = runtime.build_and_run(
+            session.config, session.device, session.dtype, session.seed, tokens, decode_steps
+        )
+        return result["run"], result["trace"]
+    if session.device == "meta":
+        tokens = tokens.to("meta")
+    else:
+        need = estimate_model(args, session.dtype, tokens.shape[0], tokens.shape[1] + decode_steps)
+        fits, reason = memory.check_fits(need["total_bytes"] - need["weight_bytes"], session.device)
+        if not fits:
+            raise ConfigError(f"this run's KV cache and activations {reason}", field="batch")
+    session.touch()
+    try:
+        r = memory.run_guarded(runtime.run, session.model, tokens, decode_steps)
+        return r, memory.run_guarded(runtime.trace, session.model, tokens)
+    except memory.MemoryBudgetError:
+        session.model.reset_cache()  # drop the half-grown KV cache; the model stays
+        memory.release_memory()
+        raise
+
+
+def _run_outputs(r: dict[str, Any], trace: list[dict]) -> tuple[Any, ...]:
+    """Run info + trace -> (Markdown, info, trace table, trace figure, heatmap, balance figure,
+    balance table)."""
     routing = r.pop("routing", [])
     trace_df = pd.DataFrame(
         [{**t, "shape": str(t["shape"])} for t in trace], columns=["name", "type", "layer", "shape"]
@@ -512,18 +556,10 @@ def forward(
         [{**s, "group_counts": str(s["group_counts"])} for s in routing], columns=BALANCE_COLUMNS
     ).round(4)
     info = {"ok": True, **r, "routing": routing, "trace_len": len(trace)}
-    return (
-        session,
-        _run_markdown(r),
-        info,
-        trace_df,
-        plots.shape_trace(trace),
-        plots.expert_heatmap(routing) if not r.get("meta") else plots.empty("meta run: no routing"),
-        plots.routing_balance(routing)
-        if not r.get("meta")
-        else plots.empty("meta run: no routing"),
-        balance,
-    )
+    meta = bool(r.get("meta"))
+    heat = plots.empty("meta run: no routing") if meta else plots.expert_heatmap(routing)
+    bal = plots.empty("meta run: no routing") if meta else plots.routing_balance(routing)
+    return _run_markdown(r), info, trace_df, plots.shape_trace(trace), heat, bal, balance
 
 
 # ---------------------------------------------------------------------- presets in the browser
@@ -648,64 +684,65 @@ def import_hf(
     request: gr.Request | None = None,
 ) -> tuple[Any, Any, str]:
     """An HF DeepseekV3 checkpoint (config.json + *.safetensors) -> a session model + config."""
-    from dsv3 import checkpoint
-
     session = session if session is not None else Session()
     paths = [Path(f if isinstance(f, str) else getattr(f, "name", f)) for f in (files or [])]
+    refused = _import_refusal(paths)
+    if refused:
+        return session, gr.skip(), refused
+    dev = runtime.resolve_device(device)
+    try:
+        model, seconds = _load_hf_upload(paths, dev, dtype, session)
+    except _Refused as e:
+        return session, gr.skip(), str(e)
+    except (ConfigError, ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+        return session, gr.skip(), problem(e)  # CheckpointError and JSONDecodeError are ValueErrors
+    session.free()
+    _adopt(session, model, None, seconds, runtime.tensor_bytes(model), "hf import", request)
+    total = plots.human(count_params(model.args)["total"])
+    msg = f"imported {total} params from {len(paths)} file(s) in {seconds:.2f} s onto {dev}"
+    return session, session.config, ok(msg)
+
+
+class _Refused(Exception):
+    """A request turned down before anything was allocated; the message says why."""
+
+
+def _import_refusal(paths: list[Path]) -> str:
+    """Why an upload cannot be an HF checkpoint import, or ""."""
     names = {p.name for p in paths}
     if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
-        return session, gr.skip(), "⚠ upload config.json and at least one .safetensors file"
+        return "⚠ upload config.json and at least one .safetensors file"
     total = sum(p.stat().st_size for p in paths)
     if total > IMPORT_LIMIT:
         return (
-            session,
-            gr.skip(),
-            (
-                f"✘ not imported: {human_bytes(total)} uploaded, above the import limit "
-                f"{human_bytes(IMPORT_LIMIT)} (DSV3_IMPORT_LIMIT)"
-            ),
+            f"✘ not imported: {human_bytes(total)} uploaded, above the import limit "
+            f"{human_bytes(IMPORT_LIMIT)} (DSV3_IMPORT_LIMIT)"
         )
-    dev = runtime.resolve_device(device)
+    return ""
+
+
+def _load_hf_upload(paths: list[Path], dev: str, dtype: str, session: Session):
+    """Copy the upload to a private temp dir, check the memory, load -> (model, seconds).
+    The session's current model stays loaded until the import succeeds: it counts."""
+    from dsv3 import checkpoint
+
     folder = _tmp_dir()
     try:
         for p in paths:
             shutil.copy(p, folder / p.name)
-        hf_cfg = checkpoint.read_hf_config(folder / "config.json")
-        args = checkpoint.args_from_hf_config(hf_cfg)
+        args = checkpoint.args_from_hf_config(checkpoint.read_hf_config(folder / "config.json"))
         wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
-        # The session's current model stays loaded until the import succeeds: it counts.
         fits, reason = (True, "") if dev == "meta" else _fits_server(wbytes, dev)
         if not fits:
             evict_lru(dev, lambda: _fits_server(wbytes, dev)[0], keep=session)
             fits, reason = _fits_server(wbytes, dev)
         if not fits:
-            return (
-                session,
-                gr.skip(),
-                f"✘ not imported, nothing allocated: {dtype} weights: {reason}",
-            )
+            raise _Refused(f"✘ not imported, nothing allocated: {dtype} weights: {reason}")
         t0 = time.perf_counter()
         model = checkpoint.load_hf(folder, device=dev, dtype=dtype)
-        seconds = time.perf_counter() - t0
-    except (ConfigError, ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
-        return session, gr.skip(), problem(e)  # CheckpointError and JSONDecodeError are ValueErrors
+        return model, time.perf_counter() - t0
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    session.free()
-    session.model, session.config, session.device = model, model.args.to_dict(), dev
-    session.dtype, session.seed, session.source = model.dtype_name, None, "hf import"
-    session.build_seconds = seconds
-    session.model_bytes = 0 if dev == "meta" else runtime.tensor_bytes(model)
-    session.touch()
-    register(getattr(request, "session_hash", None), session)
-    return (
-        session,
-        session.config,
-        ok(
-            f"imported {plots.human(count_params(model.args)['total'])} params from "
-            f"{len(paths)} file(s) in {seconds:.2f} s onto {dev}"
-        ),
-    )
 
 
 # ---------------------------------------------------------------------- session end
