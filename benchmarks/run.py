@@ -13,7 +13,7 @@ What it measures (CPU, float32, same weights and thread count for every peer):
              transformers (sdpa attention, grouped-matmul experts, its DynamicCache) vs the
              reference inference/model.py; the logits of all three are compared too.
   moe        the expert dispatch: padded bmm vs grouped matmuls vs the per-expert loop, same
-             inputs; runs of experts vs one batch; input-major vs output-major weights.
+             inputs; runs of experts vs one padded batch.
   flops      this machine's dense fp32 matmul rate and the achieved FLOP/s of a `small` preset
              prefill of 4 x 512 tokens, as a fraction of it.
   build      peak resident memory and time of a build (fresh interpreter) vs the weight bytes
@@ -413,12 +413,10 @@ def section_moe(rows: Rows, opts) -> None:
         counts = torch.bincount(idx.flatten(), minlength=args.n_routed_experts).tolist()
         x_ND = x.index_select(0, order // K)
         ex = moe.experts
-        w = (ex.w1, ex.w2, ex.w3)  # input-major on CPU (Transformer.to_empty)
-        w_out = tuple(t.contiguous() for t in w)  # the same values stored output-major
+        w = (ex.w1, ex.w2, ex.w3)
         fns = {
             "padded": lambda: dispatch_padded(x_ND, counts, *w),
             "padded, one batch": lambda: dispatch_padded(x_ND, counts, *w, run=len(counts)),
-            "padded, output-major": lambda: dispatch_padded(x_ND, counts, *w_out),
             "loop": lambda: dispatch_loop(x_ND, counts, *w),
         }
         if grouped_mm_supported(x_ND, *w):
@@ -446,12 +444,6 @@ def section_moe(rows: Rows, opts) -> None:
         f"one batch {ms(t['padded, one batch'])}",
         t["padded, one batch"] / t["padded"],
         note=f"one batch pads {padded_rows(counts, len(counts)) / len(x_ND):.2f}x",
-    )
-    rows.add(
-        f"{title}: input-major vs output-major expert weights (padded)",
-        ms(t["padded"]),
-        f"output-major {ms(t['padded, output-major'])}",
-        t["padded, output-major"] / t["padded"],
     )
 
 
@@ -811,8 +803,8 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
         note=f"{count_params(demo)['total'] / 1e9:.2f}B params",
     )
     tok = torch.randint(0, demo.vocab_size, (2, 128), device=dev)
-    with torch.inference_mode():
-        t = timed(lambda: model(tok), 10)
+    with torch.inference_mode():  # full: every layer on every position, as the graph below
+        t = timed(lambda: model(tok, full=True), 10)
     floor = wbytes / read_bw  # every weight read once, at the rate a pure read stream reaches
     rows.add(
         f"{demo_name} bf16 prefill 2x128 vs weight-bytes / bandwidth floor",

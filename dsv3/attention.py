@@ -8,8 +8,10 @@ Two cache layouts, one set of numbers:
 - "absorb" caches the normalised latent kv (B, T, C) and the shared rope key (B, T, Dr) and
   folds wkv_b into the query and the output, so a decode step never expands the cache.
 With the absorb cache, multi-token inputs (prefill) still expand the latent into per-head k/v and
-run `scaled_dot_product_attention`: for S ~ T that costs fewer FLOPs than the absorbed form
-(Dqk + Dv per head instead of 2C + Dr). `MLA.absorbed_prefill = True` forces the absorbed math.
+run causal attention over them: for S ~ T that costs fewer FLOPs than the absorbed form (Dqk + Dv
+per head instead of 2C + Dr). `MLA.absorbed_prefill = True` forces the absorbed math. That
+attention is `scaled_dot_product_attention`, except on CPU in float32 with at most 512 keys,
+where blocked causal matmuls are faster (`_blocked_causal`).
 
 Caches are sized to what a forward uses (batch and end position), not max_batch_size x
 max_seq_len; `reserve()` pre-sizes them when the caller knows how far decoding will go.
@@ -207,7 +209,7 @@ class MLA(nn.Module):
         scores = torch.bmm(qc.view(B, Sq * H, C + Dr), lat.transpose(1, 2))  # (B, Sq*H, T)
         scores.mul_(self.softmax_scale)
         if Sq > 1:
-            bias = _causal_bias(Sq, T, q_pos, x.device)[:, None]
+            bias = _causal_bias(Sq, T, q_pos, x.device, scores.dtype)[:, None]
             scores = scores.view(B, Sq, H, T).add_(bias)
         p = scores.view(B, Sq * H, T).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
         o = torch.bmm(p, lat[..., :C]).view(B * Sq, H, C).transpose(0, 1)  # (H, B*Sq, C)
@@ -270,7 +272,7 @@ def _blocked_causal(
     q_bsd = q.transpose(1, 2).reshape(B * H, S, Dqk)  # (B*H, S, Dqk)
     k_btd = k.transpose(1, 2).reshape(B * H, T, Dqk)
     v_btd = v.transpose(1, 2).reshape(B * H, T, Dv)
-    bias_ST = _causal_bias(S, T, start_pos, q.device)
+    bias_ST = _causal_bias(S, T, start_pos, q.device, q.dtype)
     o_bsd = q.new_empty(B * H, S, Dv)
     for a in range(0, S, BLOCK_ROWS):
         b = min(S, a + BLOCK_ROWS)
@@ -281,6 +283,6 @@ def _blocked_causal(
     return o_bsd.view(B, H, S, Dv).transpose(1, 2)
 
 
-def _causal_bias(S: int, T: int, start_pos: int, device) -> torch.Tensor:
+def _causal_bias(S: int, T: int, start_pos: int, device, dtype=torch.float32) -> torch.Tensor:
     """(S, T) additive mask: 0 where key t <= start_pos + s, -inf after."""
-    return torch.full((S, T), float("-inf"), device=device).triu_(start_pos + 1)
+    return torch.full((S, T), float("-inf"), device=device, dtype=dtype).triu_(start_pos + 1)

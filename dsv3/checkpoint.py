@@ -1035,15 +1035,15 @@ def dsv3_to_hf_state_dict(
                         "fused HF experts have no fp8 scale layout; dequantise first or use "
                         "fused_experts=False"
                     )
-                if w == "w2":  # contiguous: CPU models store experts input-major (dsv3.moe)
-                    out[f"{p}mlp.experts.down_proj"] = t.contiguous()
+                if w == "w2":
+                    out[f"{p}mlp.experts.down_proj"] = t
                 elif w == "w1":
                     w3 = sd[f"layers.{m.group(1)}.ffn.experts.w3"]
                     out[f"{p}mlp.experts.gate_up_proj"] = torch.cat([t, w3], dim=1)
                 continue
             suffix = HF_SCALE if is_scale else "weight"
             for e in range(t.shape[0]):
-                out[f"{p}mlp.experts.{e}.{MLP_NAMES[w]}.{suffix}"] = t[e].contiguous()
+                out[f"{p}mlp.experts.{e}.{MLP_NAMES[w]}.{suffix}"] = t[e]
         elif parts[0] == "ffn" and parts[1] in MLP_NAMES:
             out[f"{p}mlp.{MLP_NAMES[parts[1]]}.{hf_suffix[parts[2]]}"] = t
         else:

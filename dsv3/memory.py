@@ -123,12 +123,13 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    _malloc_trim()
+    trim_heap()
 
 
-def _malloc_trim() -> None:
+def trim_heap() -> None:
     """Hand glibc's freed heap pages back to the OS. Without it a server that built and dropped
-    models on several threads keeps their memory in per-thread malloc arenas."""
+    models on several threads keeps their memory in per-thread malloc arenas; with
+    `keep_freed_memory` the last forward's activations stay resident until this runs."""
     import ctypes
     import sys
 
@@ -151,8 +152,9 @@ def keep_freed_memory() -> bool:
     free, and trims the heap top: each CPU forward then page-faults all its activations in
     again (1,400-5,000 faults and up to 20 ms of kernel time per 46 ms forward in
     benchmarks/run.py's prefill). With blocks under 64 MiB served from the heap and 128 MiB of
-    free heap top kept, a repeat forward faults nothing. Freed memory is still returned by
-    `release_memory` (malloc_trim) when a model is dropped. Process-wide, like any allocator
+    free heap top kept, a repeat forward faults nothing. The price: the last forward's
+    activations stay resident until `trim_heap` (the app calls it after every run) or
+    `release_memory` (when a model is dropped) hands them back. Process-wide, like any allocator
     setting: other libraries in the process get the same behaviour. Linux/glibc only;
     `DSV3_KEEP_FREED_MEMORY=0` turns it off. Returns whether it is in effect."""
     global _kept

@@ -17,7 +17,7 @@ from .attention import MLA
 from .config import ConfigError, LayerArgs, ModelArgs
 from .layers import FP8, MLP, Embedding, Linear, RMSNorm, dequantize, quantize_fp8
 from .memory import keep_freed_memory
-from .moe import GroupedExperts, MoE
+from .moe import MoE
 from .parallel import (
     ParallelEmbedding,
     ParallelHead,
@@ -132,8 +132,6 @@ class Transformer(nn.Module):
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._filled = (0, 0)  # (batch, positions) held by the KV caches
         if device.type != "meta":
-            if device.type == "cpu":
-                keep_freed_memory()  # no page faults on every forward (dsv3.memory)
             self.to_empty(device=device)
             self.init_weights(progress)
 
@@ -144,22 +142,15 @@ class Transformer(nn.Module):
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Transformer:
         """`nn.Module.to_empty` with `torch.empty(shape)` for every tensor: `torch.empty_like` of
         a meta tensor runs a Python reference that imports sympy (0.3 s, the first build in a
-        process). The one place that picks memory layouts: contiguous, except routed expert
-        weights on CPU (fp32/bf16), stored input-major for the CPU dispatch (dsv3.moe). Every
-        build and load comes through here, so a model's layout depends only on its device."""
+        process). Same contiguous layout as the meta tensors (all of ours are contiguous).
+        Every build and load comes through here: on CPU it also sets the allocator up so that
+        forwards do not page-fault their activations in again (dsv3.memory)."""
         dev = torch.device(device) if device is not None else torch.get_default_device()
-        transposed: set[int] = set()
         if dev.type == "cpu":
-            for m in self.modules():
-                if isinstance(m, GroupedExperts):
-                    transposed |= {id(w) for w in (m.w1, m.w2, m.w3) if w.dtype != FP8}
-
-        def empty(t: torch.Tensor) -> torch.Tensor:
-            if id(t) in transposed:
-                return GroupedExperts.input_major(t, dev)
-            return torch.empty(t.shape, dtype=t.dtype, device=dev)
-
-        return self._apply(empty, recurse=recurse)
+            keep_freed_memory()
+        return self._apply(
+            lambda t: torch.empty(t.shape, dtype=t.dtype, device=dev), recurse=recurse
+        )
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -272,7 +263,8 @@ class Transformer(nn.Module):
 
         For last-position logits the last layer computes only what they need: keys and values of
         every position (the cache gets them all, so decoding continues exactly), queries,
-        attention output and feed-forward of the last position alone (a 1/n_layers saving).
+        attention output and feed-forward of the last position alone (almost 1/n_layers of the
+        work: the last layer still projects and caches every position's keys and values).
         `full=True` runs every layer on every position, for instrumentation that reads the last
         layer's routing or module outputs (dsv3.stats, the app)."""
         self._check_input(tokens, start_pos)
@@ -373,24 +365,8 @@ def _init_block(block: Block, resid: float) -> None:
                     q, s = quantize_fp8(torch.empty(w.shape[1:], device=w.device).normal_(0, std))
                     w[e].copy_(q)
                     getattr(ex, f"{name}_scale")[e].copy_(s)
-            elif w.is_contiguous():
+            else:
                 w.normal_(0.0, std)
-            else:  # input-major: draw in (out, in) order, so both layouts hold the same values
-                _normal_logical_(w, std)
-
-
-def _normal_logical_(w: torch.Tensor, std: float) -> None:
-    """`w.normal_(0, std)` with the values a contiguous tensor of w's shape would get, whatever
-    w's memory layout. Drawn a few experts at a time: CPU normal_ fills blocks of 16 values, so
-    chunks of whole blocks continue the stream exactly (a chunk <= 16 experts); the last chunk
-    takes the remainder, never fewer than 16 values (fewer take another code path)."""
-    per, E = w[0].numel(), w.shape[0]
-    bounds = [*range(0, E, 16 // math.gcd(per, 16)), E]
-    if len(bounds) > 2 and (E - bounds[-2]) * per < 16:
-        del bounds[-2]
-    for a, b in zip(bounds, bounds[1:]):
-        chunk = torch.empty(w[a:b].shape, dtype=w.dtype, device=w.device)
-        w[a:b].copy_(chunk.normal_(0.0, std))
 
 
 def _init_linear(mod: Linear, gain: float) -> None:

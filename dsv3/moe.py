@@ -163,8 +163,7 @@ def dispatch_padded(
     CPU `bmm` gives each core whole expert products, while grouped or looped matmuls split every
     ~32-row product across all cores and pay a sync for each: with 64 experts this is 1.1-1.6x
     faster than `dispatch_grouped` and 1.7-1.9x faster than the loop on 2 cores (benchmarks/run.py,
-    moe). Fastest with input-major weights (see `GroupedExperts`): plain, untransposed operands
-    for the BLAS. `GroupedExperts.forward` runs the same products without the (N, D) copies."""
+    moe). `GroupedExperts.forward` runs the same products without the (N, D) copies."""
     if isinstance(counts, torch.Tensor):
         counts = counts.tolist()
     N, D = x_ND.shape
@@ -213,13 +212,7 @@ class GroupedExperts(nn.Module):
     With fp8 weights, float32 buffers w1_scale/w2_scale/w3_scale hold each expert's block scales.
     `load_state_dict` also takes the reference's per-expert keys (`E.w1.weight`, `E.w1.scale`).
     Under expert parallelism (dsv3.parallel) this rank holds the n_experts experts numbered from
-    `first`; routed pairs of other ranks' experts are skipped.
-
-    Layout: on CPU, `Transformer.to_empty` stores fp32/bf16 expert weights input-major, each
-    transposed in memory as (E, in, out) behind the same (E, out, in) shape (`input_major`): a
-    CPU `bmm` then multiplies plain row-major operands, 1.15-1.25x faster than through a
-    transposed view (benchmarks/run.py, moe). Values, names, state dicts and checkpoints are
-    the same in either layout."""
+    `first`; routed pairs of other ranks' experts are skipped."""
 
     def __init__(
         self, n_experts: int, dim: int, inter_dim: int, dtype=None, device=None, first: int = 0
@@ -239,13 +232,6 @@ class GroupedExperts(nn.Module):
         self._register_load_state_dict_pre_hook(
             GroupedExperts._stack_reference_keys, with_module=True
         )
-
-    @staticmethod
-    def input_major(w: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """An empty tensor on `device` shaped like expert weight `w` (E, out, in), stored
-        (E, in, out)."""
-        E, o, i = w.shape
-        return torch.empty(E, i, o, dtype=w.dtype, device=device).transpose(1, 2)
 
     def effective(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         w = getattr(self, name)

@@ -51,10 +51,25 @@ def _models_held() -> int:
 
 
 def _edit_cell(page, row: int, col: int, text: str) -> None:
-    """Gradio 6 Dataframe: double-click opens the cell editor, Enter commits."""
-    page.locator(f"#overrides [data-testid='cell-{row}-{col}']").dblclick()
-    page.keyboard.type(text)
-    page.keyboard.press("Enter")
+    """Gradio 6 Dataframe: a double-click opens the cell's editor (a textarea), Enter commits.
+    On a loaded machine the editor can open late, or not at all while the table re-renders:
+    wait for it, fill it (idempotent, unlike typing keys), and try again if the cell did not
+    take the text."""
+    from playwright.sync_api import expect
+
+    cell = page.locator(f"#overrides [data-testid='cell-{row}-{col}']")
+    editor = cell.locator("textarea[aria-label='Edit cell']")
+    for attempt in range(3):
+        cell.dblclick()
+        try:
+            expect(editor).to_be_editable(timeout=3_000)
+            editor.fill(text)
+            editor.press("Enter")
+            expect(cell).to_contain_text(text, timeout=3_000)
+            return
+        except AssertionError:
+            if attempt == 2:
+                raise
 
 
 def test_page_build_forward_plots(url):
@@ -85,11 +100,8 @@ def test_page_build_forward_plots(url):
             _edit_cell(page, 0, OVERRIDE_COLUMNS.index("n_heads"), "8")
             expect(page.locator("#config-msg")).to_contain_text("1 layer override", timeout=30_000)
             expect(page.locator("#estimate-summary")).not_to_contain_text("387,416", timeout=30_000)
-            # "+ layer row" appends a blank row for the next override: layer 3 goes dense, and
-            # layer 2's edit survives the re-rendered table.
-            page.locator("#add-row").click()
-            expect(page.locator("#overrides [data-testid='cell-1-0']")).to_have_count(1)
-            page.wait_for_timeout(500)  # let the re-rendered table settle before typing into it
+            # A second blank row waits under the first: layer 3 goes dense, and layer 2's edit
+            # stays.
             _edit_cell(page, 1, 0, "3")
             _edit_cell(page, 1, OVERRIDE_COLUMNS.index("ffn"), "dense")
             expect(page.locator("#config-msg")).to_contain_text("2 layer override", timeout=30_000)

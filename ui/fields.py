@@ -264,22 +264,15 @@ def parse_overrides(table: Any) -> dict[int, dict[str, Any]]:
     return out
 
 
-def with_blank_row(table: Any) -> list[list[str]]:
-    """The override table's rows (as strings, in OVERRIDE_COLUMNS order) plus one blank row to
-    type the next layer into."""
-    headers, rows = _table(table)
-    at = {h: i for i, h in enumerate(headers)}
-    out = [
-        ["" if c not in at or _blank(r[at[c]]) else str(r[at[c]]) for c in OVERRIDE_COLUMNS]
-        for r in rows
-    ]
-    return out + [[""] * len(OVERRIDE_COLUMNS)]
+BLANK_ROWS = 3  # empty rows under the overrides, to type new layers into
 
 
 def overrides_to_rows(
-    layer_config: dict[Any, dict[str, Any]], blank_rows: int = 1
+    layer_config: dict[Any, dict[str, Any]], blank_rows: int = BLANK_ROWS
 ) -> list[list[str]]:
-    """layer_config -> table rows of strings (blank = inherit), plus empty rows to type into."""
+    """layer_config -> table rows of strings (blank = inherit), plus empty rows to type into.
+    The blank rows come with the table, not one at a time from the server: re-rendering the
+    table while the user edits it can leave the new cells refusing to open an editor."""
     rows = []
     for layer, over in sorted(((int(k), v) for k, v in layer_config.items())):
         row = [str(layer)]

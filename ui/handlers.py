@@ -146,12 +146,6 @@ def form_changed(prev_cfg: dict | None, overrides: Any, **values: Any) -> tuple[
     return cfg, _valid(cfg)
 
 
-def add_override_row(overrides: Any) -> list[list[str]]:
-    """The "+ layer row" button: one more blank row under the override table. A button, not an
-    automatic row: re-rendering the table while the user types would drop an edit in flight."""
-    return fields.with_blank_row(overrides)
-
-
 # ---------------------------------------------------------------------- estimate
 def _fits_line(nbytes: float, device: str, what: str) -> tuple[bool, str]:
     dev = runtime.resolve_device(device)
@@ -543,6 +537,8 @@ def _run_session(session: Session, args: ModelArgs, tokens, decode_steps: int):
         session.model.reset_cache()  # drop the half-grown KV cache; the model stays
         memory.release_memory()
         raise
+    finally:  # a shared server: activations go back to the OS between clicks
+        memory.trim_heap()
 
 
 def _run_outputs(r: dict[str, Any], trace: list[dict]) -> tuple[Any, ...]:

@@ -116,17 +116,13 @@ def build_demo() -> gr.Blocks:
                     interactive=True,
                     label="Per-layer overrides: one row per layer, blank cell = inherit "
                     "(ffn: dense|moe; gate_bias: true|false|auto). Double-click a cell to edit; "
-                    "+ layer row adds a blank row.",
+                    "type new layers into the blank rows (a cell's ⋮ menu adds more).",
                     elem_id="overrides",
                     max_height=260,
                 )
-                with gr.Row():
-                    cfg_msg = gr.Markdown(
-                        h.config_to_form(cfg0)[-1], elem_classes="status", elem_id="config-msg"
-                    )
-                    add_row = gr.Button(
-                        "+ layer row", size="sm", scale=0, min_width=120, elem_id="add-row"
-                    )
+                cfg_msg = gr.Markdown(
+                    h.config_to_form(cfg0)[-1], elem_classes="status", elem_id="config-msg"
+                )
                 with gr.Accordion("Config JSON (last valid)", open=False):
                     cfg = gr.JSON(value=cfg0, label="config", elem_id="config-json")
             with gr.Column(scale=2):
@@ -253,7 +249,6 @@ def build_demo() -> gr.Blocks:
         )
         edited.then(h.estimate, est_in, est_out, **quiet())
         edited.then(h.rotary, rot_in, rot_out, **quiet())
-        add_row.click(h.add_override_row, overrides, overrides, **quiet())
         gr.on(
             [device.change, dtype.change, est_batch.change, est_len.change, n_gpus.change],
             h.estimate,
