@@ -126,18 +126,30 @@ def release_memory() -> None:
     trim_heap()
 
 
+def _glibc():
+    """The C library as a ctypes handle on Linux, else None (what trim_heap and
+    keep_freed_memory call into; on musl and others their glibc calls are missing)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def trim_heap() -> None:
     """Hand glibc's freed heap pages back to the OS. Without it a server that built and dropped
     models on several threads keeps their memory in per-thread malloc arenas; with
     `keep_freed_memory` the last forward's activations stay resident until this runs."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
-            pass
+    libc = _glibc()
+    try:
+        if libc is not None:
+            libc.malloc_trim(0)
+    except AttributeError:  # not glibc (musl, ...): nothing to trim
+        pass
 
 
 _KEEP_BELOW = 64 * 2**20  # blocks smaller than this come from (and return to) the heap
@@ -160,18 +172,15 @@ def keep_freed_memory() -> bool:
     global _kept
     if _kept:
         return True
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux") or os.environ.get("DSV3_KEEP_FREED_MEMORY") == "0":
+    libc = _glibc()
+    if libc is None or os.environ.get("DSV3_KEEP_FREED_MEMORY") == "0":
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
         _kept = bool(libc.mallopt(m_mmap_threshold, _KEEP_BELOW)) and bool(
             libc.mallopt(m_trim_threshold, _TRIM_ABOVE)
         )
-    except (OSError, AttributeError):  # not glibc (musl, ...)
+    except AttributeError:  # not glibc (musl, ...)
         return False
     return _kept
 

@@ -133,20 +133,18 @@ def padded_experts(
     P, D = x_PD.shape
     I = w1_EID.shape[1]  # noqa: E741 - the expert width, as in the legend
     h1_PI, h3_PI, y_PD = x_PD.new_empty(P, I), x_PD.new_empty(P, I), x_PD.new_empty(P, D)
-    row = 0
+    blocks, row = [], 0  # (padded rows, experts, n, cap) of each run
     for first, n, cap in runs:
-        rows, ws = slice(row, row + n * cap), slice(first, first + n)
+        blocks.append((slice(row, row + n * cap), slice(first, first + n), n, cap))
+        row += n * cap
+    for rows, ws, n, cap in blocks:
         x_ncD = x_PD[rows].view(n, cap, D)
         torch.bmm(x_ncD, w1_EID[ws].transpose(1, 2), out=h1_PI[rows].view(n, cap, I))
         torch.bmm(x_ncD, w3_EID[ws].transpose(1, 2), out=h3_PI[rows].view(n, cap, I))
-        row += n * cap
     h_PI = F.silu(h1_PI, inplace=True).mul_(h3_PI)
-    row = 0
-    for first, n, cap in runs:
-        rows, ws = slice(row, row + n * cap), slice(first, first + n)
+    for rows, ws, n, cap in blocks:
         out = y_PD[rows].view(n, cap, D)
         torch.bmm(h_PI[rows].view(n, cap, I), w2_EDI[ws].transpose(1, 2), out=out)
-        row += n * cap
     return y_PD
 
 
