@@ -159,7 +159,7 @@ def dispatch_padded(
     """Same contract as `dispatch_loop`, as `bmm`s over runs of experts whose rows are
     zero-padded to the run's largest count (`padded_layout`). The zero rows cost FLOPs, but a
     CPU `bmm` gives each core whole expert products, while grouped or looped matmuls split every
-    ~32-row product across all cores and pay a sync for each: with 64 experts this is 1.1-1.6x
+    ~32-row product across all cores and pay a sync for each: with 64 experts this is 1.1-1.7x
     faster than `dispatch_grouped` and 1.7-1.9x faster than the loop on 2 cores (benchmarks/run.py,
     moe). `GroupedExperts.forward` runs the same products without the (N, D) copies."""
     if isinstance(counts, torch.Tensor):
