@@ -1,0 +1,232 @@
+"""Two configs side by side (torch-free): what changed, and what it costs.
+
+    result = compare(a, b, dtype="bf16", batch=1, seq_len=1024, n_gpus=8)
+    result["changes"]   # [{"layers": (5, 5), "field": "n_heads", "a": 16, "b": 32,
+                        #   "text": "layer 5 n_heads 16 -> 32"}, ...]
+    result["rows"]      # [{"section", "metric", "unit", "a", "b"}, ...]
+    to_markdown(result), to_csv(result)   # strings, for display and download
+
+Per-layer changes compare the resolved `args.for_layer(i)`, so a changed global value shows on
+every layer that inherits it (collapsed into ranges: "layers 1-31 n_heads 16 -> 32").
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from typing import Any
+
+from .config import LAYER_FIELDS, ModelArgs
+from .params import estimate, human_bytes
+from .roofline import GPU, roofline
+
+__all__ = ["compare", "layer_map", "to_csv", "to_markdown"]
+
+
+def layer_map(args: ModelArgs) -> str:
+    """Consecutive layers with the same kind and overrides collapsed:
+    "0: dense | 1-4: moe | 5: moe n_heads=32 | 6-31: moe"."""
+    runs: list[list[Any]] = []  # [first, last, label]
+    for i in range(args.n_layers):
+        over = args.layer_config.get(i, {})
+        label = " ".join([args.ffn_kind(i)] + [f"{k}={v}" for k, v in over.items() if k != "ffn"])
+        if runs and runs[-1][2] == label:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, label])
+    return " | ".join(f"{_span(f, last)}: {label}" for f, last, label in runs)
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _where(first: int, last: int) -> str:
+    return ("layer " if first == last else "layers ") + _span(first, last)
+
+
+def _changes(a: ModelArgs, b: ModelArgs) -> list[dict[str, Any]]:
+    """Top-level field changes, then per-layer changes of the resolved layer args, each run of
+    consecutive layers with the same (field, a, b) as one entry."""
+    out: list[dict[str, Any]] = []
+    for f in dataclasses.fields(ModelArgs):
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if f.name != "layer_config" and va != vb:
+            out.append({"layers": None, "field": f.name, "a": va, "b": vb})
+    per_layer: list[tuple[int, str, Any, Any]] = []
+    for i in range(max(a.n_layers, b.n_layers)):
+        if i >= a.n_layers or i >= b.n_layers:
+            side = "B" if i >= a.n_layers else "A"
+            per_layer.append((i, "layer", None, f"only in {side}"))
+            continue
+        la, lb = a.for_layer(i), b.for_layer(i)
+        per_layer += [
+            (i, k, getattr(la, k), getattr(lb, k))
+            for k in LAYER_FIELDS
+            if getattr(la, k) != getattr(lb, k)
+        ]
+    # Collapse runs: the same change on consecutive layers is one entry.
+    open_runs: dict[tuple[str, Any, Any], dict[str, Any]] = {}
+    layer_changes: list[dict[str, Any]] = []
+    for i, k, va, vb in per_layer:
+        key = (k, repr(va), repr(vb))
+        run = open_runs.get(key)
+        if run is not None and run["layers"][1] == i - 1:
+            run["layers"] = (run["layers"][0], i)
+        else:
+            run = {"layers": (i, i), "field": k, "a": va, "b": vb}
+            open_runs[key] = run
+            layer_changes.append(run)
+    out += sorted(layer_changes, key=lambda c: c["layers"][0])  # stable: field order kept
+    for c in out:
+        c["text"] = _change_text(c)
+    return out
+
+
+def _change_text(c: dict[str, Any]) -> str:
+    where = "" if c["layers"] is None else _where(*c["layers"]) + " "
+    if c["field"] == "layer":
+        return f"{where}{c['b']}"
+    return f"{where}{c['field']} {c['a']} -> {c['b']}"
+
+
+def _side(
+    args: ModelArgs,
+    dtype: str,
+    batch: int,
+    seq_len: int,
+    n_gpus: int,
+    gpus: tuple[GPU | str, ...],
+) -> list[tuple[str, str, str, Any]]:
+    """(section, metric, unit, value) rows of one config."""
+    est = estimate(args, dtype, batch, seq_len, n_gpus)
+    p = est["params"]
+    rows = [
+        ("size", "total parameters", "count", p["total"]),
+        ("size", "active parameters per token", "count", p["active"]),
+        ("size", "layers (dense, moe)", "text", _kinds(args)),
+        ("size", "layer map", "text", layer_map(args)),
+    ]
+    rows += [
+        ("weights", f"weights {d}", "bytes", est["weight_bytes_by_dtype"][d])
+        for d in ("fp32", "bf16", "fp8")
+    ]
+    rows += [
+        ("kv cache", f"KV per token, {k}", "bytes", est["kv_bytes_per_token"][k])
+        for k in ("naive", "absorb")
+    ]
+    rows.append(
+        (
+            "kv cache",
+            f"KV cache {batch} x {seq_len} ({args.attn_impl})",
+            "bytes",
+            est["kv_cache_bytes"][args.attn_impl],
+        )
+    )
+    rows.append(
+        ("compute", f"FLOPs per token ({seq_len} context)", "flops", est["flops_per_token"])
+    )
+    rows.append(
+        ("memory", f"per-GPU weights ({n_gpus} GPUs)", "bytes", est["per_gpu_weight_bytes"])
+    )
+    rows.append(("memory", f"per-GPU memory ({n_gpus} GPUs)", "bytes", est["per_gpu_bytes"]))
+    for g in gpus:
+        r = roofline(args, g, dtype, batch, seq_len, n_gpus)
+        name = f"{r['gpu']} x{n_gpus}"
+        rows += [
+            ("speed", f"{name}: prefill {batch} x {seq_len}", "seconds", r["prefill"]["seconds"]),
+            ("speed", f"{name}: decode", "tokens/s", r["decode"]["tokens_per_s"]),
+            ("speed", f"{name}: weights + KV fit", "bool", r["memory"]["fits"]),
+        ]
+    return rows
+
+
+def _kinds(args: ModelArgs) -> str:
+    dense = sum(args.ffn_kind(i) == "dense" for i in range(args.n_layers))
+    return f"{args.n_layers} ({dense}, {args.n_layers - dense})"
+
+
+def compare(
+    a: ModelArgs,
+    b: ModelArgs,
+    dtype: str = "bf16",
+    batch: int = 1,
+    seq_len: int = 1024,
+    n_gpus: int = 1,
+    gpus: tuple[GPU | str, ...] = ("H100 SXM", "H200"),
+) -> dict[str, Any]:
+    """A and B side by side: {"changes": [...], "rows": [...], "settings": {...}}. Rows hold
+    parameters, weights per dtype, KV per token (naive/absorb), FLOPs per token, per-GPU memory
+    for `n_gpus`, and the roofline's prefill seconds (batch x seq_len), decode tokens/s and fit
+    on each of `gpus` (see dsv3.roofline)."""
+    side_a = _side(a, dtype, batch, seq_len, n_gpus, gpus)
+    side_b = _side(b, dtype, batch, seq_len, n_gpus, gpus)
+    rows = [
+        {"section": s, "metric": m, "unit": u, "a": va, "b": vb}
+        for (s, m, u, va), (_, _, _, vb) in zip(side_a, side_b)
+    ]
+    settings = {"dtype": dtype, "batch": batch, "seq_len": seq_len, "n_gpus": n_gpus}
+    return {"changes": _changes(a, b), "rows": rows, "settings": settings}
+
+
+def _numeric(row: dict[str, Any]) -> bool:
+    return row["unit"] not in ("text", "bool")
+
+
+def _fmt(value: Any, unit: str, signed: bool = False) -> str:
+    sign = "+" if signed and value > 0 else ""
+    if unit == "count":
+        return f"{value:+,}" if signed else f"{value:,}"
+    if unit == "bytes":
+        return sign + human_bytes(value)
+    if unit == "flops":
+        return f"{sign}{value / 1e9:,.2f} GFLOP"
+    if unit == "seconds":
+        return f"{sign}{value * 1e3:,.3f} ms"
+    if unit == "tokens/s":
+        return f"{sign}{value:,.0f} tok/s"
+    if unit == "bool":
+        return "yes" if value else "no"
+    return str(value)
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The comparison as Markdown: settings, the list of changes, one table of A vs B."""
+    s = result["settings"]
+    lines = [
+        f"### A vs B ({s['dtype']}, batch {s['batch']} x {s['seq_len']} tokens, "
+        f"{s['n_gpus']} GPU{'s' if s['n_gpus'] > 1 else ''})",
+        "",
+    ]
+    changes = result["changes"]
+    lines.append(f"**Changes ({len(changes)})**" if changes else "**No changes**")
+    lines += [f"- {c['text']}" for c in changes] + [""]
+    lines += ["| metric | A | B | B - A | B / A |", "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        a, b, u = r["a"], r["b"], r["unit"]
+        delta = ratio = ""
+        if _numeric(r):
+            delta = _fmt(b - a, u, signed=True) if b != a else "="
+            ratio = f"{b / a:.3f}x" if a else ""
+        cells = [r["metric"], _fmt(a, u), _fmt(b, u), delta, ratio]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(result: dict[str, Any]) -> str:
+    """The comparison as CSV: raw numbers (bytes, FLOPs, seconds, tokens/s), changes first as
+    rows of kind "change"."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["kind", "section", "metric", "unit", "a", "b", "delta", "ratio"])
+    for c in result["changes"]:
+        where = "global" if c["layers"] is None else _where(*c["layers"])
+        w.writerow(["change", where, c["field"], "", c["a"], c["b"], "", ""])
+    for r in result["rows"]:
+        a, b = r["a"], r["b"]
+        num = _numeric(r)
+        delta = b - a if num else ""
+        ratio = b / a if num and a else ""
+        w.writerow(["metric", r["section"], r["metric"], r["unit"], a, b, delta, ratio])
+    return buf.getvalue()

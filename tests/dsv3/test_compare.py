@@ -1,0 +1,104 @@
+"""Comparing two configs: the changes listed, the costs side by side, Markdown and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from dsv3 import ModelArgs, count_params, presets
+from dsv3.compare import compare, layer_map, to_csv, to_markdown
+from dsv3.roofline import GPUS, roofline
+
+BASE = dict(n_layers=8, dim=512, vocab_size=4096, inter_dim=1024, moe_inter_dim=256)
+
+
+def rows(result: dict) -> dict[str, dict]:
+    return {r["metric"]: r for r in result["rows"]}
+
+
+def test_identical_configs_have_no_changes():
+    a = ModelArgs(**BASE)
+    r = compare(a, ModelArgs(**BASE))
+    assert r["changes"] == []
+    assert all(row["a"] == row["b"] for row in r["rows"])
+    md = to_markdown(r)
+    assert "No changes" in md
+    assert "| total parameters |" in md
+
+
+def test_head_override_on_layer_5_is_exactly_that_change():
+    a = ModelArgs(**BASE)
+    b = ModelArgs(**BASE, layer_config={5: {"n_heads": 32}})
+    r = compare(a, b, batch=2, seq_len=128, n_gpus=1)
+    assert [c["text"] for c in r["changes"]] == ["layer 5 n_heads 16 -> 32"]
+    c = r["changes"][0]
+    assert (c["layers"], c["field"], c["a"], c["b"]) == ((5, 5), "n_heads", 16, 32)
+    m = rows(r)
+    total = m["total parameters"]
+    assert total["a"] == count_params(a)["total"] < total["b"] == count_params(b)["total"]
+    assert m["active parameters per token"]["b"] > m["active parameters per token"]["a"]
+    assert m["KV per token, naive"]["b"] > m["KV per token, naive"]["a"]
+    assert m["KV per token, absorb"]["b"] == m["KV per token, absorb"]["a"]
+    assert m["FLOPs per token (128 context)"]["b"] > m["FLOPs per token (128 context)"]["a"]
+    assert m["layer map"]["b"] == "0: dense | 1-4: moe | 5: moe n_heads=32 | 6-7: moe"
+    # the speed rows are the roofline's
+    h200 = m["H200 x1: prefill 2 x 128"]
+    assert h200["unit"] == "seconds"
+    assert h200["b"] == roofline(b, GPUS["H200"], "bf16", 2, 128, 1)["prefill"]["seconds"]
+    assert m["H100 SXM x1: decode"]["unit"] == "tokens/s"
+    assert m["H100 SXM x1: weights + KV fit"]["a"] is True
+
+
+def test_inherited_changes_show_per_layer_in_ranges():
+    a = ModelArgs(**BASE, layer_config={5: {"n_heads": 32}})
+    b = a.replace(n_heads=8, n_layers=10)
+    texts = [c["text"] for c in compare(a, b)["changes"]]
+    assert texts == [
+        "n_layers 8 -> 10",
+        "n_heads 16 -> 8",
+        "layers 0-4 n_heads 16 -> 8",
+        "layers 6-7 n_heads 16 -> 8",
+        "layers 8-9 only in B",
+    ]
+
+
+def test_layer_map_collapses_runs():
+    args = presets.load("seed-demo")
+    assert layer_map(args) == (
+        "0: dense | 1-4: moe | 5: moe n_heads=32 | 6-9: moe | "
+        "10: moe moe_inter_dim=4096 | 11-31: moe"
+    )
+
+
+def test_markdown_and_csv_hold_the_rows():
+    a = ModelArgs(**BASE)
+    b = ModelArgs(**BASE, layer_config={5: {"n_heads": 32}})
+    r = compare(a, b, dtype="fp8", batch=1, seq_len=256, n_gpus=2, gpus=("H200", "A100 80GB"))
+    md = to_markdown(r)
+    assert "- layer 5 n_heads 16 -> 32" in md
+    assert "fp8, batch 1 x 256 tokens, 2 GPUs" in md
+    for row in r["rows"]:
+        assert f"| {row['metric']} |" in md.replace("\\|", "|")
+    assert "| A100 80GB x2: decode |" in md
+    table = list(csv.reader(io.StringIO(to_csv(r))))
+    assert table[0] == ["kind", "section", "metric", "unit", "a", "b", "delta", "ratio"]
+    assert table[1] == ["change", "layer 5", "n_heads", "", "16", "32", "", ""]
+    metrics = {t[2]: t for t in table[2:]}
+    assert len(metrics) == len(r["rows"])
+    total = metrics["total parameters"]
+    assert int(total[4]) == count_params(a)["total"] and int(total[5]) == count_params(b)["total"]
+    assert int(total[6]) == count_params(b)["total"] - count_params(a)["total"]
+    assert float(total[7]) == pytest.approx(count_params(b)["total"] / count_params(a)["total"])
+    assert metrics["per-GPU memory (2 GPUs)"][3] == "bytes"
+
+
+def test_671b_compare_is_fast_and_complete():
+    v3 = presets.load("deepseek-v3-671b")
+    r = compare(v3, v3.replace(n_layers=40), dtype="fp8", n_gpus=8)
+    m = rows(r)
+    assert m["H200 x8: weights + KV fit"]["a"] is True
+    assert m["H100 SXM x8: weights + KV fit"]["a"] is False
+    assert m["H200 x8: decode"]["b"] > m["H200 x8: decode"]["a"]
+    assert [c["text"] for c in r["changes"]] == ["n_layers 61 -> 40", "layers 40-60 only in A"]
