@@ -20,8 +20,9 @@ import time
 import torch
 
 from .config import CHOICES, FLOAT_RANGES, INT_RANGES, ConfigError, ModelArgs
+from .dist.plan import param_bytes
+from .dist.shard import init_process_group_from_env
 from .memory import check_fits, default_device
-from .parallel import init_process_group_from_env, param_bytes
 from .params import count_params, estimate, human_bytes
 
 SEED_DEMO = {

@@ -9,7 +9,8 @@ Two cache layouts, one set of numbers:
   folds wkv_b into the query and the output, so a decode step never expands the cache.
 With the absorb cache, multi-token inputs (prefill) still expand the latent into per-head k/v and
 run causal attention over them: for S ~ T that costs fewer FLOPs than the absorbed form (Dqk + Dv
-per head instead of 2C + Dr). `MLA.absorbed_prefill = True` forces the absorbed math. That
+per head instead of 2C + Dr). `absorbed_prefill=True` (an argument of
+`MLA` and `Transformer`) forces the absorbed math. That
 attention is `scaled_dot_product_attention`, except on CPU in float32 with at most 512 keys,
 where blocked causal matmuls are faster (`_blocked_causal`).
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerArgs
-from .layers import Linear, RMSNorm
+from .layers import Linear, RMSNorm, compute_dtype
 
 
 class KVCache:
@@ -93,7 +94,7 @@ class KVCache:
 
 def _rotate_(x: torch.Tensor, freqs: torch.Tensor) -> None:
     """Rotate interleaved pairs of x's last dim IN PLACE. x: (B, S, H, R); freqs: (S, R/2)
-    complex (cos + i sin). Same numbers as `rotary.apply_rotary_emb`, a few ops instead of ten."""
+    complex (cos + i sin). The reference's `apply_rotary_emb`, in place."""
     if (
         x.dtype == torch.float32
         and x.stride(-1) == 1
@@ -109,10 +110,16 @@ def _rotate_(x: torch.Tensor, freqs: torch.Tensor) -> None:
 class MLA(nn.Module):
     """Multi-head latent attention of one layer, built from its resolved `LayerArgs`."""
 
-    absorbed_prefill = False  # see the module docstring
-
-    def __init__(self, la: LayerArgs, max_seq_len: int, dtype=None, device=None):
+    def __init__(
+        self,
+        la: LayerArgs,
+        max_seq_len: int,
+        dtype=None,
+        device=None,
+        absorbed_prefill: bool = False,
+    ):
         super().__init__()
+        self.absorbed_prefill = absorbed_prefill  # see the module docstring
         self.dim = la.dim
         self.n_heads = la.n_heads
         self.q_lora_rank = la.q_lora_rank
@@ -124,9 +131,7 @@ class MLA(nn.Module):
         self.softmax_scale = la.softmax_scale
         self.attn_impl = la.attn_impl
         kw = dict(dtype=dtype, device=device)
-        norm_dtype = (
-            torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype
-        )  # fp8 computes in bf16
+        norm_dtype = compute_dtype(dtype)
         H = self.n_heads
         if self.q_lora_rank == 0:
             self.wq = Linear(self.dim, H * self.qk_head_dim, **kw)
@@ -242,7 +247,7 @@ class MLA(nn.Module):
 
 
 BLOCK_ROWS = 128  # query rows per block of `_blocked_causal`
-BLOCKED_MAX_KEYS = 512  # beyond this the flash kernel wins (benchmarks: flash 1.2x at 1024)
+BLOCKED_MAX_KEYS = 512  # beyond this the flash kernel wins (benchmarks/run.py)
 BLOCKED_MAX_SCORES = 1 << 24  # one block's scores (64 MiB in float32); more: the flash kernel
 
 

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +36,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import BLOCK_SIZE, MOE_FIELDS, ConfigError, ModelArgs
+from .dist.comm import resolve_world
+from .dist.plan import check_shardable, local_index, reference_files, split_widths
+from .dist.shard import stack_rank_experts
 from .layers import FP8, dequantize, quantize_fp8
 from .model import Transformer
-from .sharding import SPLIT_DIM, reference_files
+from .names import SPLIT_DIM, layer_of, placement
 
 __all__ = [
     "FORMAT_VERSION",
@@ -1236,3 +1239,91 @@ def load_reference(
         pieces, unexpected = _reference_pieces(src, mp)
         _fill(_targets(model), pieces, src, unexpected, label=Path(path).name)
     return model.eval()
+
+
+def _safetensors_files(path: Path) -> tuple[list[Path], int | None]:
+    """(files, mp): the reference's per-rank files in rank order with their mp, or every
+    *.safetensors file of a directory (or the one file) with mp None (full tensors)."""
+    if path.is_file():
+        return [path], None
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    found = reference_files(path)
+    if found is not None:
+        return found
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors files")
+    return files, None
+
+
+def load_sharded(
+    path: str | os.PathLike,
+    args: ModelArgs,
+    world_size: int | None = None,
+    rank: int | None = None,
+    rename: Callable[[str], str | None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s state dict read from safetensors, touching only its slices (`get_slice`):
+
+    - a file, or a directory of files, holding full tensors (dsv3's own files, a plain
+      state_dict; with `rename`, a checkpoint whose names map one to one onto dsv3's, e.g. an
+      HF checkpoint through checkpoint.py's name table; `rename` returns None to skip a key);
+    - a directory of the reference's `model{rank}-mp{M}.safetensors` (convert.py output): for
+      M == world_size each rank reads its own file; for another M the rank's range is read from
+      the shards that cover it.
+    Returns the keys and shapes of the sharded model's state_dict (experts stacked); load it
+    with `model.load_state_dict(sd)`. Layers >= args.n_layers (HF's MTP layer) are skipped."""
+    from safetensors import safe_open
+
+    world_size, rank = resolve_world(world_size, rank)
+    files, mp = _safetensors_files(Path(path))
+    widths = split_widths(args)
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    # name -> [(handle, key)] in rank order (several only for split tensors of per-rank files)
+    pieces: dict[str, list[tuple[Any, str]]] = {}
+    for h in handles:
+        for key in h.keys():
+            name = rename(key) if rename is not None else key
+            if name is None:
+                continue
+            layer = layer_of(name)
+            if layer is not None and layer >= args.n_layers:
+                continue
+            pieces.setdefault(name, []).append((h, key))
+    fp8 = any(_dtype_of(h, k) == "F8_E4M3" for ps in pieces.values() for h, k in ps)
+    check_shardable(args, world_size, "fp8" if fp8 else None)
+    out: dict[str, torch.Tensor] = {}
+    for name, ps in pieces.items():
+        kind, dim = placement(name)
+        if mp is None or kind != "split":
+            h, key = ps[0]  # replicated tensors repeat on every per-rank file: take the first
+            sl = h.get_slice(key)
+            index = local_index(name, tuple(sl.get_shape()), args, world_size, rank, widths)
+            if index is None:
+                continue
+            out[name] = sl[index] if index else h.get_tensor(key)
+            continue
+        if mp == world_size:
+            h, key = ps[rank]
+            out[name] = h.get_tensor(key)
+            continue
+        # Another layout: the full tensor is the per-rank pieces concatenated along `dim`.
+        sizes = [h.get_slice(k).get_shape()[dim] for h, k in ps]
+        full = list(ps[0][0].get_slice(ps[0][1]).get_shape())
+        full[dim] = sum(sizes)
+        index = local_index(name, tuple(full), args, world_size, rank, widths)
+        want = index[dim] if index else slice(0, full[dim])
+        parts, offset = [], 0
+        for (h, key), size in zip(ps, sizes):
+            lo, hi = max(want.start, offset), min(want.stop, offset + size)
+            if lo < hi:
+                sub = (slice(None),) * dim + (slice(lo - offset, hi - offset),)
+                parts.append(h.get_slice(key)[sub])
+            offset += size
+        out[name] = torch.cat(parts, dim=dim)
+    return stack_rank_experts(out, args, world_size, rank)
+
+
+def _dtype_of(handle: Any, key: str) -> str:
+    return handle.get_slice(key).get_dtype()

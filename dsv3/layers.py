@@ -10,7 +10,14 @@ from torch import nn
 from .config import BLOCK_SIZE, scale_shape
 
 FP8 = torch.float8_e4m3fn
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8}  # build dtypes by name
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def compute_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype a layer with weights of `dtype` computes in, and the dtype of what is never
+    fp8 (embedding, norms, router, head): fp8 weights compute in bfloat16, as the reference."""
+    return torch.bfloat16 if dtype == FP8 else dtype
 
 
 def _expand_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -49,7 +56,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear(x, weight, bias)`, faster for the few-row inputs of decoding on CPU.
 
     With 2..SKINNY_ROWS rows, x W^T is computed as (W x^T)^T: BLAS packs the whole weight for
-    the former and streams it once for the latter, 2-5x faster at 2-8 rows (benchmarks/run.py).
+    the former and streams it once for the latter: faster at a few rows (benchmarks/run.py).
     One row already runs as a matrix-vector product; many rows favour the usual form."""
     rows = x.numel() // max(x.shape[-1], 1)
     if x.device.type != "cpu" or not 1 < rows <= SKINNY_ROWS or weight.dim() != 2:

@@ -1,4 +1,6 @@
-"""How much memory there is, and whether an estimate fits: the guard before any allocation.
+"""How much memory there is, and whether an estimate fits: the guard before any allocation;
+recovery from allocation failures; and the process's allocator settings. Imports no model
+(building under the guard: `dsv3.build.build_model`).
 
 The budget is `DSV3_MEMORY_LIMIT` when set (e.g. "8GiB", "512MB", "1e9"), else a safe fraction
 of what is free now: 90% of free CUDA memory, 80% of available RAM. The meta device is free.
@@ -162,8 +164,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps blocks over its (adaptive) threshold with mmap and unmaps them on
     free, and trims the heap top: each CPU forward then page-faults all its activations in
-    again (1,400-5,000 faults and up to 20 ms of kernel time per 46 ms forward in
-    benchmarks/run.py's prefill). With blocks under 64 MiB served from the heap and 128 MiB of
+    again (thousands of page faults per forward: see benchmarks/run.py and the README's
+    Performance section). With blocks under 64 MiB served from the heap and 128 MiB of
     free heap top kept, a repeat forward faults nothing. The price: the last forward's
     activations stay resident until `trim_heap` (the app calls it after every run) or
     `release_memory` (when a model is dropped) hands them back. Process-wide, like any allocator
@@ -185,46 +187,6 @@ def keep_freed_memory() -> bool:
     return _kept
 
 
-def build_model(
-    args,
-    device: str | torch.device = "cpu",
-    dtype: str = "fp32",
-    batch: int = 1,
-    seq_len: int = 1,
-    progress=None,
-):
-    """Build `Transformer(args)` only if its estimate (weights + KV cache + activations for
-    `batch` x `seq_len`) fits the budget; if allocation fails anyway, free the partial model and
-    raise MemoryBudgetError. Returns (model, estimate dict)."""
-    import torch
-
-    from .model import Transformer, resolve_dtype
-    from .params import estimate
-
-    dtype_name = resolve_dtype(dtype)[0]
-    est = estimate(args, dtype_name, batch, seq_len)
-    dev = torch.device(device)
-    if dev.type != "meta":
-        fits, why = check_fits(est["total_bytes"], dev)
-        if not fits:
-            raise MemoryBudgetError(f"build refused before allocating: {why}")
-    failure = ""
-    try:
-        return Transformer(args, device=dev, dtype=dtype, progress=progress), est
-    except Exception as e:
-        if not is_oom(e):
-            raise
-        failure = type(e).__name__
-        e.__traceback__ = None  # its frames hold the half-built model
-    # Raised outside the except block so no traceback keeps the partial model's frames alive.
-    release_memory()
-    raise MemoryBudgetError(
-        f"the build ran out of memory on {dev} ({failure}); what it had allocated was freed. "
-        f"Estimated need: {human_bytes(est['total_bytes'])}. Try a smaller preset, bf16/fp8, "
-        "or the meta device"
-    )
-
-
 def run_guarded(fn, *a, **kw):
     """Call fn; turn an allocation failure into MemoryBudgetError after freeing what it can."""
     failure = ""
@@ -237,3 +199,13 @@ def run_guarded(fn, *a, **kw):
         e.__traceback__ = None
     release_memory()
     raise MemoryBudgetError(f"ran out of memory ({failure}); what it held was freed")
+
+
+def __getattr__(name: str):
+    # Transitional: `build_model` lived here, which made memory -> model -> memory a cycle. It is
+    # now dsv3.build.build_model; this forwards old callers until they import it from there.
+    if name == "build_model":
+        from importlib import import_module
+
+        return import_module("dsv3.build").build_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,23 +15,32 @@ from torch import nn
 
 from .attention import MLA
 from .config import ConfigError, LayerArgs, ModelArgs
-from .layers import FP8, MLP, Embedding, Linear, RMSNorm, dequantize, quantize_fp8
+from .dist.comm import ParallelEmbedding, ParallelHead, all_reduce, resolve_world
+from .dist.plan import check_shardable, local_index, local_sizes, split_widths
+from .layers import (
+    DTYPES,
+    FP8,
+    MLP,
+    Embedding,
+    Linear,
+    RMSNorm,
+    compute_dtype,
+    dequantize,
+    quantize_fp8,
+)
 from .memory import keep_freed_memory
 from .moe import MoE
-from .parallel import (
-    ParallelEmbedding,
-    ParallelHead,
-    all_reduce,
-    check_shardable,
-    init_sharded,
-    local_sizes,
-    resolve_world,
-)
 from .rotary import precompute_freqs_cis
 
-__all__ = ["Block", "Transformer", "dequantize", "quantize_fp8", "resolve_dtype"]
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8}
+__all__ = [
+    "Block",
+    "Transformer",
+    "dequantize",
+    "init_block",
+    "init_globals",
+    "quantize_fp8",
+    "resolve_dtype",
+]
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> tuple[str, torch.dtype, torch.dtype]:
@@ -45,32 +54,42 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> tuple[str, torch.dtype, to
                 f"dtype={dtype!r} is not supported; choose one of fp32, bf16, fp8", field="dtype"
             )
         dtype = DTYPES[key]
-    if dtype == FP8:
-        return "fp8", FP8, torch.bfloat16
-    if dtype not in (torch.float32, torch.bfloat16):
+    names = {v: k for k, v in DTYPES.items()}
+    if dtype not in names:
         raise ConfigError(
             f"dtype={dtype} is not supported; choose one of fp32, bf16, fp8", field="dtype"
         )
-    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype], dtype, dtype
+    return names[dtype], dtype, compute_dtype(dtype)
 
 
 class Block(nn.Module):
     """Pre-norm attention + feed-forward (a dense MLP or an MoE, as `la.ffn` says).
 
     Over `world_size` ranks (dsv3.parallel) this rank holds n_heads/N heads, width/N of the MLPs
-    and E/N routed experts; attention and feed-forward outputs are partial sums, all-reduced."""
+    and E/N routed experts; attention and feed-forward outputs are partial sums, all-reduced.
+    `moe_impl` and `absorbed_prefill`: see `Transformer`."""
 
     def __init__(
-        self, la: LayerArgs, max_seq_len: int, wdtype, dtype, device=None, world_size=1, rank=0
+        self,
+        la: LayerArgs,
+        max_seq_len: int,
+        wdtype,
+        dtype,
+        device=None,
+        world_size=1,
+        rank=0,
+        moe_impl: str = "auto",
+        absorbed_prefill: bool = False,
     ):
         super().__init__()
         self.layer_id = la.layer_id
         self.world_size = world_size
-        self.attn = MLA(local_sizes(la, world_size), max_seq_len, dtype=wdtype, device=device)
+        la_local = local_sizes(la, world_size)
+        self.attn = MLA(la_local, max_seq_len, wdtype, device, absorbed_prefill=absorbed_prefill)
         if la.ffn == "dense":
             self.ffn = MLP(la.dim, la.inter_dim // world_size, dtype=wdtype, device=device)
         else:
-            self.ffn = MoE(la, dtype=wdtype, device=device, world_size=world_size, rank=rank)
+            self.ffn = MoE(la, wdtype, device, world_size, rank, impl=moe_impl)
         self.attn_norm = RMSNorm(la.dim, dtype=dtype, device=device)
         self.ffn_norm = RMSNorm(la.dim, dtype=dtype, device=device)
 
@@ -95,6 +114,10 @@ class Transformer(nn.Module):
     progress: optional callback(layers_done, n_layers) during initialisation.
     world_size, rank: tensor/expert parallel layout (dsv3.parallel); default: the initialised
         torch.distributed process group's, else one process. Meta builds take any layout.
+    moe_impl: the routed experts' dispatch, "auto" (by device and load, see `dsv3.moe.dispatch`)
+        or "loop" / "grouped" / "padded" (same numbers; for tests and benchmarks).
+    absorbed_prefill: with the "absorb" cache, run multi-token inputs through the absorbed
+        attention too (same numbers; see `dsv3.attention`). Both are per model, never global.
     """
 
     def __init__(
@@ -105,6 +128,8 @@ class Transformer(nn.Module):
         progress: Callable[[int, int], None] | None = None,
         world_size: int | None = None,
         rank: int | None = None,
+        moe_impl: str = "auto",
+        absorbed_prefill: bool = False,
     ):
         super().__init__()
         if not isinstance(args, ModelArgs):
@@ -120,8 +145,9 @@ class Transformer(nn.Module):
                 self.embed = Embedding(args.vocab_size, args.dim, dtype=dtype)
             else:
                 self.embed = ParallelEmbedding(args.vocab_size, args.dim, ws, r, dtype=dtype)
+            opts = dict(moe_impl=moe_impl, absorbed_prefill=absorbed_prefill)
             self.layers = nn.ModuleList(
-                Block(args.for_layer(i), args.max_seq_len, wdtype, dtype, world_size=ws, rank=r)
+                Block(args.for_layer(i), args.max_seq_len, wdtype, dtype, None, ws, r, **opts)
                 for i in range(args.n_layers)
             )
             self.norm = RMSNorm(args.dim, dtype=dtype)
@@ -175,15 +201,52 @@ class Transformer(nn.Module):
         n = len(self.layers)
         resid = 1.0 / math.sqrt(2 * n)
         if self.world_size > 1:
-            init_sharded(self, resid, progress)
+            self._init_sharded(resid, progress)
             self.reset_cache()
             return
-        _init_globals(self)
+        init_globals(self)
         for i, block in enumerate(self.layers):
-            _init_block(block, resid)
+            init_block(block, resid)
             if progress is not None:
                 progress(i + 1, n)
         self.reset_cache()
+
+    @torch.no_grad()
+    def _init_sharded(self, resid: float, progress=None) -> None:
+        """Give a sharded model the values of the single-process model built from the same
+        seed: each full-size module (embedding/norm/head, then one block at a time) is built and
+        initialised exactly as `init_weights` does it, and this rank keeps its slices
+        (`dsv3.dist.plan.local_index`). Peak extra memory is one full block."""
+        args, device = self.args, self.device
+        full = Transformer(args, device="meta", dtype=self.dtype_name, world_size=1)
+        targets = self.state_dict()
+        widths = split_widths(args)
+
+        def take(prefix: str, module: nn.Module) -> None:
+            for key, t in module.state_dict().items():
+                name = prefix + key
+                index = local_index(name, tuple(t.shape), args, self.world_size, self.rank, widths)
+                local = t[index] if index else t
+                if targets[name].shape != local.shape:
+                    raise RuntimeError(
+                        f"{name}: shard {list(local.shape)} vs model {list(targets[name].shape)}"
+                    )
+                targets[name].copy_(local)
+            module.to_empty(device="meta")  # free the full-size copy
+
+        tops = (full.embed, full.norm, full.head)
+        for m in tops:
+            m.to_empty(device=device)
+        init_globals(full)
+        for prefix, m in zip(("embed.", "norm.", "head."), tops):
+            take(prefix, m)
+        n = len(full.layers)
+        for i, block in enumerate(full.layers):
+            block.to_empty(device=device)
+            init_block(block, resid)
+            take(f"layers.{i}.", block)
+            if progress is not None:
+                progress(i + 1, n)
 
     # ------------------------------------------------------------------ forward
     def reset_cache(self) -> None:
@@ -337,14 +400,14 @@ class Transformer(nn.Module):
         return run
 
 
-def _init_globals(model) -> None:
+def init_globals(model) -> None:
     """Embedding, final norm and head of `model` (anything with those three attributes)."""
     model.embed.weight.normal_(0.0, 1.0)
     model.norm.weight.fill_(1.0)
     _init_linear(model.head, 1.0)
 
 
-def _init_block(block: Block, resid: float) -> None:
+def init_block(block: Block, resid: float) -> None:
     """One block's weights, as the table in `Transformer.init_weights` says."""
     for name, mod in block.named_modules():
         if isinstance(mod, RMSNorm):

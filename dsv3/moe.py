@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerArgs
-from .layers import FP8, MLP, dequantize, linear, scale_shape
+from .layers import FP8, MLP, compute_dtype, dequantize, linear, scale_shape
 from .routing import Gate
 
 
@@ -159,9 +159,8 @@ def dispatch_padded(
     """Same contract as `dispatch_loop`, as `bmm`s over runs of experts whose rows are
     zero-padded to the run's largest count (`padded_layout`). The zero rows cost FLOPs, but a
     CPU `bmm` gives each core whole expert products, while grouped or looped matmuls split every
-    ~32-row product across all cores and pay a sync for each: with 64 experts this is 1.1-1.7x
-    faster than `dispatch_grouped` and 1.7-1.9x faster than the loop on 2 cores (benchmarks/run.py,
-    moe). `GroupedExperts.forward` runs the same products without the (N, D) copies."""
+    ~32-row product across all cores and pay a sync for each, so on CPU this beats both
+    (benchmarks/run.py, section moe, measures it). `GroupedExperts.forward` runs the same products without the (N, D) copies."""
     if isinstance(counts, torch.Tensor):
         counts = counts.tolist()
     N, D = x_ND.shape
@@ -174,6 +173,7 @@ def dispatch_padded(
     return y_PD.index_select(0, slot_N)  # (N, D), the input's order
 
 
+DISPATCH_IMPLS = ("auto", "loop", "grouped", "padded")
 PAD_LIMIT = 2.0  # "auto" pads on CPU while padded rows <= PAD_LIMIT * N (benchmarks/run.py, moe)
 
 
@@ -239,15 +239,7 @@ class GroupedExperts(nn.Module):
 
     def _stack_reference_keys(self, state_dict, prefix, *args, **kwargs):
         """Per-expert reference keys `prefix{e}.w1.weight` -> stacked `prefix w1`."""
-        for name in ("w1", "w2", "w3"):
-            for suffix, target in (("weight", name), ("scale", f"{name}_scale")):
-                experts = range(self.first, self.first + self.n_experts)
-                keys = [f"{prefix}{e}.{name}.{suffix}" for e in experts]
-                if prefix + target in state_dict or keys[0] not in state_dict:
-                    continue
-                if not all(k in state_dict for k in keys):
-                    continue  # partial sets are left for load_state_dict to report
-                state_dict[prefix + target] = torch.stack([state_dict.pop(k) for k in keys])
+        stack_experts(state_dict, prefix, range(self.first, self.first + self.n_experts))
 
     def forward(self, x_TD, weights_TK, idx_TK, counts_E: list[int] | torch.Tensor, impl="auto"):
         """Routed experts' weighted sum per token (T, D)."""
@@ -289,6 +281,18 @@ class GroupedExperts(nn.Module):
         return _combine(x_ext, token_P, y_PD)[:T]
 
 
+def stack_experts(sd: dict[str, torch.Tensor], prefix: str, experts: range) -> None:
+    """The one way per-expert keys become stacked tensors, in place: `{prefix}{e}.w1.weight`
+    (`.scale`) for every e in `experts` -> `{prefix}w1` (`w1_scale`), (len(experts), ...) in
+    that order. Incomplete sets are left as they are for load_state_dict to report."""
+    for name in ("w1", "w2", "w3"):
+        for suffix, target in (("weight", name), ("scale", f"{name}_scale")):
+            keys = [f"{prefix}{e}.{name}.{suffix}" for e in experts]
+            if prefix + target in sd or not all(k in sd for k in keys):
+                continue
+            sd[prefix + target] = torch.stack([sd.pop(k) for k in keys])
+
+
 def _combine(x_TD: torch.Tensor, token_N: torch.Tensor, y_ND: torch.Tensor) -> torch.Tensor:
     """Sum each token's weighted expert outputs: (T, D) with out[token_N[n]] += y_ND[n]."""
     if x_TD.dtype == torch.float32:
@@ -308,15 +312,18 @@ class MoE(nn.Module):
     app plots. On the meta device only shapes flow: expert outputs are not computed.
     """
 
-    impl = "auto"  # "auto" | "loop" | "grouped" | "padded"
-
-    def __init__(self, la: LayerArgs, dtype=None, device=None, world_size=1, rank=0):
+    def __init__(
+        self, la: LayerArgs, dtype=None, device=None, world_size=1, rank=0, impl: str = "auto"
+    ):
         super().__init__()
+        if impl not in DISPATCH_IMPLS:
+            raise ValueError(f"moe_impl={impl!r}: choose one of {', '.join(DISPATCH_IMPLS)}")
+        self.impl = impl  # the expert dispatch, see `dispatch`
         self.dim = la.dim
         self.n_routed_experts = la.n_routed_experts
         self.n_activated_experts = la.n_activated_experts
         self.n_expert_groups = la.n_expert_groups
-        gate_dtype = torch.bfloat16 if dtype == FP8 else dtype  # the router is never fp8
+        gate_dtype = compute_dtype(dtype)  # the router is never fp8
         self.gate = Gate(la, dtype=gate_dtype, device=device)
         n_local = la.n_routed_experts // world_size  # expert parallel (dsv3.parallel)
         self.experts = GroupedExperts(

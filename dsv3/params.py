@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from .config import ModelArgs, scale_shape
+from .names import placement
 
 GROUPS = (
     "embedding",
@@ -180,8 +181,6 @@ def weight_bytes_per_gpu(args: ModelArgs, dtype: str, n_gpus: int = 1) -> int:
     """Bytes of the weights one of `n_gpus` tensor/expert-parallel ranks holds, split as
     dsv3.parallel splits them (`sharded` tensors along their split dimension, experts by
     expert), fp8 scales included: the bytes of rank 0's state_dict, exactly."""
-    from .sharding import _placement
-
     if dtype not in (*BYTES, "fp8"):
         raise ValueError(f"dtype={dtype!r}: choose fp32, bf16 or fp8")
     n = max(int(n_gpus), 1)
@@ -189,7 +188,7 @@ def weight_bytes_per_gpu(args: ModelArgs, dtype: str, n_gpus: int = 1) -> int:
     for t in _resolved(args)[1]:
         shape = list(t.shape)
         if t.sharded and n > 1:
-            dim = _placement(t.name)[1]
+            dim = placement(t.name)[1]
             shape[dim] //= n
         numel = math.prod(shape)
         if t.name.endswith("gate.bias"):

@@ -1,4 +1,4 @@
-"""Rotary position embedding: plain and YaRN frequency tables, and their application.
+"""Rotary position embedding: plain and YaRN frequency tables (applied in `dsv3.attention`).
 
 The reference rotates *interleaved pairs* (dims 2j, 2j+1 form one complex number) of the last
 `qk_rope_head_dim` dims of q and of the shared k_pe. Tables are computed in float32 and kept as
@@ -70,17 +70,6 @@ def precompute_freqs_cis(
     f = freqs(args).to(device)
     angles = torch.outer(torch.arange(seqlen, dtype=torch.float32, device=device), f)
     return angles.cos(), angles.sin()
-
-
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x's last dim. x: (B, S, H, R); cos/sin: (S, R/2)."""
-    dtype = x.dtype
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, R/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c = cos[None, :, None, :]  # (1, S, 1, R/2)
-    s = sin[None, :, None, :]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # (B, S, H, R/2, 2)
-    return out.flatten(-2).to(dtype)
 
 
 def rotary_info(args: ModelArgs, n_positions: int | None = None, max_pairs: int = 64) -> dict:

@@ -49,9 +49,10 @@ def tiny_model(tiny_args) -> Transformer:
     return Transformer(tiny_args, device="cpu", dtype=torch.float32)
 
 
-def clone_model(model: Transformer, args: ModelArgs, dtype=None) -> Transformer:
-    """A model of `args` holding `model`'s weights (for comparing implementations)."""
-    other = Transformer(args, device="meta", dtype=dtype or model.dtype_name)
+def clone_model(model: Transformer, args: ModelArgs, dtype=None, **options) -> Transformer:
+    """A model of `args` holding `model`'s weights (for comparing implementations); `options`
+    go to `Transformer` (moe_impl, absorbed_prefill)."""
+    other = Transformer(args, device="meta", dtype=dtype or model.dtype_name, **options)
     other.to_empty(device="cpu")
     other.load_state_dict(model.state_dict())
     other.reset_cache()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from dsv3 import ConfigError, ModelArgs, Transformer, count_params
 from dsv3.config import GLOBAL_ONLY, LAYER_FIELDS
 
-from .conftest import TINY
+from ..conftest import TINY
 
 EXAMPLES = int(os.environ.get("DSV3_HYPOTHESIS_EXAMPLES", "500"))
 

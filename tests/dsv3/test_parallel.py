@@ -27,9 +27,9 @@ from dsv3.parallel import (
 )
 from dsv3.params import estimate, tensor_specs, weight_bytes_per_gpu
 
-from .conftest import TINY
+from ..conftest import TINY
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Configs with overrides: q LoRA on and off, naive and absorb caches, per-layer heads, a dense
 # layer turned MoE and an MoE layer turned dense, 16 experts in 2 groups without the bias next to

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from dsv3 import ConfigError, ModelArgs, Transformer, count_params
-from dsv3.attention import MLA
 from dsv3.layers import FP8, dequantize, quantize_fp8
 from dsv3.moe import MoE, dispatch_grouped, dispatch_loop, grouped_mm_supported
 from dsv3.params import tensor_specs
 from dsv3.stats import routing_stats, trace_shapes
 
-from .conftest import TINY, clone_model
+from ..conftest import TINY, clone_model
 
 # One value per overridable field, applied to layer 2 (MoE) or layer 0 (dense) of TINY.
 OVERRIDES = [
@@ -150,11 +149,8 @@ def test_naive_equals_absorb(tiny_model, tiny_args):
     naive = clone_model(tiny_model, tiny_args.replace(attn_impl="naive"))
     tok = torch.randint(0, tiny_args.vocab_size, (3, 20))
     ref = naive(tok, all_logits=True)
-    try:
-        MLA.absorbed_prefill = True  # the absorbed math for the prefill too, not only decode
-        got = tiny_model(tok, all_logits=True)
-    finally:
-        MLA.absorbed_prefill = False
+    # the absorbed math for the prefill too, not only decode
+    got = clone_model(tiny_model, tiny_args, absorbed_prefill=True)(tok, all_logits=True)
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
     # decode through both caches
     for m in (naive, tiny_model):
@@ -187,12 +183,7 @@ def test_grouped_and_loop_models_agree(tiny_model, tiny_args):
     tok = torch.randint(0, tiny_args.vocab_size, (2, 16))
     outs = {}
     for impl in ("loop", "grouped", "padded"):
-        MoE.impl = impl
-        try:
-            tiny_model.reset_cache()
-            outs[impl] = tiny_model(tok, all_logits=True)
-        finally:
-            MoE.impl = "auto"
+        outs[impl] = clone_model(tiny_model, tiny_args, moe_impl=impl)(tok, all_logits=True)
     torch.testing.assert_close(outs["loop"], outs["grouped"], rtol=0, atol=1e-5)
     torch.testing.assert_close(outs["loop"], outs["padded"], rtol=0, atol=1e-5)
 

@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 
 from dsv3 import presets
 from dsv3.checkpoint import (
-    REFERENCE_SPLIT_DIM,
     CheckpointError,
     args_from_hf_config,
     dsv3_to_hf_state_dict,
@@ -27,9 +26,10 @@ from dsv3.checkpoint import (
 from dsv3.config import ConfigError, ModelArgs
 from dsv3.layers import FP8
 from dsv3.model import Transformer
+from dsv3.names import SPLIT_DIM
 from dsv3.params import count_params
 
-from .hf_oracle import float_state_dict, hf_model_from_dsv3
+from ..hf_oracle import float_state_dict, hf_model_from_dsv3
 
 TOL = 1e-4  # fp32 logits, ours vs transformers
 
@@ -514,7 +514,7 @@ def test_hf_dir_problems(tmp_path):
 # ---------------------------------------------------------------------- reference format
 def to_reference(model: Transformer, mp: int) -> list[dict[str, torch.Tensor]]:
     """What DeepSeek's convert.py writes: reference names, per-expert keys, tensors split over
-    `mp` ranks along REFERENCE_SPLIT_DIM, rank r holding experts [r*E/mp, (r+1)*E/mp)."""
+    `mp` ranks along SPLIT_DIM, rank r holding experts [r*E/mp, (r+1)*E/mp)."""
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(mp)]
     for name, t in model.state_dict().items():
         if ".ffn.experts." in name:
@@ -527,7 +527,7 @@ def to_reference(model: Transformer, mp: int) -> list[dict[str, torch.Tensor]]:
                 )
             continue
         module = name.split(".")[-2]
-        dim = REFERENCE_SPLIT_DIM.get(module)
+        dim = SPLIT_DIM.get(module)
         for r in range(mp):
             if dim is None or mp == 1:
                 shards[r][name] = t.clone()

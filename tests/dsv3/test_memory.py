@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from dsv3 import ModelArgs, Transformer
+from dsv3.build import build_model
 from dsv3.memory import (
     MemoryBudgetError,
-    build_model,
     check_fits,
     memory_limit,
     parse_bytes,
     run_guarded,
 )
 
-from .conftest import TINY
+from ..conftest import TINY
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from dsv3 import ModelArgs, Transformer, count_params, estimate
-from dsv3.attention import MLA, _rotate_
+from dsv3.attention import _rotate_
 from dsv3.layers import SKINNY_ROWS, linear
 from dsv3.moe import dispatch, dispatch_grouped, dispatch_loop, grouped_mm_supported
-from dsv3.rotary import apply_rotary_emb
 from tests.conftest import clone_model
 
 
@@ -71,11 +70,23 @@ def test_first_build_does_not_import_sympy():
         " qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8), device='cpu');"
         " print('sympy' in sys.modules)"
     )
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
     )
     assert out.stdout.strip() == "False", out
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The reference's formula: rotate interleaved pairs of x's last dim. x: (B, S, H, R);
+    cos/sin: (S, R/2)."""
+    dtype = x.dtype
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, R/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c = cos[None, :, None, :]  # (1, S, 1, R/2)
+    s = sin[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # (B, S, H, R/2, 2)
+    return out.flatten(-2).to(dtype)
 
 
 @pytest.mark.parametrize("case", ["fast", "odd_offset", "bf16"])
@@ -105,12 +116,7 @@ def test_padded_flash_attention_equals_plain_softmax(tiny_args, v_head_dim):
     naive = clone_model(model, args.replace(attn_impl="naive"))
     tok = torch.randint(0, args.vocab_size, (2, 19))
     flash = model(tok, all_logits=True)
-    try:
-        MLA.absorbed_prefill = True
-        model.reset_cache()
-        absorbed = model(tok, all_logits=True)
-    finally:
-        MLA.absorbed_prefill = False
+    absorbed = clone_model(model, args, absorbed_prefill=True)(tok, all_logits=True)
     torch.testing.assert_close(flash, absorbed, rtol=0, atol=2e-5)
     torch.testing.assert_close(naive(tok, all_logits=True), absorbed, rtol=0, atol=2e-5)
 

@@ -11,8 +11,8 @@ import torch
 
 from dsv3 import ModelArgs, Transformer
 
-from .conftest import TINY
-from .hf_oracle import hf_model_from_dsv3
+from ..conftest import TINY
+from ..hf_oracle import hf_model_from_dsv3
 
 pytest.importorskip("transformers")
 

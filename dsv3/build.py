@@ -1,0 +1,53 @@
+"""Building a model under the memory guard (dsv3.memory): refused before allocating when the
+estimate does not fit, and freed again when an allocation fails anyway."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .memory import MemoryBudgetError, check_fits, is_oom, release_memory
+from .params import estimate, human_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["build_model"]
+
+
+def build_model(
+    args,
+    device: str | torch.device = "cpu",
+    dtype: str = "fp32",
+    batch: int = 1,
+    seq_len: int = 1,
+    progress=None,
+):
+    """Build `Transformer(args)` only if its estimate (weights + KV cache + activations for
+    `batch` x `seq_len`) fits the budget; if allocation fails anyway, free the partial model and
+    raise MemoryBudgetError. Returns (model, estimate dict)."""
+    import torch
+
+    from .model import Transformer, resolve_dtype
+
+    dtype_name = resolve_dtype(dtype)[0]
+    est = estimate(args, dtype_name, batch, seq_len)
+    dev = torch.device(device)
+    if dev.type != "meta":
+        fits, why = check_fits(est["total_bytes"], dev)
+        if not fits:
+            raise MemoryBudgetError(f"build refused before allocating: {why}")
+    failure = ""
+    try:
+        return Transformer(args, device=dev, dtype=dtype, progress=progress), est
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        failure = type(e).__name__
+        e.__traceback__ = None  # its frames hold the half-built model
+    # Raised outside the except block so no traceback keeps the partial model's frames alive.
+    release_memory()
+    raise MemoryBudgetError(
+        f"the build ran out of memory on {dev} ({failure}); what it had allocated was freed. "
+        f"Estimated need: {human_bytes(est['total_bytes'])}. Try a smaller preset, bf16/fp8, "
+        "or the meta device"
+    )
