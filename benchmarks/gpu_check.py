@@ -1,21 +1,18 @@
 """CUDA checks (run on a GPU machine): the fast paths agree with the CPU, every dtype runs, and
 the seed demo builds and runs. Prints one markdown table; exits 1 on a failed check.
 
-    python benchmarks/gpu_check.py
+    python -m benchmarks.gpu_check
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dsv3 import ModelArgs, Transformer, count_params  # noqa: E402
-from dsv3.moe import MoE, dispatch_grouped, dispatch_loop, grouped_mm_supported  # noqa: E402
+from dsv3 import ModelArgs, Transformer, count_params
+from dsv3.moe import dispatch_grouped, dispatch_loop, grouped_mm_supported
 
 TINY = dict(
     vocab_size=512, dim=128, inter_dim=256, moe_inter_dim=64, n_layers=4, n_dense_layers=1,
@@ -92,13 +89,12 @@ def main() -> int:
     # every dtype runs on CUDA, loop and grouped MoE agree on a whole model
     for dtype in ("bf16", "fp8"):
         torch.manual_seed(0)
-        m = Transformer(args, device="cuda", dtype=dtype)
         outs = {}
         for impl in ("loop", "auto"):
-            MoE.impl = impl
-            m.reset_cache()
+            torch.manual_seed(0)  # the same weights for both dispatches
+            m = Transformer(args, device="cuda", dtype=dtype, moe_impl=impl)
             outs[impl] = m(tok.cuda(), all_logits=True).float()
-        MoE.impl = "auto"
+            del m
         fin = bool(outs["auto"].isfinite().all())
         rel = ((outs["auto"] - outs["loop"]).norm() / outs["loop"].norm()).item()
         rows.append(

@@ -5,8 +5,8 @@ frees its model. Checks: every request succeeds, every session sees only its own
 logits are stable across its runs and differ from every other session's), and the server's
 resident memory returns to within 10% of where it started.
 
-    python benchmarks/load.py                         # 8 sessions, tiny + small, 5 forwards
-    python benchmarks/load.py --sessions 4 --presets tiny --forwards 2
+    python -m benchmarks.load                         # 8 sessions, tiny + small, 5 forwards
+    python -m benchmarks.load --sessions 4 --presets tiny --forwards 2
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Performance benchmark: one command, one markdown table.
 
-    python benchmarks/run.py --quick                  # about 2-3 minutes on 2 CPU cores
-    python benchmarks/run.py --full                   # more rounds, a bigger build
-    python benchmarks/run.py --reference DIR          # DeepSeek-V3's inference/ directory
+    python -m benchmarks.run --quick                  # about 2-3 minutes on 2 CPU cores
+    python -m benchmarks.run --full                   # more rounds, a bigger build
+    python -m benchmarks.run --reference DIR          # DeepSeek-V3's inference/ directory
                                                       # (or env DSV3_REFERENCE_DIR)
-    python benchmarks/run.py --gpu                    # the CUDA section (needs a GPU)
-    python benchmarks/run.py --only peers,build       # some sections only
-    python benchmarks/run.py --json out.json          # the rows as JSON too
+    python -m benchmarks.run --gpu                    # the CUDA section (needs a GPU)
+    python -m benchmarks.run --only peers,build       # some sections only
+    python -m benchmarks.run --json out.json          # the rows as JSON too
 
 What it measures (CPU, float32, same weights and thread count for every peer):
   peers      prefill 2 x 256 tokens and 64 decode steps after a 256-token prefill, dsv3 vs
@@ -49,12 +49,11 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from dsv3 import ModelArgs, Transformer, count_params, estimate
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from dsv3 import ModelArgs, Transformer, count_params, estimate  # noqa: E402
 
 # The peer-comparison config: DeepSeek-V3's shape scaled to hidden 256 (4 layers, the first
 # dense; 64 routed experts in 8 groups, 4 kept, top-4, sigmoid routing with the selection bias;
@@ -499,7 +498,6 @@ def section_flops(rows: Rows, opts) -> None:
 # ---------------------------------------------------------------------------- build
 _BUILD_SCRIPT = """
 import gc, json, resource, sys, time
-sys.path.insert(0, {root!r})
 import psutil, torch
 from dsv3 import ModelArgs, Transformer
 torch.set_num_threads({threads})
@@ -598,7 +596,6 @@ def section_build(rows: Rows, opts) -> None:
 # ---------------------------------------------------------------------------- estimates
 _TRACE_SCRIPT = """
 import json, sys, time
-sys.path.insert(0, {root!r})
 import torch
 from dsv3 import Transformer, presets
 from dsv3.stats import trace_shapes

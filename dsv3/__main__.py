@@ -1,7 +1,7 @@
 """`python -m dsv3`: size a config, build it, run one random-token forward.
 
 python -m dsv3 --seed-demo                      # the example this project started from
-python -m dsv3 --config presets/tiny.json --device cpu --dtype fp32 --batch 2 --seq 64
+python -m dsv3 --config dsv3/presets/tiny.json --device cpu --dtype fp32 --batch 2 --seq 64
 python -m dsv3 --n-layers 4 --dim 256 --layer-config '{"2": {"ffn": "dense"}}'
 torchrun --nproc-per-node 2 -m dsv3 --config tiny  # tensor/expert parallel over 2 processes
 """

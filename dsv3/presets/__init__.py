@@ -1,4 +1,4 @@
-"""Named model configurations stored as JSON files in `presets/`.
+"""Named model configurations stored as JSON files in `dsv3/presets/`.
 
 A preset file is data, not code:
 
@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ModelArgs
-from .params import count_params
+from ..config import ConfigError, ModelArgs
+from ..params import count_params
 
 __all__ = [
     "PRESETS_DIR",
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 SCHEMA = 1  # version of the file layout this module reads and writes
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parent  # the JSON files ship inside the package
 _KEYS = ("schema", "name", "description", "args")
 
 
