@@ -26,6 +26,13 @@ def scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
     return (-(-out_features // BLOCK_SIZE), -(-in_features // BLOCK_SIZE))
 
 
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's attention temperature for a context stretched by `factor` with coefficient `m`
+    (the reference's and HF's `yarn_get_mscale`): 0.1 * m * ln(factor) + 1, and 1 without
+    stretching. The softmax scale is multiplied by its square."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field, the layer, the value and
     what is allowed; `field` and `layer` carry the first two for UIs that show errors in place."""
@@ -269,7 +276,7 @@ class ModelArgs:
         qk_head_dim = vals["qk_nope_head_dim"] + self.qk_rope_head_dim
         scale = qk_head_dim**-0.5
         if self.use_yarn:
-            m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+            m = yarn_mscale(self.rope_factor, self.mscale)
             scale = scale * m * m
         vals.update(
             gate_bias=bool(gate_bias),
@@ -406,8 +413,10 @@ def _check_layer(la: LayerArgs, explicit: set[str]) -> None:
     the layer overrides it, else the global one."""
     i = la.layer_id
 
-    def fail(name: str, msg: str) -> None:
-        # A rule broken by global values on every layer reads better without "in layer 0".
+    def fail(name: str, msg: str, *involved: str) -> None:
+        # Blame the field this layer sets among those the rule involves (the user changed it),
+        # else `name`. A rule broken by global values reads better without "in layer 0".
+        name = next((f for f in involved if f in explicit), name)
         layer = i if explicit else None
         raise ConfigError(f"{msg}{_where(layer)}", field=name, layer=layer)
 
@@ -423,14 +432,18 @@ def _check_layer(la: LayerArgs, explicit: set[str]) -> None:
             fail(
                 "n_expert_groups",
                 f"n_routed_experts={la.n_routed_experts} is not divisible by "
-                f"n_expert_groups={la.n_expert_groups}; allowed: a divisor of "
-                f"{la.n_routed_experts}",
+                f"n_expert_groups={la.n_expert_groups}; allowed: n_routed_experts a multiple "
+                f"of {la.n_expert_groups}, or n_expert_groups a divisor of {la.n_routed_experts}",
+                "n_expert_groups",
+                "n_routed_experts",
             )
         if la.n_limited_groups > la.n_expert_groups:
             fail(
                 "n_limited_groups",
                 f"n_limited_groups={la.n_limited_groups} exceeds "
                 f"n_expert_groups={la.n_expert_groups}; allowed: 1..{la.n_expert_groups}",
+                "n_limited_groups",
+                "n_expert_groups",
             )
         per_group = la.n_routed_experts // la.n_expert_groups
         if la.n_expert_groups > 1 and la.gate_bias and per_group < 2:
@@ -439,6 +452,9 @@ def _check_layer(la: LayerArgs, explicit: set[str]) -> None:
                 f"with the gate bias, groups are scored by their top-2 experts, so each group "
                 f"needs >= 2 experts; n_routed_experts={la.n_routed_experts} / "
                 f"n_expert_groups={la.n_expert_groups} = {per_group}",
+                "n_expert_groups",
+                "n_routed_experts",
+                "gate_bias",
             )
         if la.n_expert_groups > 1 and la.n_limited_groups * per_group < la.n_activated_experts:
             fail(
@@ -446,6 +462,10 @@ def _check_layer(la: LayerArgs, explicit: set[str]) -> None:
                 f"n_limited_groups={la.n_limited_groups} groups of {per_group} experts hold "
                 f"fewer than n_activated_experts={la.n_activated_experts}; allowed: "
                 f"n_limited_groups >= {math.ceil(la.n_activated_experts / per_group)}",
+                "n_limited_groups",
+                "n_activated_experts",
+                "n_routed_experts",
+                "n_expert_groups",
             )
 
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .config import ModelArgs
+from .config import ModelArgs, yarn_mscale
 
 
 def _correction_dim(n_rotations: float, dim: int, base: float, seq_len: int) -> float:
@@ -59,7 +59,7 @@ def mscale(args: ModelArgs) -> float:
     """YaRN's attention temperature factor; the softmax scale is multiplied by its square."""
     if not args.use_yarn:
         return 1.0
-    return 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
+    return yarn_mscale(args.rope_factor, args.mscale)
 
 
 def precompute_freqs_cis(
