@@ -26,6 +26,10 @@ def scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
     return (-(-out_features // BLOCK_SIZE), -(-in_features // BLOCK_SIZE))
 
 
+# Build dtype -> the dtype it computes in: fp8 weights compute in bf16 (dsv3.layers.compute_dtype).
+COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp8": "bf16"}
+
+
 def yarn_mscale(factor: float, m: float = 1.0) -> float:
     """YaRN's attention temperature for a context stretched by `factor` with coefficient `m`
     (the reference's and HF's `yarn_get_mscale`): 0.1 * m * ln(factor) + 1, and 1 without

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BLOCK_SIZE, scale_shape
+from .config import BLOCK_SIZE, COMPUTE_DTYPE, scale_shape
 
 FP8 = torch.float8_e4m3fn
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8}  # build dtypes by name
@@ -16,8 +16,9 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 def compute_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
     """The dtype a layer with weights of `dtype` computes in, and the dtype of what is never
-    fp8 (embedding, norms, router, head): fp8 weights compute in bfloat16, as the reference."""
-    return torch.bfloat16 if dtype == FP8 else dtype
+    fp8 (embedding, norms, router, head): `config.COMPUTE_DTYPE` (fp8 -> bfloat16)."""
+    names = {v: k for k, v in DTYPES.items()}
+    return DTYPES[COMPUTE_DTYPE[names[dtype]]] if dtype in names else dtype
 
 
 def _expand_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

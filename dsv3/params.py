@@ -12,7 +12,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from .config import ModelArgs, scale_shape
+from .config import COMPUTE_DTYPE, ModelArgs, scale_shape
 from .names import placement
 
 GROUPS = (
@@ -159,22 +159,9 @@ def count_params(args: ModelArgs) -> dict:
 
 
 def weight_bytes(args: ModelArgs, dtype: str) -> int:
-    """Bytes of all weights in a build of `dtype` ("fp32", "bf16", "fp8"), fp8 scales included."""
-    if dtype in BYTES:  # the gate's selection bias is float32 in every build
-        return sum(
-            t.numel * (4 if t.name.endswith("gate.bias") else BYTES[dtype])
-            for t in _resolved(args)[1]
-        )
-    if dtype != "fp8":
-        raise ValueError(f"dtype={dtype!r}: choose fp32, bf16 or fp8")
-    total = 0
-    for t in _resolved(args)[1]:
-        if t.linear:
-            *lead, o, i = t.shape
-            total += t.numel + 4 * math.prod(lead) * math.prod(scale_shape(o, i))
-        else:
-            total += t.numel * (4 if t.name.endswith("gate.bias") else 2)
-    return total
+    """Bytes of all weights in a build of `dtype` ("fp32", "bf16", "fp8"), fp8 scales included:
+    `weight_bytes_per_gpu` on one GPU."""
+    return weight_bytes_per_gpu(args, dtype, 1)
 
 
 def weight_bytes_per_gpu(args: ModelArgs, dtype: str, n_gpus: int = 1) -> int:
@@ -228,7 +215,7 @@ def estimate(
     seq_len = args.max_seq_len if seq_len is None else seq_len
     counts = count_params(args)
     specs = _resolved(args)[1]
-    act_bytes = BYTES.get(dtype, 2)  # fp8 computes in bf16
+    act_bytes = BYTES[COMPUTE_DTYPE[dtype]] if dtype in COMPUTE_DTYPE else 2
     wbytes = {d: weight_bytes(args, d) for d in ("fp32", "bf16", "fp8")}
     kv_tok = {k: kv_elems_per_token(args, k) * act_bytes for k in ("naive", "absorb")}
     kv_cache = {k: v * batch * seq_len for k, v in kv_tok.items()}
@@ -285,6 +272,7 @@ def estimate(
         "weight_bytes_by_dtype": wbytes,
         "kv_bytes_per_token": kv_tok,
         "kv_cache_bytes": kv_cache,
+        "kv_dtype": "bf16" if dtype == "fp8" else dtype,  # fp8 models cache in bf16
         "flops_per_token": flops_per_token,
         "flops_forward": flops_forward,
         "activation_bytes": activation,
