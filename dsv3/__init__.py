@@ -3,7 +3,8 @@
     from dsv3 import ModelArgs, Transformer, ConfigError, count_params
 
 Configuration, counting and estimates import without torch; `Transformer` and the checkpoint
-functions load it on first use (the app's page comes up ~1.3 s sooner that way).
+functions load it on first use, so the app's page does not wait for torch
+(benchmarks/run.py, section app, measures the start-up).
 """
 
 from importlib import import_module
