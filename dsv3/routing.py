@@ -41,6 +41,10 @@ class Gate(nn.Module):
             )
         else:
             self.bias = None
+        # Instrumentation (dsv3.stats.record_router_scores): when on, the last forward's scores
+        # (T, E) float32 stay in `last_scores`; off (the default) costs one attribute test.
+        self.keep_scores = False
+        self.last_scores: torch.Tensor | None = None
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, D) -> weights (T, K) in x's dtype, expert indices (T, K) int64 (in no
@@ -50,6 +54,8 @@ class Gate(nn.Module):
             scores_TE = logits_TE.softmax(dim=-1)
         else:
             scores_TE = logits_TE.sigmoid()
+        if self.keep_scores:
+            self.last_scores = scores_TE
         choice_TE = scores_TE if self.bias is None else scores_TE + self.bias
         if self.n_groups > 1:
             T, G = x_TD.shape[0], self.n_groups

@@ -83,12 +83,18 @@ def test_params_by_group_matches_count_params():
     counts = count_params(small_args())
     fig = plots.params_by_group(counts)
     per_layer = [t for t in fig.data if t.orientation != "h"]
-    total_bar = next(t for t in fig.data if t.orientation == "h")
+    totals = [t for t in fig.data if t.orientation == "h"]  # one bar per group, in the legend
     # The stacked per-layer bars add up to each layer's total.
     sums = np.sum([list(t.y) for t in per_layer], axis=0)
     assert sums.tolist() == [row["total"] for row in counts["layers"]]
-    assert dict(zip(total_bar.y, total_bar.x)) == {g: n for g, n in counts["groups"].items() if n}
-    assert sum(total_bar.x) == counts["total"]
+    assert {t.legendgroup: t.x[0] for t in totals} == {
+        g: n for g, n in counts["groups"].items() if n
+    }
+    assert sum(t.x[0] for t in totals) == counts["total"]
+    # every group is in the legend once: embedding and head through their total bars
+    shown = [t.legendgroup for t in fig.data if t.showlegend is not False]
+    assert sorted(shown) == sorted(g for g, n in counts["groups"].items() if n)
+    assert all(t.marker.color == plots.COLORS[t.legendgroup] for t in fig.data)
     assert fig.layout.height
 
 
@@ -122,12 +128,19 @@ def test_expert_heatmap_without_stats_says_so():
     assert fig.layout.annotations and "No MoE" in fig.layout.annotations[0].text
 
 
-def test_routing_balance_lines_and_group_loads():
+def test_routing_balance_one_metric_per_axis_with_gaps():
     fig = plots.routing_balance(STATS)
-    lines = {t.name: list(t.y) for t in fig.data if t.type == "scatter"}
-    assert lines["max/mean"] == [2.5, 1.5] and lines["CV"] == [0.9, 0.35]
+    lines = {t.name: t for t in fig.data if t.type == "scatter"}
+    # layers 0..3: 0 and 2 have no MoE and are gaps, not joined
+    assert list(lines["max / mean"].y) == [None, 2.5, None, 1.5]
+    assert list(lines["CV"].y) == [None, 0.9, None, 0.35]
+    assert len({t.yaxis for t in lines.values()}) == 3
+    assert all(t.connectgaps is False for t in lines.values())
+    # group loads on the right, relative to uniform (tokens x top-k / groups), values printed
     heat = next(t for t in fig.data if t.type == "heatmap")
-    assert [list(r[:2]) for r in heat.z] == [[6, 2], [2, 4]]
+    assert [r[:2] for r in heat.z[1::2]] == [[6 / 4, 2 / 4], [2 / (8 / 3), 4 / (8 / 3)]]
+    assert heat.texttemplate and heat.colorbar.title.text
+    assert not any(t.type == "heatmap" for t in plots.routing_balance(STATS, groups=False).data)
     assert fig.layout.height
 
 
