@@ -1,25 +1,23 @@
 """DeepSeek-V3 MoE playground: `python app.py`, then open http://127.0.0.1:7860.
 
 Importing this module builds the page but neither launches it nor touches CUDA.
-Environment: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, DSV3_AUTH="user:pass" (optional login),
-DSV3_BROWSER_SECRET, DSV3_MEMORY_LIMIT, DSV3_EXPORT_LIMIT, DSV3_IMPORT_LIMIT, DSV3_SESSION_TTL.
+Settings (all optional, from the environment): see ui/settings.py and the README.
 """
-
-import os
 
 try:  # Hugging Face ZeroGPU Spaces want `spaces` imported before torch
     import spaces  # noqa: F401
 except ImportError:
     pass
 
+from ui import settings
 from ui.layout import build_demo, launch_kwargs
 
 demo = build_demo()
 
 if __name__ == "__main__":
     demo.launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        server_port=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+        server_name=settings.HOST,
+        server_port=settings.PORT,
         prevent_thread_lock=True,
         **launch_kwargs(),
     )

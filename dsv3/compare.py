@@ -46,7 +46,7 @@ def _where(first: int, last: int) -> str:
     return ("layer " if first == last else "layers ") + _span(first, last)
 
 
-def _changes(a: ModelArgs, b: ModelArgs) -> list[dict[str, Any]]:
+def changes(a: ModelArgs, b: ModelArgs) -> list[dict[str, Any]]:
     """Top-level field changes, then per-layer changes of the resolved layer args, each run of
     consecutive layers with the same (field, a, b) as one entry."""
     out: list[dict[str, Any]] = []
@@ -167,7 +167,7 @@ def compare(
         for (s, m, u, va), (_, _, _, vb) in zip(side_a, side_b)
     ]
     settings = {"dtype": dtype, "batch": batch, "seq_len": seq_len, "n_gpus": n_gpus}
-    return {"changes": _changes(a, b), "rows": rows, "settings": settings}
+    return {"changes": changes(a, b), "rows": rows, "settings": settings}
 
 
 def _numeric(row: dict[str, Any]) -> bool:

@@ -68,8 +68,10 @@ def available_bytes(device: str | torch.device) -> tuple[int, str]:
     return 2**62, "unknown (no psutil, no /proc/meminfo)"
 
 
-def memory_limit(device: str | torch.device) -> tuple[int, str]:
-    """The budget one build may use on `device`: DSV3_MEMORY_LIMIT or a fraction of free memory."""
+def memory_limit(device: str | torch.device, freed: int = 0) -> tuple[int, str]:
+    """The budget one build may use on `device`: DSV3_MEMORY_LIMIT or a fraction of free memory.
+    `freed`: bytes that would be free in addition (models a server could drop first), so a
+    caller can ask whether dropping them would help before dropping anything."""
     import torch
 
     env = os.environ.get("DSV3_MEMORY_LIMIT")
@@ -78,12 +80,15 @@ def memory_limit(device: str | torch.device) -> tuple[int, str]:
         return parse_bytes(env), f"DSV3_MEMORY_LIMIT={env}"
     free, what = available_bytes(dev)
     frac = 0.9 if dev.type == "cuda" else 0.8
-    return int(free * frac), f"{int(frac * 100)}% of {what}"
+    if freed:
+        what += f" + {human_bytes(freed)} that freeing idle models would return"
+    return int((free + freed) * frac), f"{int(frac * 100)}% of {what}"
 
 
-def check_fits(nbytes: float, device: str | torch.device) -> tuple[bool, str]:
-    """(fits, reason) for an allocation of `nbytes` on `device`."""
-    limit, what = memory_limit(device)
+def check_fits(nbytes: float, device: str | torch.device, freed: int = 0) -> tuple[bool, str]:
+    """(fits, reason) for an allocation of `nbytes` on `device` (with `freed` more bytes free:
+    see memory_limit)."""
+    limit, what = memory_limit(device, freed)
     if nbytes <= limit:
         return True, f"needs {human_bytes(nbytes)}, budget {human_bytes(limit)} ({what})"
     return False, (

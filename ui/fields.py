@@ -7,7 +7,6 @@ strings) and are coerced here. Errors are `ConfigError`s naming the field and th
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -21,6 +20,8 @@ from dsv3.config import (
     ConfigError,
     ModelArgs,
 )
+
+from .messages import lit, whole
 
 SECTIONS: dict[str, list[str]] = {
     "Size": ["vocab_size", "dim", "n_layers", "n_dense_layers", "inter_dim"],
@@ -113,19 +114,6 @@ def info(name: str) -> str:
     return text
 
 
-def bounds(name: str) -> tuple[float | None, float | None]:
-    if name in INT_RANGES:
-        return INT_RANGES[name]
-    if name in FLOAT_RANGES:
-        lo, hi, _ = FLOAT_RANGES[name]
-        return lo, hi
-    return None, None
-
-
-def default_values() -> dict[str, Any]:
-    return {f.name: f.default for f in dataclasses.fields(ModelArgs) if f.name in FORM_FIELDS}
-
-
 # ---------------------------------------------------------------------- coercion
 def _coerce(name: str, value: Any, layer: int | None = None) -> Any:
     """A loosely typed value from the page -> the field's Python type (None stays 'blank')."""
@@ -136,8 +124,10 @@ def _coerce(name: str, value: Any, layer: int | None = None) -> Any:
         value = value.strip()
         if value == "":
             value = None
-    if value is None:
-        raise ConfigError(f"{name}{where} is empty; {info(name)}", field=name, layer=layer)
+    if value is None:  # a browser's number box sends nothing for text it cannot read either
+        raise ConfigError(
+            f"{name}{where} is empty or not a number; {info(name)}", field=name, layer=layer
+        )
     k = kind(name)
     if name == "gate_bias":
         if isinstance(value, bool):
@@ -155,20 +145,22 @@ def _coerce(name: str, value: Any, layer: int | None = None) -> Any:
         if text.lower() == "none" and None in CHOICES[name]:
             return None
         return text  # ModelArgs checks membership and names the choices
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{name}={value!r}{where} is not a number; {info(name)}", field=name, layer=layer
-        ) from None
     if k == "int":
-        if not math.isfinite(number) or number != int(number):
-            raise ConfigError(
-                f"{name}={value!r}{where} must be a whole number; {info(name)}",
-                field=name,
-                layer=layer,
-            )
-        return int(number)
+        lo, hi = INT_RANGES[name]
+        try:
+            return whole(value, name, lo, hi)
+        except ConfigError as e:  # the same words, with the layer
+            raise ConfigError(f"{e}{where}", field=name, layer=layer) from None
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ConfigError(
+            f"{name}={lit(repr(value), 60)}{where} is not a finite number; {info(name)}",
+            field=name,
+            layer=layer,
+        )
     return number
 
 
@@ -198,17 +190,40 @@ def dict_to_form(cfg: dict[str, Any]) -> tuple[list[Any], list[list[str]]]:
 
 
 # ---------------------------------------------------------------------- per-layer overrides
+# The page's override table is long: one row per (layer, field, value), three fixed columns that
+# fit a narrow screen with the layer always in sight and no value hidden in a scrolled-off
+# column. API clients may also send the wide form: "layer" plus one column per field.
+TABLE_COLUMNS: list[str] = ["layer", "field", "value"]
+BLANK_ROWS = 4  # empty rows under the overrides, to type new ones into
+
+
 def _table(table: Any) -> tuple[list[str], list[list[Any]]]:
-    """A gr.Dataframe value (pandas, {"headers", "data"}, or a list of rows in OVERRIDE_COLUMNS
-    order) -> (column names, rows)."""
+    """A gr.Dataframe value (pandas, {"headers", "data"}, or a list of rows) -> (column names,
+    rows). A bare list of rows is read as the long form."""
     if table is None:
-        return list(OVERRIDE_COLUMNS), []
+        return list(TABLE_COLUMNS), []
     if hasattr(table, "columns") and hasattr(table, "values"):  # pandas.DataFrame
         return [str(c) for c in table.columns], table.astype(object).values.tolist()
     if isinstance(table, dict):
-        headers = table.get("headers") or list(OVERRIDE_COLUMNS)
-        return [str(h) for h in headers], [list(r) for r in table.get("data") or []]
-    return list(OVERRIDE_COLUMNS), [list(r) for r in table]
+        headers, data = table.get("headers"), table.get("data")
+        if not isinstance(headers, list) or not isinstance(data, list):
+            raise ConfigError(
+                "the override table must be {'headers': [...], 'data': [[...], ...]}",
+                field="layer_config",
+            )
+        return [str(h) for h in headers], [_row(r) for r in data]
+    if isinstance(table, list):
+        return list(TABLE_COLUMNS), [_row(r) for r in table]
+    raise ConfigError(
+        f"the override table must be rows of cells, got {type(table).__name__}",
+        field="layer_config",
+    )
+
+
+def _row(r: Any) -> list[Any]:
+    if not isinstance(r, (list, tuple)):
+        raise ConfigError("each override table row must be a list of cells", field="layer_config")
+    return list(r)
 
 
 def _blank(cell: Any) -> bool:
@@ -217,70 +232,103 @@ def _blank(cell: Any) -> bool:
     return str(cell).strip() == ""
 
 
+def _layer(cell: Any, n: int) -> int:
+    try:
+        f = float(str(cell).strip())  # "2" and "2.0" (numeric cells) are layer 2
+        if f != int(f):
+            raise ValueError
+        return int(f)
+    except (ValueError, OverflowError):  # "x", "1.5", "inf"
+        raise ConfigError(
+            f"override row {n}: layer {lit(repr(cell), 40)} is not a layer index",
+            field="layer_config",
+        ) from None
+
+
 def parse_overrides(table: Any) -> dict[int, dict[str, Any]]:
-    """Override table (columns by name: "layer" + LAYER_FIELDS; blank cell = inherit) ->
-    layer_config. Blank rows are skipped; a row with values needs a layer index. Cells may be
-    strings."""
+    """Override table -> layer_config. Long form (layer, field, value; blank rows skipped; a
+    field may appear once per layer) or wide form (layer + one column per field; blank cell =
+    inherit). Cells may be strings."""
     headers, rows = _table(table)
+    if headers == TABLE_COLUMNS:
+        return _parse_long(rows)
+    if headers[: len(TABLE_COLUMNS)] == TABLE_COLUMNS or "field" in headers:
+        extra = [h for h in headers if h not in TABLE_COLUMNS] or headers
+        raise ConfigError(
+            f"the override table has exactly the columns {', '.join(TABLE_COLUMNS)}; column "
+            f"{lit(repr(extra[0]), 40)} is not one of them",
+            field="layer_config",
+        )
     unknown = [h for h in headers if h not in OVERRIDE_COLUMNS]
     if unknown:
         raise ConfigError(
-            f"override table column {unknown[0]!r} is not a per-layer field; columns: "
-            f"{', '.join(OVERRIDE_COLUMNS)}",
-            field=unknown[0],
+            f"override table column {lit(repr(unknown[0]), 40)} is not a per-layer field; "
+            f"columns: {', '.join(TABLE_COLUMNS)} (or layer + the fields: "
+            f"{', '.join(LAYER_FIELDS)})",
+            field="layer_config",
         )
     if "layer" not in headers:
         raise ConfigError("override table needs a 'layer' column", field="layer_config")
+    long = []
+    for row in rows:
+        cells = dict(zip(headers, row))
+        values = [(k, v) for k, v in cells.items() if k != "layer" and not _blank(v)]
+        if not values and _blank(cells.get("layer")):
+            continue
+        long += [[cells.get("layer"), k, v] for k, v in values] or [[cells.get("layer"), "", ""]]
+    return _parse_long(long)
+
+
+def _parse_long(rows: list[list[Any]]) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     for n, row in enumerate(rows, start=1):
-        cells = dict(zip(headers, row))
-        if all(_blank(c) for c in cells.values()):
-            continue
-        if _blank(cells.get("layer")):
+        row = (list(row) + [None] * 3)[:3] if len(row) < 3 else row
+        if len(row) != 3:
             raise ConfigError(
-                f"override row {n} has values but no layer index", field="layer_config"
-            )
-        try:
-            f = float(str(cells["layer"]).strip())  # "2" and "2.0" (numeric cells) are layer 2
-            if f != int(f):
-                raise ValueError
-            layer = int(f)
-        except (ValueError, OverflowError):  # "x", "1.5", "inf"
-            raise ConfigError(
-                f"override row {n}: layer {cells['layer']!r} is not a layer index",
+                f"override row {n} has {len(row)} cells; the columns are layer, field, value",
                 field="layer_config",
-            ) from None
-        if layer in out:
+            )
+        layer_cell, name_cell, value = row
+        if all(_blank(c) for c in row):
+            continue
+        if _blank(layer_cell):
+            raise ConfigError(f"override row {n} has no layer index", field="layer_config")
+        layer = _layer(layer_cell, n)
+        name = "" if _blank(name_cell) else str(name_cell).strip()
+        if name not in LAYER_FIELDS:
             raise ConfigError(
-                f"layer {layer} has two override rows; merge them",
+                f"override row {n} (layer {layer}): field {lit(repr(name), 40)} is not a "
+                f"per-layer field; use one of: {', '.join(LAYER_FIELDS)}",
                 field="layer_config",
                 layer=layer,
             )
-        out[layer] = {
-            name: _coerce(name, cell, layer)
-            for name, cell in cells.items()
-            if name != "layer" and not _blank(cell)
-        }
+        if _blank(value):
+            raise ConfigError(
+                f"override row {n}: {name} in layer {layer} has no value (delete the row to "
+                f"inherit); {info(name)}",
+                field=name,
+                layer=layer,
+            )
+        over = out.setdefault(layer, {})
+        if name in over:
+            raise ConfigError(
+                f"{name} is set twice for layer {layer}; keep one row", field=name, layer=layer
+            )
+        over[name] = _coerce(name, value, layer)
     return out
-
-
-BLANK_ROWS = 3  # empty rows under the overrides, to type new layers into
 
 
 def overrides_to_rows(
     layer_config: dict[Any, dict[str, Any]], blank_rows: int = BLANK_ROWS
 ) -> list[list[str]]:
-    """layer_config -> table rows of strings (blank = inherit), plus empty rows to type into.
-    The blank rows come with the table, not one at a time from the server: re-rendering the
-    table while the user edits it can leave the new cells refusing to open an editor."""
+    """layer_config -> long table rows of strings (layer, field, value), in layer then field
+    order, plus empty rows to type into. The blank rows come with the table, not one at a time
+    from the server: re-rendering the table while the user edits it can leave the new cells
+    refusing to open an editor."""
     rows = []
     for layer, over in sorted(((int(k), v) for k, v in layer_config.items())):
-        row = [str(layer)]
-        for name in OVERRIDE_COLUMNS[1:]:
-            if name not in over:
-                row.append("")
-            else:
-                row.append(str(to_widget(name, over[name])))
-        rows.append(row)
-    rows += [[""] * len(OVERRIDE_COLUMNS) for _ in range(blank_rows)]
+        for name in LAYER_FIELDS:
+            if name in over:
+                rows.append([str(layer), name, str(to_widget(name, over[name]))])
+    rows += [[""] * len(TABLE_COLUMNS) for _ in range(blank_rows)]
     return rows

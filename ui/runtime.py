@@ -9,8 +9,6 @@ call and returns plain CPU data. Elsewhere `gpu` is a no-op and models live in t
 from __future__ import annotations
 
 import os
-import resource
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,16 +37,59 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def cuda_ok() -> bool:
+    return torch.cuda.is_available()
+
+
 def tensor_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer (what the weights occupy, wherever they are)."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+def _status_kib(key: str) -> int | None:
+    """A 'VmRSS:'/'VmHWM:' figure of /proc/self/status in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class RunMemory:
+    """This run's own peak memory, nothing of other sessions': on CUDA the peak allocated
+    during the run (the model's weights included), on CPU the peak resident memory above what
+    the process held when the run started. Linux lets the peak be reset (clear_refs "5");
+    elsewhere the figure falls back to the resident memory at the end of the run."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self) -> RunMemory:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = _status_kib("VmRSS:") or 0
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset the peak resident size (VmHWM) to the current one
+                self.hwm = True
+            except OSError:
+                self.hwm = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device == "cuda":
+            self.peak = torch.cuda.max_memory_allocated()
+            self.kind = "CUDA peak allocated during this run, weights included"
+        else:
+            end = _status_kib("VmHWM:" if self.hwm else "VmRSS:") or self.start
+            self.peak = max(0, end - self.start)
+            self.kind = "this run's peak resident memory above its start"
 
 
 def _sync(device: str) -> None:
@@ -86,9 +127,13 @@ def make_tokens(
     return tokens.to("meta") if device == "meta" else tokens
 
 
-def parse_token_ids(text: str) -> torch.Tensor | None:
-    """'1 2 3; 4 5 6' -> tensor [[1,2,3],[4,5,6]] (rows by ';' or newline); '' -> None."""
-    text = (text or "").strip()
+def parse_token_ids(text: str, vocab_size: int | None = None) -> torch.Tensor | None:
+    """'1 2 3; 4 5 6' -> tensor [[1,2,3],[4,5,6]] (rows by ';' or newline); '' -> None.
+    Every id must lie in 0..vocab_size-1 (when given): the message names the first that does
+    not."""
+    if not isinstance(text, str):
+        raise ValueError(f"token ids must be text like '1 2 3; 4 5 6', got {type(text).__name__}")
+    text = text.strip()
     if not text:
         return None
     rows = [r for r in text.replace("\n", ";").split(";") if r.strip()]
@@ -97,17 +142,24 @@ def parse_token_ids(text: str) -> torch.Tensor | None:
         try:
             ids.append([int(t) for t in r.replace(",", " ").split()])
         except ValueError:
+            shown = r if len(r) <= 60 else r[:60] + "..."
             raise ValueError(
-                f"token ids must be integers separated by spaces or commas, rows by ';': {r!r}"
+                f"token ids must be whole numbers separated by spaces or commas, rows by ';': "
+                f"{shown!r}"
             ) from None
     if len({len(r) for r in ids}) != 1:
         raise ValueError(
-            f"every row of token ids needs the same length, got {[len(r) for r in ids]}"
+            f"every row of token ids needs the same length, got {[len(r) for r in ids][:8]}"
         )
-    try:
-        return torch.tensor(ids, dtype=torch.long)
-    except (RuntimeError, OverflowError):
-        raise ValueError("token ids must be non-negative integers below 2**63") from None
+    hi = vocab_size if vocab_size is not None else 2**63
+    for row in ids:
+        for t in row:
+            if not 0 <= t < hi:
+                shown = str(t) if len(str(t)) <= 30 else str(t)[:30] + "..."
+                raise ValueError(
+                    f"token id {shown} is outside the vocabulary; allowed: 0..{hi - 1}"
+                )
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict[str, Any]:
@@ -120,22 +172,37 @@ def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict
     meta = device == "meta"
     B, S = tokens.shape
     model.reset_cache()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    # full: the last layer routes every position too (the expert-load plot shows them all)
-    logits = model(tokens.to(model.device), start_pos=0, full=True)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
+    mem = RunMemory(device)
+    with mem:
+        t0 = time.perf_counter()
+        # full: the last layer routes every position too (the expert-load plot shows them all)
+        logits = model(tokens.to(model.device), start_pos=0, full=True)
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        out = _decode(model, logits, tokens, decode_steps, prefill_s) if not meta else {}
+    if meta:
+        return {
+            "device": device,
+            "dtype": model.dtype_name,
+            "input_shape": [B, S],
+            "output_shape": list(logits.shape),
+            "meta": True,
+        }
+    out.update(peak_bytes=mem.peak, peak_kind=mem.kind)
+    return out
+
+
+def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[str, Any]:
+    """After the prefill: routing statistics, then greedy decoding with the KV cache."""
+    device = model.device.type
+    B, S = tokens.shape
     out: dict[str, Any] = {
         "device": device,
         "dtype": model.dtype_name,
         "input_shape": [B, S],
         "output_shape": list(logits.shape),
-        "meta": meta,
+        "meta": False,
     }
-    if meta:
-        return out
     out["routing"] = _routing_stats(model)  # of the prefill, before decoding overwrites them
     # A fingerprint of the prefill logits: tells runs (and sessions) apart at a glance.
     out["logits_head"] = [round(v, 6) for v in logits[0, :4].float().tolist()]
@@ -158,8 +225,6 @@ def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict
         generated=[list(col) for col in zip(*generated)] if generated else [],
         logits_finite=bool(torch.isfinite(logits.float()).all()),
         kv_cache_bytes=model.cache_bytes(),
-        peak_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes(),
-        peak_kind="CUDA max allocated" if device == "cuda" else "process peak RSS",
     )
     return out
 

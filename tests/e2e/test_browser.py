@@ -72,10 +72,14 @@ def _edit_cell(page, row: int, col: int, text: str) -> None:
                 raise
 
 
+def _edit_row(page, row: int, layer: str, field: str, value: str) -> None:
+    """One override row of the (layer, field, value) table."""
+    for col, text in enumerate((layer, field, value)):
+        _edit_cell(page, row, col, text)
+
+
 def test_page_build_forward_plots(url):
     from playwright.sync_api import expect, sync_playwright
-
-    from ui.fields import OVERRIDE_COLUMNS
 
     ARTIFACTS.mkdir(exist_ok=True)
     held_before = _models_held()  # other tests' sessions in this process
@@ -96,19 +100,14 @@ def test_page_build_forward_plots(url):
             page.wait_for_selector("#layer-map .js-plotly-plot", timeout=30_000)
 
             # One override: layer 2 gets 8 heads -> the config and the estimate change.
-            _edit_cell(page, 0, 0, "2")
-            _edit_cell(page, 0, OVERRIDE_COLUMNS.index("n_heads"), "8")
+            _edit_row(page, 0, "2", "n_heads", "8")
             expect(page.locator("#config-msg")).to_contain_text("1 layer override", timeout=30_000)
             expect(page.locator("#estimate-summary")).not_to_contain_text("387,416", timeout=30_000)
             # A second blank row waits under the first: layer 3 goes dense, and layer 2's edit
             # stays.
-            _edit_cell(page, 1, 0, "3")
-            _edit_cell(page, 1, OVERRIDE_COLUMNS.index("ffn"), "dense")
+            _edit_row(page, 1, "3", "ffn", "dense")
             expect(page.locator("#config-msg")).to_contain_text("2 layer override", timeout=30_000)
-            heads = page.locator(
-                f"#overrides [data-testid='cell-0-{OVERRIDE_COLUMNS.index('n_heads')}']"
-            )
-            expect(heads).to_contain_text("8")
+            expect(page.locator("#overrides [data-testid='cell-0-2']")).to_contain_text("8")
 
             page.locator("#build-btn").click()
             expect(page.locator("#build-msg")).to_contain_text("built", timeout=60_000)
@@ -144,10 +143,8 @@ def test_page_build_forward_plots(url):
             expect(page.locator("#config-msg")).not_to_contain_text("override", timeout=30_000)
             page.get_by_role("button", name="Load", exact=True).click()
             expect(page.locator("#config-msg")).to_contain_text("2 layer override", timeout=30_000)
-            cell = page.locator(
-                f"#overrides [data-testid='cell-0-{OVERRIDE_COLUMNS.index('n_heads')}']"
-            )
-            expect(cell).to_contain_text("8")
+            expect(page.locator("#overrides [data-testid='cell-0-1']")).to_contain_text("n_heads")
+            expect(page.locator("#overrides [data-testid='cell-0-2']")).to_contain_text("8")
             assert not errors, errors
         finally:
             browser.close()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ui import handlers as h
-from ui import state
+from ui import settings, state
 from ui.state import Session
+from ui.tabs import configure, run
 
 
 def _build(session: Session, seed: int, preset: str = "tiny") -> tuple[Session, str, dict]:
-    cfg, _ = h.load_preset(preset)
-    return h.build(cfg, "cpu", "fp32", seed, session, None, progress=lambda *a, **k: None)
+    cfg, _ = configure.load_preset(preset)
+    return run.build(cfg, "cpu", "fp32", seed, session, None, progress=lambda *a, **k: None)
 
 
 class _Req:
@@ -21,21 +21,21 @@ class _Req:
 
 def test_server_budget_evicts_least_recently_used_idle_model(monkeypatch):
     one = _build(Session(), 0)[0].model_bytes
-    monkeypatch.setattr(h, "SERVER_LIMIT", int(one * 2.5))  # room for two tiny models
+    monkeypatch.setattr(settings, "SERVER_MEMORY", int(one * 2.5))  # room for two tiny models
     state.LIVE.clear()
     a, b, c = Session(), Session(), Session()
     for s, name, seed in ((a, "a", 1), (b, "b", 2), (c, "c", 3)):
-        cfg, _ = h.load_preset("tiny")
-        s, msg, info = h.build(
-            cfg, "cpu", "fp32", seed, s, _Req(name), progress=lambda *a, **k: None
+        cfg, _ = configure.load_preset("tiny")
+        s, msg, info = run.build(
+            cfg, "cpu", "fp32", seed, s, request=_Req(name), progress=lambda *a, **k: None
         )
         assert info["ok"], msg
         if name == "b":
             # a is used again after b was built: b is now the least recently used
-            assert h.forward(a, 1, 4, 0, "", 0)[2]["ok"]
+            assert run.forward(a, 1, 4, 0, "", 0)[2]["ok"]
     assert a.model is not None and c.model is not None
     assert b.model is None and "freed to make room" in b.notes["evicted"]
-    msg = h.forward(b, 1, 4, 0, "", 0)[1]
+    msg = run.forward(b, 1, 4, 0, "", 0)[1]
     assert "freed to make room" in msg and "build again" in msg
     assert state.held_bytes() <= int(one * 2.5)
     state.LIVE.clear()
@@ -52,9 +52,9 @@ def test_refused_build_keeps_previous_model(monkeypatch):
 
 def test_release_endpoint_frees():
     s, _, _ = _build(Session(), 0)
-    s, msg = h.release_model(s)
+    s, msg = run.release_model(s)
     assert s.model is None and "freed" in msg
-    assert h.release_model(s)[1] == "nothing to free"
+    assert run.release_model(s)[1] == "nothing to free"
 
 
 @pytest.mark.slow

@@ -12,14 +12,15 @@ import torch
 from safetensors.torch import save_file
 
 from dsv3.checkpoint import dsv3_to_hf_state_dict, hf_config_from_args
-from ui import handlers
 from ui.state import Session
+from ui.tabs import configure, run
+from ui.tabs import files as files_tab
 
 
 @pytest.fixture
 def session() -> Session:
-    cfg = handlers.initial_config()
-    s, msg, info = handlers.build(cfg, "cpu", "fp32", 0, None, progress=lambda *a, **k: None)
+    cfg = configure.initial_config()
+    s, msg, info = run.build(cfg, "cpu", "fp32", 0, None, progress=lambda *a, **k: None)
     assert info["ok"], msg
     return s
 
@@ -85,7 +86,7 @@ def test_bad_hf_upload_is_a_message_and_harms_nothing(tmp_path, session, monkeyp
     monkeypatch.setattr(pickle, "load", no_unpickling)
     monkeypatch.setattr(pickle, "loads", no_unpickling)
     monkeypatch.setattr(torch, "load", no_unpickling)
-    s, cfg, msg = handlers.import_hf(files, "cpu", "fp32", session)
+    s, cfg, msg = files_tab.import_hf(files, "cpu", "fp32", session)
     assert msg.startswith("⚠") and expect.lower() in msg.lower(), msg
     assert "Traceback" not in msg
     assert s.model is model_before and s.config == cfg_before  # nothing lost

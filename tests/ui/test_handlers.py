@@ -1,4 +1,4 @@
-"""ui.handlers / ui.fields / ui.state / ui.runtime as plain Python: values in, data out.
+"""ui.tabs / ui.fields / ui.state / ui.runtime as plain Python: values in, data out.
 
 Bad input must come back as a message naming the field (and layer) while the previous config and
 model are kept; figures must carry the numbers dsv3 computed.
@@ -15,32 +15,31 @@ import pytest
 
 from dsv3 import ConfigError, ModelArgs, presets
 from dsv3.config import LAYER_FIELDS
-from ui import fields, handlers, runtime
+from ui import fields, layout, runtime, settings
 from ui.state import LIVE, Session, free_session, release
+from ui.tabs import configure, estimate, inspect, run
+from ui.tabs import files as files_tab
 
 NO_PROGRESS = lambda *a, **k: None  # noqa: E731
 
 
 def blank_row() -> list[str]:
-    return [""] * len(fields.OVERRIDE_COLUMNS)
+    return [""] * len(fields.TABLE_COLUMNS)
 
 
-def row(layer, **over) -> list[str]:
-    r = blank_row()
-    r[0] = str(layer)
-    for k, v in over.items():
-        r[fields.OVERRIDE_COLUMNS.index(k)] = v
-    return r
+def row(layer, **over) -> list[list[str]]:
+    """The override table's rows for one layer: (layer, field, value) each."""
+    return [[str(layer), k, v] for k, v in over.items()]
 
 
 @pytest.fixture(scope="module")
 def tiny_cfg() -> dict:
-    return handlers.initial_config()
+    return configure.initial_config()
 
 
 @pytest.fixture(scope="module")
 def built(tiny_cfg) -> Session:
-    session, msg, info = handlers.build(tiny_cfg, "cpu", "fp32", 0, None, progress=NO_PROGRESS)
+    session, msg, info = run.build(tiny_cfg, "cpu", "fp32", 0, None, progress=NO_PROGRESS)
     assert info["ok"], msg
     return session
 
@@ -70,10 +69,10 @@ def test_every_preset_round_trips_through_the_form(name):
 def test_override_cells_arrive_as_strings_and_are_coerced(tiny_cfg):
     values, _ = fields.dict_to_form(tiny_cfg)
     rows = [
-        row(2, n_heads="8", route_scale="1.5", gate_bias="false", score_func="softmax"),
-        row(" 3 ", ffn="dense", inter_dim="64.0", gate_bias="auto"),
+        *row(2, n_heads="8", route_scale="1.5", gate_bias="false", score_func="softmax"),
+        *row(" 3 ", ffn="dense", inter_dim="64.0", gate_bias="auto"),
         blank_row(),
-        [None] * len(fields.OVERRIDE_COLUMNS),
+        [None] * len(fields.TABLE_COLUMNS),
     ]
     cfg = fields.form_to_dict(values, rows)
     assert cfg["layer_config"] == {
@@ -84,28 +83,31 @@ def test_override_cells_arrive_as_strings_and_are_coerced(tiny_cfg):
     assert args.for_layer(2).n_heads == 8 and args.for_layer(3).ffn == "dense"
     # and back to rows: blank = inherit
     back = fields.overrides_to_rows(args.layer_config)
-    assert back[0][fields.OVERRIDE_COLUMNS.index("n_heads")] == "8"
-    assert back[1][fields.OVERRIDE_COLUMNS.index("gate_bias")] == "auto"
-    assert back[0][fields.OVERRIDE_COLUMNS.index("inter_dim")] == ""
+    assert ["2", "n_heads", "8"] in back and ["3", "gate_bias", "auto"] in back
+    assert not any(r[:2] == ["2", "inter_dim"] for r in back)
     assert back[-1] == blank_row()
+    assert fields.parse_overrides(back) == args.layer_config
 
 
 @pytest.mark.parametrize(
     "rows, field, layer",
     [
-        ([row(2, n_heads="many")], "n_heads", 2),
-        ([row(2, n_heads="2.5")], "n_heads", 2),
-        ([row(1, n_heads="0")], "n_heads", 1),
-        ([row(3, gate_bias="maybe")], "gate_bias", 3),
-        ([row(9, n_heads="2")], "layer_config", 9),
-        ([row("", n_heads="2")], "layer_config", None),
-        ([row(1, n_heads="2"), row(1, v_head_dim="8")], "layer_config", 1),
+        (row(2, n_heads="many"), "n_heads", 2),
+        (row(2, n_heads="2.5"), "n_heads", 2),
+        (row(1, n_heads="0"), "n_heads", 1),
+        (row(3, gate_bias="maybe"), "gate_bias", 3),
+        (row(9, n_heads="2"), "layer_config", 9),
+        (row("", n_heads="2"), "layer_config", None),
+        (row(1, n_heads="2") + row(1, n_heads="8"), "n_heads", 1),
+        (row(1, n_heds="2"), "layer_config", 1),
+        (row(1, n_heads=""), "n_heads", 1),
+        (row(2, n_routed_experts="7"), "n_routed_experts", 2),
     ],
 )
 def test_bad_overrides_name_field_and_layer(tiny_cfg, rows, field, layer):
     values, _ = fields.dict_to_form(tiny_cfg)
-    new, msg = handlers.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
-    assert new is tiny_cfg  # the last valid config is kept
+    new, msg, err = configure.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
+    assert new is tiny_cfg and err == msg  # the last valid config is kept, the error marked
     assert msg.startswith("⚠") and f"**{field}**" in msg
     if layer is not None:
         assert f"layer **{layer}**" in msg
@@ -121,43 +123,51 @@ def test_override_table_columns_by_name(tiny_cfg):
     }
     with pytest.raises(ConfigError, match="'dim' is not a per-layer field"):
         fields.parse_overrides({"headers": ["layer", "dim"], "data": [[1, 8]]})
+    with pytest.raises(ConfigError, match="column 'Header 4' is not one of them"):
+        fields.parse_overrides(
+            {"headers": ["layer", "field", "value", "Header 4"], "data": [[1, "n_heads", 8, 2]]}
+        )
+    long = {"headers": ["layer", "field", "value"], "data": [["1", "n_heads", "8"]]}
+    assert fields.parse_overrides(long) == {1: {"n_heads": 8}}
 
 
 def test_bad_global_field_keeps_previous_config(tiny_cfg):
     values, rows = fields.dict_to_form(tiny_cfg)
     values[fields.FORM_FIELDS.index("n_dense_layers")] = 99
-    new, msg = handlers.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
-    assert new is tiny_cfg and "**n_dense_layers**" in msg
+    new, msg, err = configure.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
+    assert new is tiny_cfg and "**n_dense_layers**" in msg and err
     values[fields.FORM_FIELDS.index("n_dense_layers")] = None  # a cleared Number
-    new, msg = handlers.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
+    new, msg, err = configure.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
     assert new is tiny_cfg and "is empty" in msg
     values[fields.FORM_FIELDS.index("n_dense_layers")] = 2.0  # Numbers may send floats
-    new, msg = handlers.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
-    assert new["n_dense_layers"] == 2 and msg.startswith("✔")
+    new, msg, err = configure.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
+    assert new["n_dense_layers"] == 2 and msg.startswith("✔") and err == ""
 
 
 # ---------------------------------------------------------------------- presets
 def test_presets_list_and_load():
-    names = handlers.list_presets()
+    names = configure.list_presets()
     assert names[0] == "tiny" and "deepseek-v3-671b" in names
-    cfg, msg = handlers.load_preset("deepseek-v3-671b")
+    cfg, msg = configure.load_preset("deepseek-v3-671b")
     assert cfg["dim"] == 7168 and "671.03B" in msg
-    skip, msg = handlers.load_preset("nope")
-    assert "**preset**" in msg and "known presets" in msg
+    skip, msg = configure.load_preset("nope")
+    assert "**preset**" in msg and "choose one of tiny" in msg
 
 
 def test_config_to_form_fills_every_widget_and_the_table(tiny_cfg):
-    out = handlers.config_to_form(presets.load("mixed-layers").to_dict())
-    assert len(out) == len(fields.FORM_FIELDS) + 2
+    out = configure.config_to_form(presets.load("mixed-layers").to_dict())
+    assert len(out) == len(fields.FORM_FIELDS) + 3
     assert out[fields.FORM_FIELDS.index("gate_bias")] == "true"
     assert out[fields.FORM_FIELDS.index("scale_fmt")] == "none"
-    assert [r[0] for r in out[-2]] == ["2", "3", "4", "5", "6", "7"] + [""] * fields.BLANK_ROWS
-    assert "6 layer override(s)" in out[-1]
+    layers = [r[0] for r in out[-3] if r[0]]
+    assert sorted(set(layers), key=int) == ["2", "3", "4", "5", "6", "7"]
+    assert out[-3][-fields.BLANK_ROWS :] == [blank_row()] * fields.BLANK_ROWS
+    assert "6 layer override(s)" in out[-2] and out[-1] == ""
 
 
 # ---------------------------------------------------------------------- estimate and rotary
 def test_estimate_tiny(tiny_cfg):
-    md, table, layer_map, params = handlers.estimate(tiny_cfg, "cpu", "fp32", 2, 64, 1)
+    md, table, layer_map, params = estimate.estimate(tiny_cfg, "cpu", "fp32", 2, 64, 1)
     assert "parameters" in md and "active" in md and "per token" in md
     assert "fits" in md and "naive" in md and "absorb (configured)" in md
     assert len(table) == tiny_cfg["n_layers"] and "params" in table.columns
@@ -165,9 +175,9 @@ def test_estimate_tiny(tiny_cfg):
 
 
 def test_estimate_671b_is_fast_and_reports_per_gpu():
-    cfg, _ = handlers.load_preset("deepseek-v3-671b")
+    cfg, _ = configure.load_preset("deepseek-v3-671b")
     t0 = time.perf_counter()
-    md, table, *_ = handlers.estimate(cfg, "cpu", "bf16", 1, 4096, 8)
+    md, table, *_ = estimate.estimate(cfg, "cpu", "bf16", 1, 4096, 8)
     assert time.perf_counter() - t0 < 3.0
     assert "671,026,419,200 parameters" in md
     assert "per GPU with 8 GPU(s)" in md and "does not fit" in md
@@ -175,14 +185,14 @@ def test_estimate_671b_is_fast_and_reports_per_gpu():
 
 
 def test_estimate_bad_input_is_a_message(tiny_cfg):
-    md, *rest = handlers.estimate(tiny_cfg, "cpu", "fp32", 1, 10**6, 1)
+    md, *rest = estimate.estimate(tiny_cfg, "cpu", "fp32", 1, 10**6, 1)
     assert md.startswith("⚠") and "max_seq_len" in md
-    md, *rest = handlers.estimate({**tiny_cfg, "dim": 0}, "cpu", "fp32", 1, 0, 1)
+    md, *rest = estimate.estimate({**tiny_cfg, "dim": 0}, "cpu", "fp32", 1, 0, 1)
     assert "**dim**" in md
 
 
 def test_rotary_handler(tiny_cfg):
-    freqs, tables, cos, sin, md = handlers.rotary(tiny_cfg, 16)
+    freqs, tables, cos, sin, md = inspect.rotary(tiny_cfg, 16)
     assert {t.name for t in freqs.data} >= {"plain rotary", "ramp"}
     assert any(t.name.startswith("YaRN") for t in freqs.data if t.name)
     assert len(cos) == 16 and list(cos.columns)[0] == "pos"
@@ -193,7 +203,7 @@ def test_rotary_handler(tiny_cfg):
 # ---------------------------------------------------------------------- build and run
 def test_build_reports_progress_time_and_memory(tiny_cfg):
     calls = []
-    session, msg, info = handlers.build(
+    session, msg, info = run.build(
         tiny_cfg, "cpu", "fp32", 1, None, progress=lambda p, **k: calls.append(p)
     )
     assert info["ok"] and info["built"] and info["model_bytes"] > 0
@@ -204,7 +214,7 @@ def test_build_reports_progress_time_and_memory(tiny_cfg):
 
 
 def test_forward_and_every_figure_has_the_data(built, tiny_cfg):
-    out = handlers.forward(built, 2, 12, 0, "", 2)
+    out = run.forward(built, 2, 12, 0, "", 2)
     session, md, info, trace_df, trace_fig, heat, balance, balance_df = out
     assert info["ok"], md
     assert info["output_shape"] == [2, tiny_cfg["vocab_size"]]
@@ -222,39 +232,39 @@ def test_forward_and_every_figure_has_the_data(built, tiny_cfg):
 
 
 def test_forward_with_typed_token_ids(built):
-    _, md, info, *_ = handlers.forward(built, 1, 1, 0, "1 2 3; 4 5 6", 0)
+    _, md, info, *_ = run.forward(built, 1, 1, 0, "1 2 3; 4 5 6", 0)
     assert info["ok"] and info["input_shape"] == [2, 3]
-    _, md, info, *rest = handlers.forward(built, 1, 1, 0, "1 2 99999", 0)
-    assert not info["ok"] and "**tokens**" in md and "vocabulary" in md
+    _, md, info, *rest = run.forward(built, 1, 1, 0, "1 2 99999", 0)
+    assert not info["ok"] and "**token ids**" in md and "vocabulary" in md
     assert all(r is not None for r in rest)
 
 
 def test_forward_errors_are_messages(built, tiny_cfg):
-    _, md, info, *_ = handlers.forward(built, 99, 4, 0, "", 0)
+    _, md, info, *_ = run.forward(built, 99, 4, 0, "", 0)
     assert not info["ok"] and "max_batch_size" in md
-    _, md, info, *_ = handlers.forward(Session(), 1, 4, 0, "", 0)
+    _, md, info, *_ = run.forward(Session(), 1, 4, 0, "", 0)
     assert not info["ok"] and "Build" in md
 
 
 def test_build_refused_before_allocating_keeps_previous_model(built, tiny_cfg, monkeypatch):
     model = built.model
     monkeypatch.setenv("DSV3_MEMORY_LIMIT", "1KiB")
-    session, msg, info = handlers.build(tiny_cfg, "cpu", "fp32", 0, built, progress=NO_PROGRESS)
+    session, msg, info = run.build(tiny_cfg, "cpu", "fp32", 0, built, progress=NO_PROGRESS)
     assert not info["ok"] and session.model is model
     assert "Not built" in msg and "fp8" in msg and "meta" in msg and "previous model is kept" in msg
 
 
 def test_bad_config_build_keeps_previous_model(built):
     model = built.model
-    session, msg, info = handlers.build({"dim": -1}, "cpu", "fp32", 0, built, progress=NO_PROGRESS)
+    session, msg, info = run.build({"dim": -1}, "cpu", "fp32", 0, built, progress=NO_PROGRESS)
     assert session.model is model and "**dim**" in msg and not info["ok"]
 
 
 def test_671b_on_meta_gives_shapes():
-    cfg, _ = handlers.load_preset("deepseek-v3-671b")
-    session, msg, info = handlers.build(cfg, "meta", "bf16", 0, None, progress=NO_PROGRESS)
+    cfg, _ = configure.load_preset("deepseek-v3-671b")
+    session, msg, info = run.build(cfg, "meta", "bf16", 0, None, progress=NO_PROGRESS)
     assert info["ok"] and info["device"] == "meta"
-    out = handlers.forward(session, 1, 4, 0, "", 0)
+    out = run.forward(session, 1, 4, 0, "", 0)
     assert out[2]["meta"] and out[2]["output_shape"] == [1, 129280]
     assert "shapes only" in out[1]
     assert out[3].iloc[-1]["shape"] == "[1, 129280]"
@@ -265,17 +275,17 @@ def test_build_registers_session_for_unload(tiny_cfg):
     class Req:
         session_hash = "abc"
 
-    session, _, info = handlers.build(
+    session, _, info = run.build(
         tiny_cfg, "meta", "fp32", 0, None, request=Req(), progress=NO_PROGRESS
     )
     assert LIVE["abc"] is session
-    handlers.on_unload(Req())
+    layout.on_unload(Req())
     assert "abc" not in LIVE and session.model is None
     assert release("abc") is False
 
 
 def test_state_delete_callback_frees(tiny_cfg):
-    session, _, _ = handlers.build(tiny_cfg, "meta", "fp32", 0, None, progress=NO_PROGRESS)
+    session, _, _ = run.build(tiny_cfg, "meta", "fp32", 0, None, progress=NO_PROGRESS)
     free_session(session)
     assert session.model is None and session.summary() == {"built": False}
     free_session(None)
@@ -283,52 +293,53 @@ def test_state_delete_callback_frees(tiny_cfg):
 
 # ---------------------------------------------------------------------- browser, files
 def test_browser_save_load_delete(tiny_cfg):
-    store, dd, msg = handlers.save_browser({}, "mine", tiny_cfg)
+    store, dd, msg = configure.save_browser({}, "mine", tiny_cfg)
     assert store == {"mine": tiny_cfg} and dd["value"] == "mine"
     json.dumps(store)  # plain JSON-safe data
-    cfg, msg = handlers.load_browser(store, "mine")
+    cfg, msg = configure.load_browser(store, "mine")
     assert cfg == tiny_cfg
-    _, _, msg = handlers.save_browser(store, "  ", tiny_cfg)
+    assert configure.not_a_preset(msg)["value"] is None  # the preset name no longer applies
+    _, _, msg = configure.save_browser(store, "  ", tiny_cfg)
     assert msg.startswith("⚠")
-    store2, dd, msg = handlers.delete_browser(store, "mine")
+    store2, dd, msg = configure.delete_browser(store, "mine")
     assert store2 == {} and dd["choices"] == []
 
 
 def test_config_download_upload_round_trip(tiny_cfg):
-    update, msg = handlers.export_config(tiny_cfg, "my preset")
+    update, msg = configure.export_config(tiny_cfg, "my preset")
     path = update["value"]
     assert path.endswith("my-preset.json") and update["visible"]
-    cfg, msg = handlers.import_config(path)
+    cfg, msg = configure.import_config(path)
     assert cfg == tiny_cfg and "imported" in msg
 
 
 def test_bad_upload_messages(tmp_path, tiny_cfg):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema": 1, "name": "x", "args": {**tiny_cfg, "n_heads": 0}}))
-    cfg, msg = handlers.import_config(str(bad))
+    cfg, msg = configure.import_config(str(bad))
     assert "**n_heads**" in msg and "bad.json" in msg
     bad.write_text("{not json")
-    _, msg = handlers.import_config(str(bad))
+    _, msg = configure.import_config(str(bad))
     assert "not valid JSON" in msg
     bad.write_text(json.dumps({"hidden_size": 10}))
-    _, msg = handlers.import_config(str(bad))
+    _, msg = configure.import_config(str(bad))
     assert "**hidden_size**" in msg
     bad.write_bytes(b"\xff\xfe\x00")
-    _, msg = handlers.import_config(str(bad))
+    _, msg = configure.import_config(str(bad))
     assert "UTF-8" in msg
 
 
 def test_export_weights_limits(built, monkeypatch):
-    monkeypatch.setattr(handlers, "EXPORT_LIMIT", 10)
-    path, msg = handlers.export_weights(built)
+    monkeypatch.setattr(settings, "EXPORT_LIMIT", 10)
+    path, msg = files_tab.export_weights(built)
     assert path is None and "export limit" in msg
-    path, msg = handlers.export_weights(Session())
+    path, msg = files_tab.export_weights(Session())
     assert path is None and "Build" in msg
 
 
 def test_export_weights_writes_safetensors(built):
     pytest.importorskip("dsv3.checkpoint")
-    path, msg = handlers.export_weights(built)
+    path, msg = files_tab.export_weights(built)
     assert path and path.endswith(".safetensors"), msg
     from safetensors import safe_open
 
@@ -342,7 +353,7 @@ def test_parse_token_ids():
     assert runtime.parse_token_ids("1 2\n3 4").tolist() == [[1, 2], [3, 4]]
     with pytest.raises(ValueError, match="same length"):
         runtime.parse_token_ids("1 2; 3")
-    with pytest.raises(ValueError, match="integers"):
+    with pytest.raises(ValueError, match="whole numbers"):
         runtime.parse_token_ids("a b")
 
 
@@ -359,31 +370,31 @@ def _hf_checkpoint(folder, model):
 
 def test_import_hf_checkpoint(tmp_path, built):
     files = _hf_checkpoint(tmp_path, built.model)
-    session, cfg, msg = handlers.import_hf(files, "cpu", "fp32", Session())
+    session, cfg, msg = files_tab.import_hf(files, "cpu", "fp32", Session())
     assert msg.startswith("✔"), msg
-    assert session.source == "hf import" and cfg["dim"] == built.config["dim"]
+    assert "config.json" in session.source and cfg["dim"] == built.config["dim"]
     a = session.model.state_dict()["layers.1.ffn.experts.w1"]
     b = built.model.state_dict()["layers.1.ffn.experts.w1"]
     assert a.equal(b)
-    _, md, info, *_ = handlers.forward(session, 1, 4, 0, "", 0)
+    _, md, info, *_ = run.forward(session, 1, 4, 0, "", 0)
     assert info["ok"], md
 
 
 def test_import_hf_refusals(tmp_path, built, monkeypatch):
     files = _hf_checkpoint(tmp_path, built.model)
     session = Session()
-    _, _, msg = handlers.import_hf(files[:1], "cpu", "fp32", session)
-    assert "config.json and at least one .safetensors" in msg
-    monkeypatch.setattr(handlers, "IMPORT_LIMIT", 100)
-    _, _, msg = handlers.import_hf(files, "cpu", "fp32", session)
+    _, _, msg = files_tab.import_hf(files[:1], "cpu", "fp32", session)
+    assert "config.json with its .safetensors" in msg
+    monkeypatch.setattr(settings, "IMPORT_LIMIT", 100)
+    _, _, msg = files_tab.import_hf(files, "cpu", "fp32", session)
     assert "import limit" in msg and session.model is None
-    monkeypatch.setattr(handlers, "IMPORT_LIMIT", 1 << 30)
+    monkeypatch.setattr(settings, "IMPORT_LIMIT", 1 << 30)
     monkeypatch.setenv("DSV3_MEMORY_LIMIT", "1KiB")
-    _, _, msg = handlers.import_hf(files, "cpu", "fp32", session)
+    _, _, msg = files_tab.import_hf(files, "cpu", "fp32", session)
     assert "nothing allocated" in msg and session.model is None
     monkeypatch.delenv("DSV3_MEMORY_LIMIT")
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
-    _, _, msg = handlers.import_hf(files, "cpu", "fp32", session)
+    _, _, msg = files_tab.import_hf(files, "cpu", "fp32", session)
     assert msg.startswith("⚠") and session.model is None
 
 
@@ -399,16 +410,16 @@ def test_build_and_run_in_one_call_returns_plain_data(tiny_cfg):
 def test_launch_kwargs_theme_css_and_optional_login(monkeypatch):
     from ui.layout import launch_kwargs
 
-    monkeypatch.delenv("DSV3_AUTH", raising=False)
+    monkeypatch.setattr(settings, "AUTH", None)
     kw = launch_kwargs()
     assert kw["theme"] is not None and kw["css"] and "auth" not in kw
-    monkeypatch.setenv("DSV3_AUTH", "ann:se:cret")
+    monkeypatch.setattr(settings, "AUTH", ("ann", "se:cret"))
     assert launch_kwargs()["auth"] == ("ann", "se:cret")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_without_cuda_is_a_message(tiny_cfg):
-    session, msg, info = handlers.build(tiny_cfg, "cuda", "bf16", 0, None, progress=NO_PROGRESS)
+    session, msg, info = run.build(tiny_cfg, "cuda", "bf16", 0, None, progress=NO_PROGRESS)
     assert not info["ok"] and "**device**" in msg and session.model is None
 
 
@@ -427,63 +438,64 @@ def test_cuda_asked_without_cuda_is_a_message(tiny_cfg):
 )
 def test_empty_or_negative_run_fields_are_messages(built, kwargs, field):
     args = {**dict(batch=1, seq_len=4, token_seed=0, token_ids="", decode_steps=0), **kwargs}
-    _, md, info, *_ = handlers.forward(built, **args)
+    _, md, info, *_ = run.forward(built, **args)
     assert not info["ok"] and md.startswith("⚠") and "Traceback" not in md
     if field:
         assert f"**{field}**" in md
 
 
 def test_meta_run_applies_the_same_checks(tiny_cfg):
-    s, msg, info = handlers.build(tiny_cfg, "meta", "bf16", 0, None, progress=NO_PROGRESS)
+    s, msg, info = run.build(tiny_cfg, "meta", "bf16", 0, None, progress=NO_PROGRESS)
     assert info["ok"] and s.model_bytes == 0  # meta holds no memory
-    _, md, info, *_ = handlers.forward(s, 1, 1, 0, "1 2 4096", 0)
-    assert not info["ok"] and "**tokens**" in md
-    _, md, info, *_ = handlers.forward(s, 2, 510, 0, "", 5)
+    _, md, info, *_ = run.forward(s, 1, 1, 0, "1 2 4096", 0)
+    assert not info["ok"] and "**token ids**" in md
+    _, md, info, *_ = run.forward(s, 2, 510, 0, "", 5)
     assert not info["ok"] and "max_seq_len" in md
 
 
 @pytest.mark.parametrize("seed", [None, "", -1, "x"])
 def test_bad_seed_keeps_previous_model(built, tiny_cfg, seed):
     model = built.model
-    s, msg, info = handlers.build(tiny_cfg, "cpu", "fp32", seed, built, progress=NO_PROGRESS)
+    s, msg, info = run.build(tiny_cfg, "cpu", "fp32", seed, built, progress=NO_PROGRESS)
     assert not info["ok"] and "**seed**" in msg and s.model is model
 
 
 @pytest.mark.parametrize("batch, length, gpus", [(-1, 0, 1), (1, -5, 1), (0, 0, 1), (1, 0, 0)])
 def test_estimate_rejects_nonpositive_sizes(tiny_cfg, batch, length, gpus):
-    md, *_ = handlers.estimate(tiny_cfg, "cpu", "fp32", batch, length, gpus)
+    md, *_ = estimate.estimate(tiny_cfg, "cpu", "fp32", batch, length, gpus)
     assert md.startswith("⚠") and "out of range" in md
 
 
 def test_estimate_says_when_gpus_cannot_split_the_model():
-    cfg, _ = handlers.load_preset("deepseek-v3-671b")
-    md, *_ = handlers.estimate(cfg, "cpu", "fp8", 1, 4096, 32)
+    cfg, _ = configure.load_preset("deepseek-v3-671b")
+    md, *_ = estimate.estimate(cfg, "cpu", "fp8", 1, 4096, 32)
     assert "does not split over 32 GPUs" in md and "inter_dim" in md
-    md, *_ = handlers.estimate(cfg, "cpu", "fp8", 1, 4096, 8)
+    md, *_ = estimate.estimate(cfg, "cpu", "fp8", 1, 4096, 8)
     assert "does not split" not in md
 
 
 @pytest.mark.parametrize("cell", ["inf", "1.5", "x"])
 def test_override_layer_index_must_be_whole(tiny_cfg, cell):
     rows = {"headers": ["layer", "n_heads"], "data": [[cell, "2"]]}
-    kept, msg = handlers.form_changed(tiny_cfg, rows)
-    assert kept == tiny_cfg and "layer" in msg and msg.startswith("⚠")
+    values, _ = fields.dict_to_form(tiny_cfg)
+    kept, msg, _ = configure.form_changed(tiny_cfg, rows, **dict(zip(fields.FORM_FIELDS, values)))
+    assert kept == tiny_cfg and "not a layer index" in msg and msg.startswith("⚠")
 
 
 def test_server_budget_ignores_meta_models_and_own_model(monkeypatch, tiny_cfg):
     from ui import state
 
     state.LIVE.clear()
-    one = handlers.build(tiny_cfg, "cpu", "fp32", 0, None, progress=NO_PROGRESS)[0].model_bytes
-    monkeypatch.setattr(handlers, "SERVER_LIMIT", int(one * 1.5))
-    big, _ = handlers.load_preset("deepseek-v3-671b")
-    meta = handlers.build(big, "meta", "bf16", 0, Session(), _Req("m"), progress=NO_PROGRESS)[0]
+    one = run.build(tiny_cfg, "cpu", "fp32", 0, None, progress=NO_PROGRESS)[0].model_bytes
+    monkeypatch.setattr(settings, "SERVER_MEMORY", int(one * 1.5))
+    big, _ = configure.load_preset("deepseek-v3-671b")
+    meta = run.build(big, "meta", "bf16", 0, Session(), request=_Req("m"), progress=NO_PROGRESS)[0]
     assert meta.model is not None
-    s, msg, info = handlers.build(
-        tiny_cfg, "cpu", "fp32", 1, Session(), _Req("a"), progress=NO_PROGRESS
+    s, msg, info = run.build(
+        tiny_cfg, "cpu", "fp32", 1, Session(), request=_Req("a"), progress=NO_PROGRESS
     )
     assert info["ok"], msg  # the meta model holds no memory
-    s, msg, info = handlers.build(tiny_cfg, "cpu", "fp32", 2, s, _Req("a"), progress=NO_PROGRESS)
+    s, msg, info = run.build(tiny_cfg, "cpu", "fp32", 2, s, request=_Req("a"), progress=NO_PROGRESS)
     assert info["ok"], msg  # its own model is replaced, not counted
     state.LIVE.clear()
 

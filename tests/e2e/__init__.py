@@ -1,0 +1,1 @@
+"""The app end to end: over HTTP and in a real browser."""

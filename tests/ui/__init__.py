@@ -1,0 +1,1 @@
+"""Tests of the app (ui/) as plain Python."""

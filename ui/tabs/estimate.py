@@ -1,0 +1,259 @@
+"""Estimate: what the config costs before anything is allocated (parameters, weights per dtype,
+KV cache, FLOPs, per-GPU memory, whether it fits here) and how fast it could run per GPU type
+(the roofline floor). Reads the config hub; an invalid form marks everything here stale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from dsv3 import ConfigError, ModelArgs
+from dsv3 import estimate as estimate_model
+from dsv3.params import human_bytes
+from dsv3.roofline import speed_table
+
+from .. import lazy, plots
+from ..components import WholeNumber
+from ..messages import args_of, choice, problem, whole
+
+DEVICES = ["auto", "cpu", "cuda", "meta"]
+DTYPES = ["fp32", "bf16", "fp8"]
+SPEED_GPUS = (1, 8)
+
+
+def stale_note(form_error: Any) -> str:
+    """The marker shown above figures while the form holds an error."""
+    if not form_error:
+        return ""
+    return "⚠ **stale**: the form has an error (see Configure); showing the last valid config.\n\n"
+
+
+def _fits_line(nbytes: float, device: str, what: str) -> str:
+    dev = lazy.runtime.resolve_device(device)
+    if dev == "meta":
+        return f"✔ {what} on **meta**: shapes only, nothing is allocated"
+    try:
+        from dsv3 import memory
+
+        fits, reason = memory.check_fits(nbytes, dev)
+    except (RuntimeError, AssertionError) as e:  # e.g. cuda asked on a machine without one
+        return f"✘ {what} on **{dev}**: device not usable here ({e})"
+    return f"{'✔ fits' if fits else '✘ does not fit'} {what} on **{dev}**: {reason}"
+
+
+def request(cfg: Any, device: Any, dtype: Any, batch: Any, length: Any, n_gpus: Any):
+    """The estimate's inputs, checked: (args, device, dtype, batch, length, GPUs); length 0 =
+    max_seq_len."""
+    args = args_of(cfg)
+    device = choice(device, "device", DEVICES)
+    dtype = choice(dtype, "dtype", DTYPES)
+    batch, length = sizes(args, batch, length)
+    n_gpus = whole(n_gpus, "n GPUs", 1, 4096)
+    return args, device, dtype, batch, length, n_gpus
+
+
+def sizes(args: ModelArgs, batch: Any, length: Any) -> tuple[int, int]:
+    """Batch and length (0 = max_seq_len) within the config's max_batch_size / max_seq_len."""
+    batch, length = whole(batch, "batch", 1), whole(length, "length", 0)
+    if batch > args.max_batch_size:
+        raise ConfigError(
+            f"batch={batch} exceeds max_batch_size={args.max_batch_size}; allowed: "
+            f"1..{args.max_batch_size}",
+            field="batch",
+        )
+    if length > args.max_seq_len:
+        raise ConfigError(
+            f"length={length} exceeds max_seq_len={args.max_seq_len}; allowed: "
+            f"0..{args.max_seq_len} (0 = max_seq_len)",
+            field="length",
+        )
+    return batch, length or args.max_seq_len
+
+
+def split_note(args: ModelArgs, n_gpus: int, dtype: str) -> str:
+    """Why the model does not split over n_gpus (tensor/expert parallel), or ""."""
+    if n_gpus == 1:
+        return ""
+    from dsv3.dist.plan import check_shardable
+
+    try:
+        check_shardable(args, n_gpus, dtype=dtype)
+    except ConfigError as why:
+        return f"✘ does not split over {n_gpus} GPUs: {why}"
+    return ""
+
+
+def estimate(
+    cfg: Any,
+    device: Any = "auto",
+    dtype: Any = "bf16",
+    batch: Any = 1,
+    length: Any = 0,
+    n_gpus: Any = 1,
+    form_error: Any = "",
+) -> tuple[str, Any, Any, Any]:
+    """Analytic estimate, no build: -> (summary Markdown, per-layer table, layer map, params)."""
+    try:
+        args, device, dtype, batch, length, n_gpus = request(
+            cfg, device, dtype, batch, length, n_gpus
+        )
+        e = estimate_model(args, dtype=dtype, batch=batch, seq_len=length, n_gpus=n_gpus)
+        note = split_note(args, n_gpus, dtype)
+    except (ConfigError, ValueError) as err:
+        return problem(err), gr.skip(), gr.skip(), gr.skip()
+    md = stale_note(form_error) + summary(e, args, device, dtype, batch, length, note)
+    layers = [la.to_dict() for la in args.layers()]
+    return (
+        md,
+        pd.DataFrame(e["layers"]),
+        plots.layer_map(layers),
+        plots.params_by_group(e["params"]),
+    )
+
+
+def summary(
+    e: dict, args: ModelArgs, device: str, dtype: str, batch: int, length: int, note: str
+) -> str:
+    p = e["params"]
+    wb, kvt, kvc = e["weight_bytes_by_dtype"], e["kv_bytes_per_token"], e["kv_cache_bytes"]
+    mark = {k: " (configured)" if k == args.attn_impl else "" for k in ("naive", "absorb")}
+    kv_dtype = e.get("kv_dtype", dtype)
+    kv_why = " (fp8 models keep their cache in bf16)" if dtype == "fp8" else ""
+    return "\n".join(
+        [
+            f"**{p['total']:,} parameters** ({plots.human(p['total'])}), "
+            f"**{p['active']:,} active** per token ({plots.human(p['active'])})",
+            "",
+            "| | fp32 | bf16 | fp8 |",
+            "|---|---|---|---|",
+            "| weights | " + " | ".join(human_bytes(wb[d]) for d in DTYPES) + " |",
+            "",
+            f"| KV cache, {kv_dtype} bytes{kv_why} | naive{mark['naive']} | "
+            f"absorb{mark['absorb']} |",
+            "|---|---|---|",
+            f"| per token | {human_bytes(kvt['naive'])} | {human_bytes(kvt['absorb'])} |",
+            f"| batch {batch} x {length} | {human_bytes(kvc['naive'])} | "
+            f"{human_bytes(kvc['absorb'])} |",
+            "",
+            f"Forward FLOPs: **{plots.human(e['flops_per_token'])}** per token, "
+            f"{plots.human(e['flops_forward'])} for batch {batch} x {length}.",
+            f"Memory ({dtype} weights, {kv_dtype} activations and cache): weights "
+            f"{human_bytes(e['weight_bytes'])} + activations "
+            f"{human_bytes(e['activation_bytes'])} + KV = **{human_bytes(e['total_bytes'])}**; "
+            f"per GPU with {e['n_gpus']} GPU(s): **{human_bytes(e['per_gpu_bytes'])}**.",
+            "",
+            f"{_fits_line(e['weight_bytes'], device, f'a {dtype} build')}  ",
+            _fits_line(e["per_gpu_bytes"], device, "weights + KV + activations per GPU")
+            + (f"  \n{note}" if note else ""),
+        ]
+    )
+
+
+SPEED_COLUMNS = [
+    "GPU",
+    "GPUs",
+    "fits",
+    "memory per GPU",
+    "prefill (ms)",
+    "prefill bound",
+    "decode (tokens/s)",
+    "decode bound",
+]
+
+
+def speed(
+    cfg: Any, dtype: Any = "bf16", batch: Any = 1, length: Any = 0, form_error: Any = ""
+) -> tuple[str, Any]:
+    """Predicted floors per GPU type (roofline): -> (Markdown, table). Prefill of batch x
+    min(length, 4096) tokens, then one decode step."""
+    try:
+        args = args_of(cfg)
+        dtype = choice(dtype, "dtype", DTYPES)
+        batch, length = sizes(args, batch, length)
+    except (ConfigError, ValueError) as err:
+        return problem(err), gr.skip()
+    prompt = min(length, 4096)
+    rows = speed_table(args, dtype=dtype, batch=batch, prompt_len=prompt, n_gpus=SPEED_GPUS)
+    table = pd.DataFrame(
+        [
+            [
+                r["gpu"],
+                r["n_gpus"],
+                "yes" if r["fits"] else "no",
+                human_bytes(r["bytes_per_gpu"]),
+                round(r["prefill_seconds"] * 1e3, 2),
+                r["prefill_bound"],
+                round(r["decode_tokens_per_s"], 1),
+                r["decode_bound"],
+            ]
+            for r in rows
+        ],
+        columns=SPEED_COLUMNS,
+    )
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    md = stale_note(form_error) + (
+        f"Floors from spec sheets (dsv3.roofline): prefill of **{batch} x {prompt}** tokens, "
+        f"then one decode step at batch {batch}, in {dtype}. A floor is the larger of compute "
+        "time and memory time (plus communication for several GPUs); real runs are slower."
+        + "".join(f"  \n{n}" for n in notes)
+    )
+    return md, table
+
+
+# ---------------------------------------------------------------------- layout
+def render(page: Any) -> None:
+    gr.Markdown("## Estimate")
+    with gr.Row():
+        page.est_batch = WholeNumber(1, label="batch", min_width=80, elem_id="est-batch")
+        page.est_len = WholeNumber(
+            0, label="length", info="0 = max_seq_len", min_width=80, elem_id="est-length"
+        )
+        page.n_gpus = WholeNumber(1, label="n GPUs", min_width=80, elem_id="est-gpus")
+    page.est_md = gr.Markdown(elem_id="estimate-summary")
+
+
+def render_wide(page: Any) -> None:
+    """The full-width parts under Configure / Estimate."""
+    page.layer_map = gr.Plot(label="Layer map", elem_id="layer-map")
+    with gr.Accordion("Per-layer estimate", open=False):
+        page.layers_table = gr.Dataframe(label="per layer", interactive=False, max_height=320)
+    with gr.Accordion("Predicted speed per GPU (roofline floor)", open=False):
+        page.speed_md = gr.Markdown(elem_id="speed-summary")
+        page.speed_table = gr.Dataframe(
+            headers=SPEED_COLUMNS, interactive=False, max_height=420, elem_id="speed-table"
+        )
+
+
+def wire(page: Any) -> None:
+    page.est_in = [
+        page.cfg,
+        page.device,
+        page.dtype,
+        page.est_batch,
+        page.est_len,
+        page.n_gpus,
+        page.form_error,
+    ]
+    page.est_out = [page.est_md, page.layers_table, page.layer_map, page.params_plot]
+    page.speed_in = [page.cfg, page.dtype, page.est_batch, page.est_len, page.form_error]
+    page.speed_out = [page.speed_md, page.speed_table]
+    ev = gr.on(
+        [
+            page.device.change,
+            page.dtype.change,
+            page.est_batch.change,
+            page.est_len.change,
+            page.n_gpus.change,
+        ],
+        estimate,
+        page.est_in,
+        page.est_out,
+        trigger_mode="always_last",
+        show_progress="hidden",
+        api_name="estimate",
+    )
+    ev.then(speed, page.speed_in, page.speed_out, api_name="speed", show_progress="hidden")
+    page.demo.load(estimate, page.est_in, page.est_out, **page.quiet())
+    page.demo.load(speed, page.speed_in, page.speed_out, **page.quiet())

@@ -1,0 +1,241 @@
+"""Files: the built weights as a safetensors download, and a checkpoint import: a Hugging Face
+DeepSeek-V2/V3 checkpoint (config.json + *.safetensors) or the app's own exported file alone
+(its ModelArgs travel in the file's metadata)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from dsv3 import ConfigError, ModelArgs, count_params
+from dsv3 import estimate as estimate_model
+from dsv3.params import human_bytes
+
+from .. import lazy, plots, settings
+from ..messages import choice, lit, ok, problem
+from ..state import Session, make_room
+from .estimate import DEVICES, DTYPES
+from .run import adopt
+
+META_ARGS = "dsv3.args"  # dsv3's own files carry their ModelArgs under this metadata key
+
+
+def _tmp_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="dsv3-"))
+
+
+def export_weights(session: Session | None) -> tuple[Any, str]:
+    """The built weights as a safetensors file (refused above DSV3_EXPORT_LIMIT)."""
+    from dsv3 import checkpoint
+
+    if not isinstance(session, Session) or session.model is None:
+        return None, "⚠ nothing built yet: press Build first"
+    if session.device == "meta":
+        return None, "⚠ a meta model has shapes but no weights to export; build on cpu or cuda"
+    if session.model_bytes > settings.EXPORT_LIMIT:
+        return None, (
+            f"✘ not exported: the weights take {human_bytes(session.model_bytes)}, above the "
+            f"export limit {human_bytes(settings.EXPORT_LIMIT)} (DSV3_EXPORT_LIMIT)"
+        )
+    origin = f"seed{session.seed}" if session.seed is not None else "imported"
+    path = _tmp_dir() / f"dsv3-{session.dtype}-{origin}.safetensors"
+    t0 = time.perf_counter()
+    with session.in_use():
+        checkpoint.save(session.model, path)
+    size = path.stat().st_size
+    return str(path), ok(f"{path.name}: {human_bytes(size)} in {time.perf_counter() - t0:.2f} s")
+
+
+class Refused(Exception):
+    """A request turned down before anything was allocated; the message says why."""
+
+
+def _paths(files: Any) -> list[Path]:
+    files = files if isinstance(files, (list, tuple)) else [files] if files else []
+    out = []
+    for f in files:
+        p = f if isinstance(f, str) else getattr(f, "name", None)
+        if not isinstance(p, str) or not Path(p).is_file():
+            raise Refused("⚠ an uploaded file could not be read; upload it again")
+        out.append(Path(p))
+    return out
+
+
+def _native_args(path: Path) -> ModelArgs | None:
+    """The ModelArgs in a dsv3-exported file's metadata, or None for any other safetensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not a readable safetensors file: the loader says why, by name
+        return None
+    if META_ARGS not in meta:
+        return None
+    try:
+        return ModelArgs.from_json(meta[META_ARGS])
+    except ConfigError as e:
+        raise ConfigError(f"{path.name}: {e}", field=e.field, layer=e.layer) from None
+
+
+def _plan(paths: list[Path]) -> tuple[str, Path | None]:
+    """Which import: ("native", the file) for one dsv3-exported .safetensors (a config.json
+    beside it is not needed), ("hf", None) for config.json + *.safetensors; else Refused."""
+    names = [p.name for p in paths]
+    tensors = [p for p in paths if p.name.endswith(".safetensors")]
+    if len(names) != len(set(names)):
+        raise Refused("⚠ two uploaded files have the same name; upload each file once")
+    if len(tensors) == 1 and _native_args(tensors[0]) is not None:
+        return "native", tensors[0]
+    if "config.json" not in names or not tensors:
+        raise Refused(
+            "⚠ upload a checkpoint: a Hugging Face config.json with its .safetensors file(s), "
+            "or a .safetensors file exported by this app"
+        )
+    return "hf", None
+
+
+def _size_check(paths: list[Path]) -> None:
+    total = sum(p.stat().st_size for p in paths)
+    if total > settings.IMPORT_LIMIT:
+        raise Refused(
+            f"✘ not imported: {human_bytes(total)} uploaded, above the import limit "
+            f"{human_bytes(settings.IMPORT_LIMIT)} (DSV3_IMPORT_LIMIT)"
+        )
+
+
+def _clean(text: str, folder: Path) -> str:
+    """A loader's message with the private temp folder replaced by 'the upload'."""
+    text = text.replace(str(folder), "the upload").replace(folder.name, "the upload")
+    return re.sub(r"/tmp/[^\s:'\"]*dsv3-[a-z0-9_]+", "the upload", text)
+
+
+def _load(paths: list[Path], dev: str, dtype: str, session: Session):
+    """Copy the upload to a private temp dir, check the memory, load -> (model, seconds).
+    The session's current model stays loaded until the import succeeds."""
+    from dsv3 import checkpoint
+
+    kind, native = _plan(paths)
+    folder = _tmp_dir()
+    try:
+        for p in paths:
+            shutil.copy(p, folder / p.name)
+        if kind == "native":
+            args = _native_args(native)
+        else:
+            args = checkpoint.args_from_hf_config(checkpoint.read_hf_config(folder / "config.json"))
+        wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
+        fits, reason, _ = make_room(wbytes, dev, session)
+        if not fits:
+            raise Refused(f"✘ not imported, nothing allocated: {dtype} weights: {reason}")
+        t0 = time.perf_counter()
+        if kind == "native":
+            model = checkpoint.load(folder / native.name, device=dev, dtype=dtype)
+        else:
+            model = checkpoint.load_hf(folder, device=dev, dtype=dtype)
+        return model, time.perf_counter() - t0, kind
+    except Refused:
+        raise
+    except (ConfigError, ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+        # CheckpointError and JSONDecodeError are ValueErrors
+        field, layer = getattr(e, "field", None), getattr(e, "layer", None)
+        raise ConfigError(_clean(str(e), folder), field=field, layer=layer) from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def import_hf(
+    files: Any,
+    device: Any,
+    dtype: Any,
+    session: Session | None,
+    request: gr.Request | None = None,
+) -> tuple[Any, Any, str]:
+    """A checkpoint upload (HF config.json + *.safetensors, or one file exported by this app)
+    -> a session model + its config."""
+    session = session if isinstance(session, Session) else Session()
+    try:
+        device = choice(device, "device", DEVICES)
+        dtype = choice(dtype, "dtype", DTYPES)
+        paths = _paths(files)
+        _plan(paths)
+        _size_check(paths)
+        dev = lazy.runtime.resolve_device(device)
+        if dev == "cuda" and not (lazy.runtime.ZERO_GPU or lazy.runtime.cuda_ok()):
+            raise ConfigError(
+                "device cuda is not available here; use auto, cpu or meta", field="device"
+            )
+        with session.in_use():
+            model, seconds, kind = _load(paths, dev, dtype, session)
+    except Refused as e:
+        return session, gr.skip(), str(e)
+    except ConfigError as e:
+        return session, gr.skip(), problem(e)
+    session.free()
+    source = lit(", ".join(p.name for p in paths))
+    adopt(
+        session, model, None, seconds, lazy.runtime.tensor_bytes(model), f"import {source}", request
+    )
+    total = plots.human(count_params(model.args)["total"])
+    what = "this app's export" if kind == "native" else "a Hugging Face checkpoint"
+    msg = (
+        f"imported {total} params ({what}: {source}) in {seconds:.2f} s onto {dev} in "
+        f"{model.dtype_name}; it replaced the session's model"
+    )
+    return session, session.config, ok(msg)
+
+
+# ---------------------------------------------------------------------- layout
+def render(page: Any) -> None:
+    with gr.Accordion("Export / import weights", open=False):
+        with gr.Row():
+            with gr.Column():
+                page.export_w_btn = gr.Button("Export built weights (safetensors)")
+                page.weights_file = gr.File(label="weights")
+                page.weights_msg = gr.Markdown(elem_classes="status", elem_id="weights-msg")
+            with gr.Column():
+                page.hf_files = gr.File(
+                    label="Checkpoint: HF config.json + *.safetensors, or a .safetensors "
+                    "exported here",
+                    file_count="multiple",
+                    file_types=[".json", ".safetensors"],
+                    elem_id="hf-files",
+                )
+                page.import_btn = gr.Button(
+                    "Import checkpoint (device/dtype from Build)", elem_id="import-btn"
+                )
+                page.hf_msg = gr.Markdown(elem_classes="status", elem_id="hf-msg")
+
+
+def wire(page: Any) -> None:
+    page.export_w_btn.click(
+        export_weights,
+        page.session,
+        [page.weights_file, page.weights_msg],
+        api_name="export_weights",
+        concurrency_id="model",
+    )
+    imported = page.import_btn.click(
+        import_hf,
+        [page.hf_files, page.device, page.dtype, page.session],
+        [page.session, page.cfg, page.hf_msg],
+        api_name="import_hf",
+        concurrency_id="model",
+    )
+    # The import replaced the model: the Build line and the preset name no longer describe it.
+    imported.then(_after_import, page.hf_msg, [page.build_msg, page.preset], **page.quiet())
+    page.config_loaded(imported, status=page.hf_msg)
+
+
+def _after_import(msg: str) -> tuple[Any, Any]:
+    if not isinstance(msg, str) or not msg.startswith("✔"):
+        return gr.skip(), gr.skip()
+    return "✔ the model now comes from the checkpoint import (see Export / import)", gr.update(
+        value=None
+    )  # the preset no longer names what is on the form either

@@ -1,0 +1,431 @@
+"""Build & run: build the config (refused before allocating when it will not fit), free it, run
+forwards with optional decode steps; and the model status line, which says whether the built
+model is the config on the form and, when not, what differs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from dsv3 import ConfigError, ModelArgs, count_params, memory
+from dsv3 import estimate as estimate_model
+from dsv3.compare import changes
+from dsv3.params import human_bytes
+
+from .. import lazy, plots
+from ..components import Choice, WholeNumber
+from ..messages import args_of, choice, config_line, id_list, ok, problem, whole
+from ..state import Session, make_room, register
+from .estimate import DEVICES, DTYPES
+
+BALANCE_COLUMNS = [
+    "layer",
+    "n_tokens",
+    "max_over_mean",
+    "cv",
+    "entropy",
+    "entropy_norm",
+    "group_counts",
+]
+SEED_MAX = 2**63 - 1
+
+
+# ---------------------------------------------------------------------- model status
+def _differences(built: dict[str, Any], cfg: Any, limit: int = 6) -> list[str]:
+    """What differs between the built model's config and the hub's, as 'layer 1 n_heads 4 →
+    8' lines (first `limit`)."""
+    found = changes(ModelArgs.from_dict(built), args_of(cfg))
+    out = [c["text"].replace(" -> ", " → ") for c in found[:limit]]
+    if len(found) > limit:
+        out.append(f"and {len(found) - limit} more")
+    return out
+
+
+def model_status(session: Any, cfg: Any, form_error: Any = "") -> str:
+    """Whether the session's model is the config on the form; what differs when it is not."""
+    if not isinstance(session, Session) or (session.model is None and session.source != "zerogpu"):
+        note = session.notes.get("evicted") if isinstance(session, Session) else None
+        return f"⚠ {note}" if note else "No model built yet: press Build."
+    what = (
+        f"{config_line(session.config or {})} on {session.device} in {session.dtype}"
+        + (f", seed {session.seed}" if session.seed is not None else f", {session.source}")
+        + (f", built {session.built_at}" if session.built_at else "")
+    )
+    try:
+        diff = _differences(session.config or {}, cfg)
+    except ConfigError:
+        diff = []
+    stale = " (the form has an error: compared with its last valid config)" if form_error else ""
+    if not diff:
+        return ok(f"the built model is the config on the form{stale}: {what}")
+    return (
+        f"⚠ **built from an older config: rebuild to apply**{stale}. Built: {what}. "
+        f"Differs: {'; '.join(diff)}"
+    )
+
+
+def session_info(session: Any, form_error: Any = "") -> dict[str, Any]:
+    """The session as plain data: the built model (if any), its config, the form's error."""
+    s = session if isinstance(session, Session) else Session()
+    return {
+        **s.summary(),
+        "config": s.config,
+        "model_id": id(s.model) if s.model is not None else None,
+        "form_error": form_error or "",
+        "runs": s.runs,
+    }
+
+
+# ---------------------------------------------------------------------- build
+def _build_request(cfg: Any, device: Any, dtype: Any, seed: Any, form_error: Any):
+    """The build's inputs, checked: (args, seed, resolved device, dtype, weight bytes)."""
+    if form_error:
+        raise ConfigError(
+            "the form has an error, so there is nothing valid to build: fix the field first "
+            f"({str(form_error).lstrip('⚠ ')})",
+            field="config",
+        )
+    args = args_of(cfg)
+    seed = whole(seed, "seed", 0, SEED_MAX)
+    dtype = choice(dtype, "dtype", DTYPES)
+    device = choice(device, "device", DEVICES)
+    dev = lazy.runtime.resolve_device(device)
+    if dev == "cuda" and not (lazy.runtime.ZERO_GPU or lazy.runtime.cuda_ok()):
+        raise ConfigError(
+            "device cuda is not available here; use auto, cpu or meta", field="device"
+        )
+    wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
+    return args, seed, dev, dtype, wbytes
+
+
+def _suggest(args: ModelArgs, device: str, dtype: str, session: Session | None) -> str:
+    """Alternatives for a build that does not fit: smaller dtypes, meta, a smaller preset."""
+    from ..state import fits
+
+    tips = []
+    for d in ("bf16", "fp8"):
+        if DTYPES.index(d) > DTYPES.index(dtype):
+            nbytes = estimate_model(args, dtype=d, batch=1, seq_len=1)["weight_bytes"]
+            ok_ = fits(nbytes, device, session)[0]
+            tips.append(
+                f"dtype {d} ({human_bytes(nbytes)}{', fits' if ok_ else ', still too big'})"
+            )
+    tips.append("device meta (shapes only, no memory)")
+    tips.append("a smaller preset (tiny, small)")
+    return "Try: " + "; ".join(tips) + "."
+
+
+def _refusal(args: ModelArgs, dev: str, dtype: str, reason: str, session: Session) -> str:
+    reason = reason.split("; try")[0]  # our own suggestion follows, with numbers
+    msg = (
+        f"✘ Not built, nothing allocated, no other session's model freed: the {dtype} weights "
+        f"{reason}. {_suggest(args, dev, dtype, session)}"
+    )
+    msg = msg.replace("weights needs", "weights need")
+    if session.model is not None:
+        msg += " The previous model is kept."
+    return msg
+
+
+def adopt(session: Session, model, seed, seconds: float, nbytes: int, source: str, request) -> None:
+    """Make `model` the session's (built or imported) and register the session."""
+    session.model, session.config = model, model.args.to_dict()
+    session.device, session.dtype = model.device.type, model.dtype_name
+    session.seed, session.build_seconds, session.source = seed, seconds, source
+    session.model_bytes = 0 if session.device == "meta" else nbytes  # meta holds no memory
+    session.built_at = time.strftime("%H:%M:%S")
+    session.runs = 0
+    session.notes.pop("evicted", None)
+    session.touch()
+    register(getattr(request, "session_hash", None), session)
+
+
+def build(
+    cfg: Any,
+    device: Any,
+    dtype: Any,
+    seed: Any,
+    session: Session | None,
+    form_error: Any = "",
+    request: gr.Request | None = None,
+    progress: Any = gr.Progress(),
+) -> tuple[Session, str, dict[str, Any]]:
+    """Build the config on `device` in `dtype` (refused before allocating if it won't fit)."""
+    session = session if isinstance(session, Session) else Session()
+    try:
+        args, seed, dev, dtype, wbytes = _build_request(cfg, device, dtype, seed, form_error)
+    except (ConfigError, ValueError) as e:
+        return session, problem(e), {**session.summary(), "ok": False, "error": str(e)}
+    with session.in_use():
+        fits, reason, evicted = make_room(wbytes, dev, session)
+        if not fits:
+            msg = _refusal(args, dev, dtype, reason, session)
+            return session, msg, {**session.summary(), "ok": False, "error": reason}
+        session.free()  # the next build replaces the previous model: free it first
+        if lazy.runtime.ZERO_GPU and dev == "cuda":
+            return _defer_to_zerogpu(session, args, dev, dtype, seed, request)
+
+        def tick(done: int, total: int) -> None:
+            progress((done, total), desc=f"initialising layer {done}/{total}", unit="layers")
+
+        try:
+            model, info = lazy.runtime.build(args, dev, dtype, seed, progress=tick)
+        except (ConfigError, ValueError, RuntimeError) as e:  # RuntimeError: out of memory
+            msg = problem(e) + " (the previous model, if any, had been freed to make room)"
+            return session, msg, {**session.summary(), "ok": False, "error": str(e)}
+        adopt(session, model, seed, info["seconds"], info["model_bytes"], "build", request)
+    if evicted:
+        reason += f"; freed {evicted} idle session model(s), least recently used first"
+    msg = _built_message(args, dev, dtype, info, reason)
+    return session, msg, {**session.summary(), "ok": True}
+
+
+def _defer_to_zerogpu(session, args, dev, dtype, seed, request) -> tuple[Session, str, dict]:
+    """ZeroGPU: no GPU outside @spaces.GPU calls, so build + run happen together in each Run."""
+    session.config, session.device, session.dtype = args.to_dict(), dev, dtype
+    session.seed, session.source = int(seed), "zerogpu"
+    session.built_at = time.strftime("%H:%M:%S")
+    register(getattr(request, "session_hash", None), session)
+    msg = ok("ZeroGPU: the model is built on the GPU inside each Run.")
+    return session, msg, {**session.summary(), "ok": True}
+
+
+def _built_message(args: ModelArgs, dev: str, dtype: str, info: dict, reason: str) -> str:
+    mem = "no memory (meta)" if dev == "meta" else human_bytes(info["model_bytes"])
+    if "cuda_peak_bytes" in info:
+        mem += f", CUDA peak {human_bytes(info['cuda_peak_bytes'])}"
+    return ok(
+        f"built {plots.human(count_params(args)['total'])} params on **{dev}** in **{dtype}** "
+        f"in **{info['seconds']:.2f} s**, {mem} ({reason})"
+    )
+
+
+def release_model(session: Session | None) -> tuple[Session, str]:
+    """Free this session's model now (the Free button; API clients call it when done)."""
+    session = session if isinstance(session, Session) else Session()
+    held = session.model is not None
+    session.free()
+    return session, ok("model freed") if held else "nothing to free"
+
+
+# ---------------------------------------------------------------------- run
+def _check_shape(args: ModelArgs, B: int, S: int, decode_steps: int) -> None:
+    """Batch and length (prefill + decode) against the config, before anything is allocated."""
+    if B > args.max_batch_size:
+        raise ConfigError(
+            f"batch={B} exceeds max_batch_size={args.max_batch_size}; allowed: "
+            f"1..{args.max_batch_size}",
+            field="batch",
+        )
+    if S + decode_steps > args.max_seq_len:
+        raise ConfigError(
+            f"seq length {S} + decode steps {decode_steps} = {S + decode_steps} exceeds "
+            f"max_seq_len={args.max_seq_len}",
+            field="seq length",
+        )
+
+
+def _run_request(args: ModelArgs, batch, seq_len, token_seed, token_ids, decode_steps):
+    """The run's tokens (typed ids, else random from the seed) and decode steps, checked
+    against the config before anything runs (on meta too: it cannot check values itself)."""
+    decode_steps = whole(decode_steps, "decode steps", 0, args.max_seq_len)
+    try:
+        tokens = lazy.runtime.parse_token_ids(token_ids or "", args.vocab_size)
+    except ValueError as e:
+        raise ConfigError(str(e), field="token ids") from None
+    if tokens is None:
+        batch = whole(batch, "batch", 1)  # the config's maxima: _check_shape
+        seq_len = whole(seq_len, "seq length", 1)
+        seed = whole(token_seed, "token seed", 0, SEED_MAX)
+        tokens = lazy.runtime.make_tokens(args.vocab_size, batch, seq_len, seed)
+    _check_shape(args, *tokens.shape, decode_steps)
+    return tokens, decode_steps
+
+
+def _run_session(session: Session, args: ModelArgs, tokens, decode_steps: int):
+    """-> (run info, shape trace) of the session's model (or a ZeroGPU build + run)."""
+    rt = lazy.runtime
+    if session.source == "zerogpu":
+        result = rt.build_and_run(
+            session.config, session.device, session.dtype, session.seed, tokens, decode_steps
+        )
+        return result["run"], result["trace"]
+    if session.device == "meta":
+        tokens = tokens.to("meta")
+    else:
+        need = estimate_model(args, session.dtype, tokens.shape[0], tokens.shape[1] + decode_steps)
+        fits, reason = memory.check_fits(need["total_bytes"] - need["weight_bytes"], session.device)
+        if not fits:
+            raise ConfigError(f"this run's KV cache and activations {reason}", field="batch")
+    try:
+        r = memory.run_guarded(rt.run, session.model, tokens, decode_steps)
+        return r, memory.run_guarded(rt.trace, session.model, tokens)
+    except memory.MemoryBudgetError:
+        session.model.reset_cache()  # drop the half-grown KV cache; the model stays
+        memory.release_memory()
+        raise
+    finally:  # a shared server: activations go back to the OS between clicks
+        memory.trim_heap()
+
+
+def forward(
+    session: Session | None,
+    batch: Any = 1,
+    seq_len: Any = 16,
+    token_seed: Any = 0,
+    token_ids: Any = "",
+    decode_steps: Any = 0,
+) -> tuple[Any, ...]:
+    """Run the session's model -> (session, Markdown, run info, trace table, trace figure,
+    expert heatmap, routing balance figure, balance table)."""
+    session = session if isinstance(session, Session) else Session()
+    if session.model is None and session.source != "zerogpu":
+        msg = "⚠ " + session.notes.get("evicted", "nothing built yet: press Build first")
+        return (session, msg, {"ok": False, "error": msg}, *([gr.skip()] * 5))
+    args = ModelArgs.from_dict(session.config)
+    try:
+        tokens, decode_steps = _run_request(
+            args, batch, seq_len, token_seed, token_ids, decode_steps
+        )
+        with session.in_use():
+            r, trace = _run_session(session, args, tokens, decode_steps)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        return (session, problem(e), {"ok": False, "error": str(e)}, *([gr.skip()] * 5))
+    session.runs += 1
+    r["ran"] = {"config": config_line(session.config), "built_at": session.built_at}
+    return (session, *_run_outputs(r, trace))
+
+
+def run_markdown(r: dict[str, Any]) -> str:
+    ran = r.get("ran") or {}
+    which = (
+        f"ran the model built {ran['built_at']} from **{ran['config']}**: "
+        if ran.get("built_at")
+        else ""
+    )
+    if r.get("meta"):
+        return ok(
+            f"{which}meta run: input {r['input_shape']} -> logits {r['output_shape']} (shapes "
+            "only, nothing computed)"
+        )
+    lines = [
+        f"{which}input {r['input_shape']} -> logits **{r['output_shape']}** on {r['device']} "
+        f"({r['dtype']})",
+        f"prefill **{r['prefill_seconds'] * 1e3:.1f} ms**, "
+        f"**{r['prefill_tokens_per_s']:,.0f} tokens/s**",
+    ]
+    if r.get("decode_steps"):
+        lines.append(
+            f"decode {r['decode_steps']} steps with the KV cache (start_pos > 0): "
+            f"{r['decode_seconds'] * 1e3:.1f} ms, **{r['decode_tokens_per_s']:,.1f} tokens/s**; "
+            f"generated {id_list(r['generated'])}"
+        )
+    lines.append(
+        f"KV cache {human_bytes(r['kv_cache_bytes'])}; peak memory "
+        f"**{human_bytes(r['peak_bytes'])}** ({r['peak_kind']})"
+    )
+    if not r.get("logits_finite", True):
+        lines.append("⚠ logits contain NaN/inf")
+    return ok("  \n".join(lines))
+
+
+def _run_outputs(r: dict[str, Any], trace: list[dict]) -> tuple[Any, ...]:
+    """Run info + trace -> (Markdown, info, trace table, trace figure, heatmap, balance figure,
+    balance table)."""
+    routing = r.pop("routing", [])
+    trace_df = pd.DataFrame(
+        [{**t, "shape": str(t["shape"])} for t in trace], columns=["name", "type", "layer", "shape"]
+    )
+    balance = pd.DataFrame(
+        [{**s, "group_counts": str(s["group_counts"])} for s in routing], columns=BALANCE_COLUMNS
+    ).round(4)
+    info = {"ok": True, **r, "routing": routing, "trace_len": len(trace)}
+    meta = bool(r.get("meta"))
+    heat = plots.empty("meta run: no routing") if meta else plots.expert_heatmap(routing)
+    bal = plots.empty("meta run: no routing") if meta else plots.routing_balance(routing)
+    return run_markdown(r), info, trace_df, plots.shape_trace(trace), heat, bal, balance
+
+
+# ---------------------------------------------------------------------- layout
+def render_build(page: Any) -> None:
+    gr.Markdown("## Build")
+    with gr.Row():
+        page.device = Choice(DEVICES, value="auto", label="device", min_width=100)
+        page.dtype = Choice(DTYPES, value="fp32", label="dtype", min_width=100)
+        page.seed = WholeNumber(0, label="seed", min_width=100, elem_id="build-seed")
+    with gr.Row():
+        page.build_btn = gr.Button("Build", variant="primary", elem_id="build-btn", scale=3)
+        page.free_btn = gr.Button("Free model", variant="secondary", elem_id="free-btn", scale=1)
+    page.build_msg = gr.Markdown(elem_classes="status", elem_id="build-msg")
+    page.model_status = gr.Markdown(
+        "No model built yet: press Build.", elem_classes="status", elem_id="model-status"
+    )
+    page.build_info = gr.JSON(label="built model", visible=False)
+
+
+def render_run(page: Any) -> None:
+    gr.Markdown("## Run")
+    with gr.Row():
+        page.batch = WholeNumber(2, label="batch", min_width=80, elem_id="run-batch")
+        page.seq_len = WholeNumber(16, label="seq length", min_width=80, elem_id="run-len")
+        page.token_seed = WholeNumber(0, label="token seed", min_width=80, elem_id="run-seed")
+        page.decode_steps = WholeNumber(
+            0, label="decode steps", info="with KV cache", min_width=80, elem_id="run-steps"
+        )
+    page.token_ids = gr.Textbox(
+        label="token ids (optional)",
+        placeholder="1 2 3; 4 5 6  (rows = batch; overrides batch/length/seed)",
+    )
+    page.run_btn = gr.Button("Run forward", variant="primary", elem_id="run-btn")
+    page.run_msg = gr.Markdown(elem_classes="status", elem_id="run-msg")
+    page.run_info = gr.JSON(label="run", visible=False)
+    page.session_btn = gr.Button(visible=False)
+    page.session_json = gr.JSON(visible=False)
+
+
+def wire(page: Any) -> None:
+    status = (model_status, [page.session, page.cfg, page.form_error], page.model_status)
+    built = page.build_btn.click(
+        build,
+        [page.cfg, page.device, page.dtype, page.seed, page.session, page.form_error],
+        [page.session, page.build_msg, page.build_info],
+        api_name="build",
+        concurrency_id="model",
+    )
+    built.then(*status, **page.quiet())
+    freed = page.free_btn.click(
+        release_model, page.session, [page.session, page.build_msg], api_name="release"
+    )
+    freed.then(*status, **page.quiet())
+    ran = page.run_btn.click(
+        forward,
+        [
+            page.session,
+            page.batch,
+            page.seq_len,
+            page.token_seed,
+            page.token_ids,
+            page.decode_steps,
+        ],
+        [
+            page.session,
+            page.run_msg,
+            page.run_info,
+            page.trace_table,
+            page.trace_plot,
+            page.heatmap,
+            page.balance,
+            page.balance_table,
+        ],
+        api_name="forward",
+        concurrency_id="model",
+    )
+    ran.then(*status, **page.quiet())
+    page.model_status_step = status
+    # /session: what the session holds (API clients and tests check it after every call).
+    page.session_btn.click(
+        session_info, [page.session, page.form_error], page.session_json, api_name="session"
+    )
