@@ -25,7 +25,7 @@ the one table in `dsv3.names`.
 
 from .hf import dsv3_to_hf_state_dict, hf_to_dsv3_state_dict, load_hf
 from .hf_config import args_from_hf_config, hf_config_from_args, read_hf_config
-from .native import FORMAT_VERSION, load, save
+from .native import FORMAT_VERSION, load, save, saved_args
 from .reader import CheckpointError
 from .sharded import load_reference, load_sharded
 
@@ -42,4 +42,5 @@ __all__ = [
     "load_sharded",
     "read_hf_config",
     "save",
+    "saved_args",
 ]

@@ -46,6 +46,20 @@ def save(model: Transformer, path: str | os.PathLike) -> Path:
     return path
 
 
+def saved_args(path: str | os.PathLike) -> ModelArgs | None:
+    """The ModelArgs a file saved by `save` carries in its metadata; None for a safetensors file
+    of another format. Reads the (validated) header only."""
+    path = Path(path)
+    with Source([path]) as src:
+        meta = src.metadata
+    if _META_ARGS not in meta:
+        return None
+    try:
+        return ModelArgs.from_json(meta[_META_ARGS])
+    except ConfigError as e:
+        raise ConfigError(f"{path.name}: {e}", field=e.field, layer=e.layer) from None
+
+
 def load(
     path: str | os.PathLike,
     device: torch.device | str | None = None,

@@ -135,6 +135,17 @@ def validate(
         covered[p.dst] = covered.get(p.dst, 0) + math.prod(want)
         if p.dst_index and isinstance(p.dst_index[0], int):
             experts.setdefault(p.dst, set()).add(p.dst_index[0])
+    own_names = sorted(set(unexpected) & set(targets))
+    if own_names and not covered:
+        # Every tensor is unexpected and some carry the model's own names: a file saved by
+        # dsv3 read as another format. Say that, rather than list one name as both missing
+        # and unexpected.
+        raise CheckpointError(
+            f"{label} holds tensors under dsv3's own names ({', '.join(own_names[:3])}, ...), "
+            "not this format's: it is a file saved by dsv3 (the app's export); load it with "
+            "dsv3.load, or upload it alone in the app",
+            unexpected=sorted(unexpected),
+        )
     missing = []
     for name, t in targets.items():
         if name.endswith("scale") and name[: -len("_scale")] in targets:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -17,28 +16,6 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 PUBLIC = {"presets", "preset", "estimate", "build", "forward", "rotary", "import_config"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def url():
-    import torch
-
-    import app  # building the page must neither launch it nor touch CUDA
-    from ui.layout import launch_kwargs
-
-    assert not app.demo.is_running and not torch.cuda.is_initialized()
-    port = _free_port()
-    app.demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_kwargs())
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        app.demo.close()
 
 
 @pytest.fixture

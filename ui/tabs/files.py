@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from dsv3 import ConfigError, ModelArgs, count_params
+from dsv3 import ConfigError, count_params
 from dsv3 import estimate as estimate_model
 from dsv3.params import human_bytes
 
@@ -22,8 +22,6 @@ from ..messages import choice, lit, ok, problem
 from ..state import Session, make_room
 from .estimate import DEVICES, DTYPES
 from .run import adopt
-
-META_ARGS = "dsv3.args"  # dsv3's own files carry their ModelArgs under this metadata key
 
 
 def _tmp_dir() -> Path:
@@ -67,36 +65,32 @@ def _paths(files: Any) -> list[Path]:
     return out
 
 
-def _native_args(path: Path) -> ModelArgs | None:
-    """The ModelArgs in a dsv3-exported file's metadata, or None for any other safetensors."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # not a readable safetensors file: the loader says why, by name
-        return None
-    if META_ARGS not in meta:
-        return None
-    try:
-        return ModelArgs.from_json(meta[META_ARGS])
-    except ConfigError as e:
-        raise ConfigError(f"{path.name}: {e}", field=e.field, layer=e.layer) from None
-
-
 def _plan(paths: list[Path]) -> tuple[str, Path | None]:
-    """Which import: ("native", the file) for one dsv3-exported .safetensors (a config.json
-    beside it is not needed), ("hf", None) for config.json + *.safetensors; else Refused."""
+    """Which import: ("native", the file) for one .safetensors exported by this app (its
+    ModelArgs are in its metadata; a config.json beside it is not needed), ("hf", None) for
+    config.json + *.safetensors; else Refused."""
+    from dsv3 import checkpoint
+
     names = [p.name for p in paths]
     tensors = [p for p in paths if p.name.endswith(".safetensors")]
     if len(names) != len(set(names)):
         raise Refused("⚠ two uploaded files have the same name; upload each file once")
-    if len(tensors) == 1 and _native_args(tensors[0]) is not None:
-        return "native", tensors[0]
-    if "config.json" not in names or not tensors:
+    if not tensors:
         raise Refused(
             "⚠ upload a checkpoint: a Hugging Face config.json with its .safetensors file(s), "
             "or a .safetensors file exported by this app"
+        )
+    if len(tensors) == 1:
+        try:
+            if checkpoint.saved_args(tensors[0]) is not None:
+                return "native", tensors[0]
+        except checkpoint.CheckpointError as e:
+            if "config.json" not in names:
+                raise ConfigError(str(e), field="checkpoint") from None
+    if "config.json" not in names:
+        raise Refused(
+            f"⚠ {lit(tensors[0].name)} was not exported by this app (no dsv3 metadata): upload "
+            "the checkpoint's config.json with it"
         )
     return "hf", None
 
@@ -127,7 +121,7 @@ def _load(paths: list[Path], dev: str, dtype: str, session: Session):
         for p in paths:
             shutil.copy(p, folder / p.name)
         if kind == "native":
-            args = _native_args(native)
+            args = checkpoint.saved_args(folder / native.name)
         else:
             args = checkpoint.args_from_hf_config(checkpoint.read_hf_config(folder / "config.json"))
         wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
