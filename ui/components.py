@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
+from gradio.components.dataframe import DataframeData
+from gradio.data_classes import FileData, ListFiles
+from pydantic import ValidationError, model_validator
 
 
 class WholeNumber(gr.Number):
@@ -39,3 +42,91 @@ class RawSlider(gr.Slider):
 
     def preprocess(self, payload: Any) -> Any:
         return payload
+
+
+# ---------------------------------------------------------------------- tables and files
+UNREADABLE = "(not a table)"  # the header a table that could not be read arrives with
+
+
+class _AnyTable(DataframeData):
+    """A table payload; anything that is not {"headers": [...], "data": [[...], ...]} arrives as
+    an empty table headed UNREADABLE, so the handler can say what was wrong."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _any(cls, v: Any) -> Any:
+        if isinstance(v, DataframeData):
+            return v
+        ok = (
+            isinstance(v, dict)
+            and isinstance(v.get("headers"), list)
+            and isinstance(v.get("data"), list)
+            and all(isinstance(r, list) for r in v["data"])
+        )
+        return v if ok else {"headers": [UNREADABLE], "data": []}
+
+
+class Table(gr.Dataframe):
+    """A dataframe whose value reaches the handler even when it is not a table."""
+
+    is_template = True
+    data_model = _AnyTable
+
+    def preprocess(self, payload: Any) -> Any:
+        if payload is None:
+            return None
+        try:
+            return super().preprocess(payload)
+        except Exception:  # cells pandas cannot hold: the handler says the table is unreadable
+            return {"headers": [UNREADABLE], "data": []}
+
+
+NOT_A_FILE = (
+    "expected an uploaded file (from gradio_client: handle_file(path)); nothing was imported"
+)
+
+
+class _Upload(FileData):
+    """FileData that refuses anything but an upload with one clear message (Gradio's own
+    refusal reaches a client as a bare "Error"). Gradio's checks stay as they are."""
+
+    @classmethod
+    def model_validate(cls, obj: Any, *a: Any, **kw: Any) -> Any:
+        try:
+            return super().model_validate(obj, *a, **kw)
+        except ValidationError:
+            raise gr.Error(NOT_A_FILE) from None
+
+
+class _Uploads(ListFiles):
+    @classmethod
+    def model_validate(cls, obj: Any, *a: Any, **kw: Any) -> Any:
+        try:
+            return super().model_validate(obj, *a, **kw)
+        except ValidationError:
+            raise gr.Error(NOT_A_FILE) from None
+
+
+def _guard_files(component: Any) -> Any:
+    component.data_model = _Uploads if component.file_count == "multiple" else _Upload
+    return component
+
+
+class Upload(gr.UploadButton):
+    """An upload button that answers a payload that is not a file with a clear message."""
+
+    is_template = True
+
+    def __init__(self, *a: Any, **kw: Any):
+        super().__init__(*a, **kw)
+        _guard_files(self)
+
+
+class Files(gr.File):
+    """A file drop zone that answers a payload that is not a file with a clear message."""
+
+    is_template = True
+
+    def __init__(self, *a: Any, **kw: Any):
+        super().__init__(*a, **kw)
+        _guard_files(self)

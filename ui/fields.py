@@ -21,6 +21,7 @@ from dsv3.config import (
     ModelArgs,
 )
 
+from .components import UNREADABLE
 from .messages import lit, whole
 
 SECTIONS: dict[str, list[str]] = {
@@ -250,6 +251,12 @@ def parse_overrides(table: Any) -> dict[int, dict[str, Any]]:
     field may appear once per layer) or wide form (layer + one column per field; blank cell =
     inherit). Cells may be strings."""
     headers, rows = _table(table)
+    if headers == [UNREADABLE]:
+        raise ConfigError(
+            "the override table could not be read: send {'headers': ['layer', 'field', "
+            "'value'], 'data': [['5', 'n_heads', '32'], ...]}",
+            field="layer_config",
+        )
     if headers == TABLE_COLUMNS:
         return _parse_long(rows)
     if headers[: len(TABLE_COLUMNS)] == TABLE_COLUMNS or "field" in headers:

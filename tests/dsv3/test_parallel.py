@@ -66,6 +66,15 @@ CASES = {
         vocab_size=320,
         rope_scaling="none",
     ),
+    # DeepSeek Sparse Attention on layers 1-3: the indexer is replicated, keeps 4 of 8+ keys
+    "dsa": dict(
+        TINY,
+        attn_kind="dsa",
+        index_n_heads=4,
+        index_head_dim=16,
+        index_topk=4,
+        layer_config={0: {"attn_kind": "mla"}},
+    ),
 }
 # Big enough for fp8 shards on 128-row block boundaries (as DeepSeek's own checkpoints).
 BLOCKS = dict(

@@ -13,12 +13,18 @@ from dsv3.config import ConfigError, ModelArgs
 from dsv3.model import Transformer
 from dsv3.params import count_params
 
+# The main model's (MTP modules excluded), as DEEPSEEK_V3_NOTES.md and issue 14 give them.
 REFERENCE_TOTALS = {
     "deepseek-v3-671b": 671_026_419_200,
+    "kimi-k2": 1_026_408_232_448,
+    "moonlight-16b-a3b": 15_960_110_208,
+    "deepseek-v3.1": 671_026_419_200,
     "deepseek-v2-236b": 235_741_434_880,
     "deepseek-v2-lite-16b": 15_706_484_224,
+    "deepseek-v3.2-exp": 671_877_944_064,  # V3 + the DSA indexer on 61 layers
 }
 SHIPPED = {"tiny", "small", "mixed-layers", "seed-demo", *REFERENCE_TOTALS}
+V3_MTP = 11_610_068_224  # DeepSeek-V3's MTP module (layer 61) without its embedding/head copies
 
 
 def meta_numel(args: ModelArgs) -> int:
@@ -47,7 +53,64 @@ def test_preset_loads_and_count_matches_meta_build(name):
 @pytest.mark.parametrize("name,total", sorted(REFERENCE_TOTALS.items()))
 def test_reference_presets_exact(name, total):
     args = presets.load(name)
-    assert count_params(args)["total"] == total
+    c = count_params(args)
+    assert c["main"] == total and c["total"] == total + c["mtp"]
+
+
+def test_v3_counts_main_plus_mtp_and_the_checkpoint():
+    from dsv3.params import estimate
+
+    for name in ("deepseek-v3-671b", "deepseek-v3.1"):
+        args = presets.load(name)
+        c = count_params(args)
+        assert c["mtp"] == V3_MTP and c["total"] == 671_026_419_200 + V3_MTP
+        assert c["active"] == 36_625_618_432  # the main forward's; MTP is a training/draft head
+        copies = 2 * args.vocab_size * args.dim  # layer 61 repeats embed_tokens and the head
+        assert estimate(args)["checkpoint_params"] == c["total"] + copies == 684_489_845_504
+
+
+# The family's published configs (tests/dsv3/configs/) give the presets exactly.
+CONFIG_OF_PRESET = {
+    "kimi-k2": "kimi-k2-instruct.json",
+    "moonlight-16b-a3b": "moonlight-16b-a3b.json",
+    "deepseek-v3.1": "deepseek-v3.1.json",
+    "deepseek-v3-671b": "deepseek-v3.json",
+    "deepseek-v3.2-exp": "deepseek-v3.2-exp.json",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_OF_PRESET))
+def test_presets_count_as_their_published_configs(name):
+    from pathlib import Path
+
+    from dsv3 import args_from_hf_config
+
+    path = Path(__file__).parent / "configs" / CONFIG_OF_PRESET[name]
+    ours, theirs = presets.load(name), args_from_hf_config(path)
+    assert count_params(ours) == count_params(theirs)
+    for f in ("n_layers", "dim", "vocab_size", "rope_theta", "norm_eps", "scale_fmt", "dtype"):
+        assert getattr(ours, f) == getattr(theirs, f), f
+    assert ours.for_layer(ours.n_layers - 1) == theirs.for_layer(theirs.n_layers - 1)
+    assert ours.use_yarn == theirs.use_yarn
+
+
+@pytest.mark.parametrize("name", ["kimi-k2", "moonlight-16b-a3b", "deepseek-v3.1"])
+def test_new_presets_count_as_transformers_meta_builds(name):
+    """transformers' DeepseekV3ForCausalLM built on meta from the preset's HF config has the
+    same parameter count (router biases included; transformers builds no MTP module, so it is
+    the main model's)."""
+    transformers = pytest.importorskip("transformers")
+    from dsv3.checkpoint import hf_config_from_args
+
+    args = presets.load(name)
+    cfg = dict(hf_config_from_args(args))
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in hf.parameters())
+    # HF keeps the router's selection bias as a buffer; dsv3 counts it as a parameter.
+    n += sum(b.numel() for k, b in hf.named_buffers() if k.endswith("e_score_correction_bias"))
+    assert n == count_params(args)["main"] == REFERENCE_TOTALS[name]
 
 
 def test_reference_preset_details():

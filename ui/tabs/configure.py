@@ -20,7 +20,7 @@ import gradio as gr
 from dsv3 import ConfigError, ModelArgs, count_params, presets
 
 from .. import fields, plots, settings
-from ..components import Choice, WholeNumber
+from ..components import Choice, Table, Upload, WholeNumber
 from ..messages import args_of, choice, config_line, lit, ok, problem
 
 BROWSER_KEY = "dsv3-playground-presets"
@@ -279,7 +279,7 @@ def render_bar(page: Any) -> None:
         page.delete_saved_btn = gr.Button("Delete", scale=1, variant="stop")
     with gr.Row():
         page.export_btn = gr.Button("Download config JSON", scale=1, size="sm")
-        page.upload_btn = gr.UploadButton(
+        page.upload_btn = Upload(
             "Upload preset JSON", file_types=[".json"], scale=1, size="sm", elem_id="upload-btn"
         )
     page.export_file = gr.File(label="config JSON", visible=False, elem_id="export-file")
@@ -302,7 +302,7 @@ def render(page: Any) -> None:
                     for name in names_:
                         page.widgets[name] = _widget(name, form0[fields.FORM_FIELDS.index(name)])
     page.form = [page.widgets[name] for name in fields.FORM_FIELDS]
-    page.overrides = gr.Dataframe(
+    page.overrides = Table(
         value=rows0,
         headers=fields.TABLE_COLUMNS,
         datatype="str",
