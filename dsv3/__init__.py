@@ -15,6 +15,7 @@ from .params import count_params, estimate
 
 _LAZY = {
     "Transformer": "model",
+    "args_from_hf_config": "checkpoint.hf_config",  # torch-free
     "CheckpointError": "checkpoint",
     "load": "checkpoint",
     "load_hf": "checkpoint",

@@ -65,6 +65,7 @@ LAYER_FIELDS: dict[str, type | tuple] = {
     "route_scale": float,
     "gate_bias": (bool, type(None)),
     "attn_impl": str,
+    "attn_kind": str,
     "ffn": str,
 }
 
@@ -80,6 +81,8 @@ MOE_FIELDS = (
     "route_scale",
     "gate_bias",
 )
+# DeepSeek Sparse Attention (V3.2-Exp): the per-layer switch, then the indexer's global shape.
+DSA_FIELDS = ("attn_kind", "index_n_heads", "index_head_dim", "index_topk")
 ROTARY_FIELDS = (
     "rope_scaling",
     "original_seq_len",
@@ -101,6 +104,9 @@ GLOBAL_ONLY = (
     "dtype",
     "scale_fmt",
     "qk_rope_head_dim",
+    "norm_eps",
+    "n_mtp_layers",
+    *DSA_FIELDS[1:],
     *ROTARY_FIELDS,
 )
 
@@ -110,6 +116,7 @@ CHOICES: dict[str, tuple] = {
     "score_func": ("softmax", "sigmoid"),
     "rope_scaling": ("auto", "yarn", "none"),
     "attn_impl": ("naive", "absorb"),
+    "attn_kind": ("mla", "dsa"),
     "ffn": ("dense", "moe"),
 }
 
@@ -135,9 +142,13 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "qk_nope_head_dim": (0, 1 << 12),
     "qk_rope_head_dim": (2, 1 << 12),
     "v_head_dim": (1, 1 << 12),
+    "index_n_heads": (1, 1024),
+    "index_head_dim": (2, 1 << 12),
+    "index_topk": (1, 1 << 22),
     "original_seq_len": (1, 1 << 22),
     "beta_fast": (1, 1 << 12),
     "beta_slow": (1, 1 << 12),
+    "n_mtp_layers": (0, 16),
 }
 FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
     # (low, high, text); low is exclusive where the text says "> "
@@ -145,6 +156,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
     "rope_theta": (1.0, 1e12, "> 1"),
     "rope_factor": (1.0, 1e6, ">= 1"),
     "mscale": (0.0, 1e3, ">= 0"),
+    "norm_eps": (0.0, 1e-2, "> 0"),
 }
 
 
@@ -164,6 +176,11 @@ class LayerArgs:
     v_head_dim: int
     attn_impl: Literal["naive", "absorb"]
     softmax_scale: float
+    # DeepSeek Sparse Attention: "dsa" adds the lightning indexer, which keeps index_topk keys
+    attn_kind: Literal["mla", "dsa"]
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
     # feed-forward
     inter_dim: int
     moe_inter_dim: int
@@ -175,6 +192,8 @@ class LayerArgs:
     score_func: Literal["softmax", "sigmoid"]
     route_scale: float
     gate_bias: bool
+    # the block's attn_norm/ffn_norm (q_norm/kv_norm keep the reference's 1e-6)
+    norm_eps: float = 1e-6
 
     @property
     def qk_head_dim(self) -> int:
@@ -195,6 +214,15 @@ class ModelArgs:
             rule (only when dim == 7168, i.e. DeepSeek-V3); True/False force it.
         attn_impl: "naive" caches full per-head k/v; "absorb" caches the compressed kv and folds
             wkv_b into q and the output. Same numbers, different memory.
+        attn_kind: "mla" attends to every earlier position; "dsa" (DeepSeek Sparse Attention,
+            V3.2-Exp) adds the lightning indexer (index_n_heads x index_head_dim, needs q LoRA),
+            which keeps the index_topk best-scored earlier positions per query. Per layer.
+        norm_eps: epsilon of the blocks' attn_norm/ffn_norm, the final norm and the MTP norms
+            (HF `rms_norm_eps`: 1e-5 in Moonlight). q_norm/kv_norm always use 1e-6, as the
+            reference and transformers do.
+        n_mtp_layers: multi-token-prediction modules after the main model (DeepSeek-V3: 1;
+            see `dsv3.model.MTPBlock`). Their blocks are layers n_layers.. in `for_layer`, as
+            checkpoints number them; they are not in `layers()` and not in the main forward.
         layer_config: {layer index: {field: value}} per-layer overrides; keys may be strings of
             ints (JSON). See LAYER_FIELDS for what may be overridden; `ffn` picks "dense"/"moe".
     The `dtype` field is the reference's checkpoint dtype ("bf16" or "fp8"); the dtype a model is
@@ -226,6 +254,10 @@ class ModelArgs:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
+    # dsa (DeepSeek-V3.2-Exp's lightning indexer; the reference's defaults)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
     # yarn
     original_seq_len: int = 4096
     rope_theta: float = 10000.0
@@ -237,6 +269,9 @@ class ModelArgs:
     rope_scaling: Literal["auto", "yarn", "none"] = "auto"
     gate_bias: bool | None = None
     attn_impl: Literal["naive", "absorb"] = "absorb"
+    attn_kind: Literal["mla", "dsa"] = "mla"
+    norm_eps: float = 1e-6
+    n_mtp_layers: int = 0
     layer_config: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -265,10 +300,14 @@ class ModelArgs:
         )
 
     def for_layer(self, layer_id: int) -> LayerArgs:
-        """Layer `layer_id`'s concrete arguments, overrides applied."""
-        if not isinstance(layer_id, int) or not 0 <= layer_id < self.n_layers:
+        """Layer `layer_id`'s concrete arguments, overrides applied. Layers n_layers ..
+        n_layers + n_mtp_layers - 1 are the MTP modules' blocks: MoE, global values (per-layer
+        overrides name main layers only)."""
+        n_all = self.n_layers + self.n_mtp_layers
+        if not isinstance(layer_id, int) or not 0 <= layer_id < n_all:
+            mtp = f" (MTP {self.n_layers}..{n_all - 1})" if self.n_mtp_layers else ""
             raise ConfigError(
-                f"layer {layer_id!r} is out of range: layers are 0..{self.n_layers - 1}",
+                f"layer {layer_id!r} is out of range: layers are 0..{self.n_layers - 1}{mtp}",
                 field="layer_config",
                 layer=layer_id if isinstance(layer_id, int) else None,
             )
@@ -287,14 +326,23 @@ class ModelArgs:
             route_scale=float(vals["route_scale"]),
             layer_id=layer_id,
             dim=self.dim,
-            ffn=self.ffn_kind(layer_id),
+            ffn=self.ffn_kind(layer_id) if layer_id < self.n_layers else "moe",
             qk_rope_head_dim=self.qk_rope_head_dim,
             softmax_scale=scale,
+            index_n_heads=self.index_n_heads,
+            index_head_dim=self.index_head_dim,
+            index_topk=self.index_topk,
+            norm_eps=float(self.norm_eps),
         )
         return LayerArgs(**vals)
 
     def layers(self) -> list[LayerArgs]:
+        """The main model's layers (MTP blocks excluded: `mtp_layers`)."""
         return [self.for_layer(i) for i in range(self.n_layers)]
+
+    def mtp_layers(self) -> list[LayerArgs]:
+        """The MTP modules' blocks, numbered n_layers.. as in checkpoints."""
+        return [self.for_layer(self.n_layers + k) for k in range(self.n_mtp_layers)]
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
@@ -309,13 +357,17 @@ class ModelArgs:
                 f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary rotates pairs)",
                 field="qk_rope_head_dim",
             )
-        if self.use_yarn and self.beta_slow >= self.beta_fast:
+        # beta_slow == beta_fast is allowed (Kimi K2: 1/1): the ramp then widens its end by
+        # 0.001 where the correction range collapses, as the reference and transformers do.
+        if self.use_yarn and self.beta_slow > self.beta_fast:
             raise ConfigError(
-                f"beta_slow={self.beta_slow} must be < beta_fast={self.beta_fast} for YaRN",
+                f"beta_slow={self.beta_slow} must be <= beta_fast={self.beta_fast} for YaRN",
                 field="beta_slow",
             )
         for i in range(self.n_layers):
             _check_layer(self.for_layer(i), explicit=set(self.layer_config.get(i, {})))
+        for la in self.mtp_layers():
+            _check_layer(la, explicit=set())
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -424,6 +476,21 @@ def _check_layer(la: LayerArgs, explicit: set[str]) -> None:
         layer = i if explicit else None
         raise ConfigError(f"{msg}{_where(layer)}", field=name, layer=layer)
 
+    if la.attn_kind == "dsa":
+        if la.q_lora_rank == 0:
+            fail(
+                "attn_kind",
+                "attn_kind='dsa' needs q_lora_rank > 0: the indexer's queries come from the "
+                "q latent",
+                "attn_kind",
+                "q_lora_rank",
+            )
+        if la.index_head_dim < la.qk_rope_head_dim:
+            fail(
+                "index_head_dim",
+                f"index_head_dim={la.index_head_dim} must be >= qk_rope_head_dim="
+                f"{la.qk_rope_head_dim}: the indexer rotates its first qk_rope_head_dim dims",
+            )
     if la.ffn == "moe":
         if la.n_activated_experts > la.n_routed_experts:
             name = "n_routed_experts" if "n_routed_experts" in explicit else "n_activated_experts"

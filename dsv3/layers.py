@@ -1,5 +1,6 @@
 """Building blocks shared by attention and feed-forward: Linear (with fp8 block scales),
-RMSNorm, the SwiGLU MLP, the embedding, and fp8 block (de)quantisation."""
+RMSNorm, LayerNorm (the DSA indexer's key norm), the SwiGLU MLP, the embedding, and fp8 block
+(de)quantisation."""
 
 from __future__ import annotations
 
@@ -33,9 +34,15 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (weight.to(torch.float32) * _expand_scale(scale, rows, cols)).to(dtype)
 
 
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(
+    weight: torch.Tensor, scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise fp8 quantisation: each 128x128 block gets scale = amax / 448, so the block's
-    largest magnitude maps to fp8's largest finite value. Returns (fp8 weight, float32 scale)."""
+    largest magnitude maps to fp8's largest finite value. Returns (fp8 weight, float32 scale).
+
+    scale_fmt "ue8m0" (DeepSeek-V3.1's checkpoints, `ModelArgs.scale_fmt`) rounds each scale up
+    to a power of two, 2**ceil(log2(amax / 448)), as the reference's `act_quant` does: the scale
+    is then an 8-bit exponent alone and the block still fits fp8's range."""
     rows, cols = weight.shape[-2:]
     w = weight.to(torch.float32)
     pr, pc = (-rows) % BLOCK_SIZE, (-cols) % BLOCK_SIZE
@@ -45,6 +52,8 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # blocks: (..., rows/128, 128, cols/128, 128)
     amax = blocks.abs().amax(dim=(-3, -1))  # (..., rows/128, cols/128)
     scale = (amax / FP8_MAX).clamp_min(1e-12)
+    if scale_fmt == "ue8m0":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (w / _expand_scale(scale, rows, cols)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     assert scale.shape == (*lead, *scale_shape(rows, cols))
     return q, scale
@@ -120,6 +129,22 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    """Layer norm with weight and bias, eps 1e-6, computed in float32 (the reference's
+    `LayerNorm`, used by the DSA indexer's key norm `k_norm`)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, dtype=None, device=None):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        kw = dict(dtype=dtype, device=device)
+        self.weight = nn.Parameter(torch.empty(dim, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(dim, **kw), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), (self.dim,), w, b, self.eps).type_as(x)
 
 
 class MLP(nn.Module):

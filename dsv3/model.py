@@ -22,6 +22,7 @@ from .layers import (
     FP8,
     MLP,
     Embedding,
+    LayerNorm,
     Linear,
     RMSNorm,
     compute_dtype,
@@ -34,6 +35,7 @@ from .rotary import precompute_freqs_cis
 
 __all__ = [
     "Block",
+    "MTPBlock",
     "Transformer",
     "dequantize",
     "init_block",
@@ -90,8 +92,8 @@ class Block(nn.Module):
             self.ffn = MLP(la.dim, la.inter_dim // world_size, dtype=wdtype, device=device)
         else:
             self.ffn = MoE(la, wdtype, device, world_size, rank, impl=moe_impl)
-        self.attn_norm = RMSNorm(la.dim, dtype=dtype, device=device)
-        self.ffn_norm = RMSNorm(la.dim, dtype=dtype, device=device)
+        self.attn_norm = RMSNorm(la.dim, la.norm_eps, dtype=dtype, device=device)
+        self.ffn_norm = RMSNorm(la.dim, la.norm_eps, dtype=dtype, device=device)
 
     def forward(
         self, x, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, last_only: bool = False
@@ -102,6 +104,47 @@ class Block(nn.Module):
         a = all_reduce(self.attn(self.attn_norm(x), start_pos, cos, sin, last_only), n)
         x = (x[:, -1:] if last_only else x) + a
         return x + all_reduce(self.ffn(self.ffn_norm(x)), n)
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own output norm (`shared_head.norm` in the released weights); the head
+    itself is the main model's."""
+
+    def __init__(self, dim: int, eps: float, dtype=None, device=None):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps, dtype=dtype, device=device)
+
+
+class MTPBlock(Block):
+    """One multi-token-prediction module (DeepSeek-V3 paper, section 2.2; layer 61 of the
+    released V3 weights). For position i, with h_i the previous depth's hidden state (depth 1:
+    the main model's, after its final norm, as vLLM and SGLang feed it) and x_{i+1} the next
+    token:
+
+        h'_i = eh_proj(concat(enorm(embed(x_{i+1})), hnorm(h_i)))    2*dim -> dim, no bias
+        h''  = Block(h')                                             one MoE transformer block
+        logits for x_{i+2} = head(shared_head.norm(h''))             head shared with the model
+
+    Order and names follow the released weights and the inference engines that load them
+    (vLLM and SGLang `deepseek_mtp`/`deepseek_nextn`): `enorm` normalises the embedding, `hnorm`
+    the hidden state, and the embedding comes first in the concatenation. The paper writes the
+    same product as M [RMSNorm(h); RMSNorm(Emb)], the other order; what matters for loading is
+    the column order of `eh_proj`, the weights'. `eh_proj` stays in the compute dtype in fp8
+    builds (unquantised in the released checkpoint, like the head)."""
+
+    def __init__(self, la: LayerArgs, max_seq_len: int, wdtype, dtype, device=None, *a, **kw):
+        super().__init__(la, max_seq_len, wdtype, dtype, device, *a, **kw)
+        self.enorm = RMSNorm(la.dim, la.norm_eps, dtype=dtype, device=device)
+        self.hnorm = RMSNorm(la.dim, la.norm_eps, dtype=dtype, device=device)
+        self.eh_proj = Linear(2 * la.dim, la.dim, dtype=dtype, device=device)
+        self.shared_head = SharedHead(la.dim, la.norm_eps, dtype=dtype, device=device)
+
+    def forward(self, h, emb, start_pos: int, cos: torch.Tensor, sin: torch.Tensor):
+        """h (B, S, D) hidden states at positions i, emb (B, S, D) embeddings of tokens i+1 ->
+        (B, S, D) this depth's normed hidden states (the head turns them into logits for
+        tokens i+2; the next depth takes them as its h)."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # (B, S, D)
+        return self.shared_head.norm(super().forward(x, start_pos, cos, sin))
 
 
 class Transformer(nn.Module):
@@ -150,7 +193,17 @@ class Transformer(nn.Module):
                 Block(args.for_layer(i), args.max_seq_len, wdtype, dtype, None, ws, r, **opts)
                 for i in range(args.n_layers)
             )
-            self.norm = RMSNorm(args.dim, dtype=dtype)
+            # The MTP modules, keyed by their layer number in checkpoints (61 for V3); empty
+            # (no tensors) when n_mtp_layers is 0. Not run by the main forward.
+            self.mtp = nn.ModuleDict(
+                {
+                    str(la.layer_id): MTPBlock(
+                        la, args.max_seq_len, wdtype, dtype, None, ws, r, **opts
+                    )
+                    for la in args.mtp_layers()
+                }
+            )
+            self.norm = RMSNorm(args.dim, args.norm_eps, dtype=dtype)
             if ws == 1:
                 self.head = Linear(args.dim, args.vocab_size, dtype=dtype)
             else:
@@ -191,8 +244,12 @@ class Transformer(nn.Module):
         | ffn.gate.weight                          | normal(0, 1/sqrt(dim))        |
         | ffn.gate.bias (selection bias)           | zeros                         |
         | RMSNorm weights                          | ones                          |
+        | attn.indexer.k_norm (LayerNorm, DSA)     | weight ones, bias zeros       |
         | fp8 weights + scale                      | the above, block-quantised    |
+        | mtp.N (MTP modules: a block, eh_proj,    | as a block; eh_proj as a      |
+        |   enorm/hnorm/shared_head.norm)          |   Linear, norms ones          |
 
+        fp8 scales are powers of two when `args.scale_fmt` is "ue8m0".
         Variance-preserving widths keep activations O(1) through depth, the residual branches are
         shrunk by the depth so the stream does not blow up, and the head gives O(1) logits. A
         gate init with unit-variance logits spreads tokens over many experts.
@@ -204,11 +261,14 @@ class Transformer(nn.Module):
             self._init_sharded(resid, progress)
             self.reset_cache()
             return
+        fmt = self.args.scale_fmt
         init_globals(self)
         for i, block in enumerate(self.layers):
-            init_block(block, resid)
+            init_block(block, resid, fmt)
             if progress is not None:
                 progress(i + 1, n)
+        for block in self.mtp.values():
+            init_block(block, resid, fmt)
         self.reset_cache()
 
     @torch.no_grad()
@@ -243,26 +303,33 @@ class Transformer(nn.Module):
         n = len(full.layers)
         for i, block in enumerate(full.layers):
             block.to_empty(device=device)
-            init_block(block, resid)
+            init_block(block, resid, args.scale_fmt)
             take(f"layers.{i}.", block)
             if progress is not None:
                 progress(i + 1, n)
+        for key, block in full.mtp.items():
+            block.to_empty(device=device)
+            init_block(block, resid, args.scale_fmt)
+            take(f"mtp.{key}.", block)
 
     # ------------------------------------------------------------------ forward
     def reset_cache(self) -> None:
         """Drop every layer's KV cache (freed; reallocated by the next forward)."""
-        for block in self.layers:
-            block.attn.cache.clear()
+        for block in (*self.layers, *self.mtp.values()):
+            for cache in block.attn.caches:
+                cache.clear()
         self._filled = (0, 0)
 
     def reserve_cache(self, batch: int, seq_len: int) -> None:
         """Pre-size the KV caches for `batch` x `seq_len` so decoding never reallocates."""
         like = torch.empty(0, dtype=self.compute_dtype, device=self.device)
         for block in self.layers:
-            block.attn.cache.ensure(batch, min(seq_len, self.args.max_seq_len), like, keep=True)
+            for cache in block.attn.caches:
+                cache.ensure(batch, min(seq_len, self.args.max_seq_len), like, keep=True)
 
     def cache_bytes(self) -> int:
-        return sum(block.attn.cache.nbytes() for block in self.layers)
+        blocks = (*self.layers, *self.mtp.values())
+        return sum(c.nbytes() for block in blocks for c in block.attn.caches)
 
     def _rotary(self, device: torch.device, start_pos: int, seqlen: int):
         """(cos, sin) for positions start_pos..start_pos+seqlen-1, float32, cached per device so
@@ -320,9 +387,15 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         all_logits: bool = False,
         full: bool = False,
+        mtp: bool = False,
     ):
         """tokens (B, S) -> logits (B, vocab) of the last position, or (B, S, vocab) with
         `all_logits`. Positions start at `start_pos`; the KV cache must hold 0..start_pos-1.
+
+        `mtp=True` (a model with n_mtp_layers > 0, from start_pos 0, S >= 2) returns
+        (logits, mtp_logits): mtp_logits[k-1] is depth k's (B, S-k, vocab), whose row i predicts
+        token i+k+1 from the hidden state of position i and tokens i+1..i+k (depth 1: token
+        t+2 from position t; see `MTPBlock`).
 
         For last-position logits the last layer computes only what they need: keys and values of
         every position (the cache gets them all, so decoding continues exactly), queries,
@@ -332,25 +405,51 @@ class Transformer(nn.Module):
         layer's routing or module outputs (dsv3.stats, the app)."""
         self._check_input(tokens, start_pos)
         B, S = tokens.shape
-        out = self._forward(tokens.to(self.device), start_pos, all_logits, full)
+        if mtp:
+            self._check_mtp(S, start_pos)
+        out = self._forward(tokens.to(self.device), start_pos, all_logits, full, mtp)
         self._filled = (B, start_pos + S)
         return out
 
+    def _check_mtp(self, seq_len: int, start_pos: int) -> None:
+        if not len(self.mtp):
+            raise ConfigError("this model has no MTP module (n_mtp_layers=0)", field="n_mtp_layers")
+        if start_pos != 0 or seq_len <= len(self.mtp):
+            raise ConfigError(
+                f"mtp=True runs on a whole sequence from start_pos 0 with more than "
+                f"n_mtp_layers={len(self.mtp)} tokens (got start_pos={start_pos}, "
+                f"seq_len={seq_len})",
+                field="start_pos",
+            )
+
     def _forward(
-        self, tokens: torch.Tensor, start_pos: int, all_logits: bool, full: bool = False
-    ) -> torch.Tensor:
+        self,
+        tokens: torch.Tensor,
+        start_pos: int,
+        all_logits: bool,
+        full: bool = False,
+        mtp: bool = False,
+    ):
         """The forward without input checks or bookkeeping (no host syncs on CUDA, so it can be
         captured in a CUDA graph: see `graphed_prefill`)."""
         cos, sin = self._rotary(tokens.device, start_pos, tokens.shape[1])
         h = self.embed(tokens)  # (B, S, D)
-        prune = not (all_logits or full) and tokens.shape[1] > 1
+        prune = not (all_logits or full or mtp) and tokens.shape[1] > 1
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             h = layer(h, start_pos, cos, sin, last_only=prune and i == last)
         h = self.norm(h)
-        if not all_logits:
-            h = h[:, -1]  # (B, D)
-        return self.head(h)
+        logits = self.head(h if all_logits else h[:, -1])  # (B, S, V) or (B, V)
+        if not mtp:
+            return logits
+        mtp_logits = []
+        for k, block in enumerate(self.mtp.values(), start=1):
+            # depth k: positions 0..S-k-1 with tokens k..S-1 (the hidden state of position i
+            # meets the embedding of token i+k), predicting tokens k+1..S
+            n = tokens.shape[1] - k
+            h = block(h[:, :n], self.embed(tokens[:, k:]), 0, cos[:n], sin[:n])  # (B, n, D)
+            mtp_logits.append(self.head(h))
+        return logits, mtp_logits
 
     @torch.inference_mode()
     def graphed_prefill(self, batch: int, seq_len: int, all_logits: bool = False):
@@ -407,13 +506,17 @@ def init_globals(model) -> None:
     _init_linear(model.head, 1.0)
 
 
-def init_block(block: Block, resid: float) -> None:
-    """One block's weights, as the table in `Transformer.init_weights` says."""
+def init_block(block: Block, resid: float, scale_fmt: str | None = None) -> None:
+    """One block's weights, as the table in `Transformer.init_weights` says (`scale_fmt`: that
+    of fp8 scales, `ModelArgs.scale_fmt`)."""
     for name, mod in block.named_modules():
         if isinstance(mod, RMSNorm):
             mod.weight.fill_(1.0)
+        elif isinstance(mod, LayerNorm):
+            mod.weight.fill_(1.0)
+            mod.bias.zero_()
         elif isinstance(mod, Linear):
-            _init_linear(mod, resid if name.endswith(("wo", "w2")) else 1.0)
+            _init_linear(mod, resid if name.endswith(("wo", "w2")) else 1.0, scale_fmt)
     ffn = block.ffn
     if isinstance(ffn, MoE):
         ffn.gate.weight.normal_(0.0, 1.0 / math.sqrt(ffn.dim))
@@ -425,17 +528,19 @@ def init_block(block: Block, resid: float) -> None:
             std = (resid if name == "w2" else 1.0) / math.sqrt(w.shape[-1])
             if w.dtype == FP8:
                 for e in range(ex.n_experts):  # one expert at a time bounds temp memory
-                    q, s = quantize_fp8(torch.empty(w.shape[1:], device=w.device).normal_(0, std))
+                    t = torch.empty(w.shape[1:], device=w.device).normal_(0, std)
+                    q, s = quantize_fp8(t, scale_fmt)
                     w[e].copy_(q)
                     getattr(ex, f"{name}_scale")[e].copy_(s)
             else:
                 w.normal_(0.0, std)
 
 
-def _init_linear(mod: Linear, gain: float) -> None:
+def _init_linear(mod: Linear, gain: float, scale_fmt: str | None = None) -> None:
     std = gain / math.sqrt(mod.in_features)
     if mod.weight.dtype == FP8:
-        q, s = quantize_fp8(torch.empty(mod.weight.shape, device=mod.weight.device).normal_(0, std))
+        t = torch.empty(mod.weight.shape, device=mod.weight.device).normal_(0, std)
+        q, s = quantize_fp8(t, scale_fmt)
         mod.weight.copy_(q)
         mod.scale.copy_(s)
     else:

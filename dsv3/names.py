@@ -32,6 +32,19 @@ HF_TABLE: dict[str, tuple[str, int | None]] = {
     "model.layers.{}.self_attn.kv_a_layernorm.weight": ("layers.{}.attn.kv_norm.weight", None),
     "model.layers.{}.self_attn.kv_b_proj.weight": ("layers.{}.attn.wkv_b.weight", 0),
     "model.layers.{}.self_attn.o_proj.weight": ("layers.{}.attn.wo.weight", 1),
+    # DeepSeek Sparse Attention's lightning indexer (DeepseekV32): replicated on every rank, as
+    # the reference builds it from plain Linear layers.
+    "model.layers.{}.self_attn.indexer.wq_b.weight": ("layers.{}.attn.indexer.wq_b.weight", None),
+    "model.layers.{}.self_attn.indexer.wk.weight": ("layers.{}.attn.indexer.wk.weight", None),
+    "model.layers.{}.self_attn.indexer.k_norm.weight": (
+        "layers.{}.attn.indexer.k_norm.weight",
+        None,
+    ),
+    "model.layers.{}.self_attn.indexer.k_norm.bias": ("layers.{}.attn.indexer.k_norm.bias", None),
+    "model.layers.{}.self_attn.indexer.weights_proj.weight": (
+        "layers.{}.attn.indexer.weights_proj.weight",
+        None,
+    ),
     "model.layers.{}.mlp.gate_proj.weight": ("layers.{}.ffn.w1.weight", 0),
     "model.layers.{}.mlp.down_proj.weight": ("layers.{}.ffn.w2.weight", 1),
     "model.layers.{}.mlp.up_proj.weight": ("layers.{}.ffn.w3.weight", 0),
@@ -54,6 +67,16 @@ HF_TABLE: dict[str, tuple[str, int | None]] = {
     "model.layers.{}.mlp.experts.{}.gate_proj.weight": ("layers.{}.ffn.experts.{}.w1.weight", None),
     "model.layers.{}.mlp.experts.{}.down_proj.weight": ("layers.{}.ffn.experts.{}.w2.weight", None),
     "model.layers.{}.mlp.experts.{}.up_proj.weight": ("layers.{}.ffn.experts.{}.w3.weight", None),
+    # The multi-token-prediction modules (layers n_layers.. of a checkpoint; 61 in DeepSeek-V3):
+    # a block under the names above plus these. dsv3 keeps them as `mtp.N.` (see `to_mtp`).
+    "model.layers.{}.enorm.weight": ("layers.{}.enorm.weight", None),
+    "model.layers.{}.hnorm.weight": ("layers.{}.hnorm.weight", None),
+    "model.layers.{}.eh_proj.weight": ("layers.{}.eh_proj.weight", None),
+    "model.layers.{}.shared_head.norm.weight": ("layers.{}.shared_head.norm.weight", None),
+    # ... and copies of the embedding and head, which dsv3 shares with the main model
+    # (MTP_COPIES): loaders skip them, `dsv3_to_hf_state_dict` writes them.
+    "model.layers.{}.embed_tokens.weight": ("layers.{}.embed.weight", 0),
+    "model.layers.{}.shared_head.head.weight": ("layers.{}.shared_head.head.weight", 0),
 }
 HF_SCALE = "weight_scale_inv"  # HF's name of the fp8 block scale (dsv3/reference: `scale`)
 
@@ -66,13 +89,46 @@ SPLIT_DIM: dict[str, int] = {
     if dim is not None and ".experts." not in ours
 }
 
+# Module (with `{}` placeholders) -> split dimension, None = replicated: decides where a module
+# name alone is ambiguous (the indexer's `wq_b` is replicated, MLA's is column parallel).
+_MODULE_DIM: dict[str, int | None] = {
+    ours.rsplit(".", 1)[0]: dim for ours, dim in HF_TABLE.values() if ".experts." not in ours
+}
+
 _NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")  # a layer or expert number between dots
-# Stacked routed experts (dsv3): split along the expert axis.
-STACKED = re.compile(r"layers\.(\d+)\.ffn\.experts\.(w[123])(_scale)?")
+# Stacked routed experts (dsv3; `mtp.N.` in the MTP modules): split along the expert axis.
+STACKED = re.compile(r"(?:layers|mtp)\.(\d+)\.ffn\.experts\.(w[123])(_scale)?")
 # Per-expert keys (the reference's files): expert e lives on one rank.
 PER_EXPERT = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)")
 # DeepSeek's convert.py output: one file per model-parallel rank.
 REF_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors")
+
+
+# An MTP layer's copy of a main-model tensor (its name after "layers.N.") -> that tensor.
+MTP_COPIES = {"embed.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
+_LAYER_PREFIX = re.compile(r"(layers|mtp)\.(\d+)\.(.+)")
+
+
+def to_mtp(name: str, n_layers: int) -> str:
+    """A reference name in layer >= n_layers (`layers.61.attn.wq.weight`) -> the MTP module's
+    dsv3 name (`mtp.61.attn.wq.weight`); other names unchanged."""
+    m = _LAYER_PREFIX.fullmatch(name)
+    if m is None or m.group(1) != "layers" or int(m.group(2)) < n_layers:
+        return name
+    return f"mtp.{m.group(2)}.{m.group(3)}"
+
+
+def from_mtp(name: str) -> str:
+    """`mtp.61.x` -> `layers.61.x` (the checkpoint numbering); other names unchanged."""
+    m = _LAYER_PREFIX.fullmatch(name)
+    return f"layers.{m.group(2)}.{m.group(3)}" if m and m.group(1) == "mtp" else name
+
+
+def mtp_copy(name: str) -> str | None:
+    """The main-model tensor an MTP layer's reference name copies (`layers.61.embed.weight` ->
+    `embed.weight`), None for other names."""
+    m = _LAYER_PREFIX.fullmatch(name)
+    return MTP_COPIES.get(m.group(3)) if m and m.group(1) == "layers" else None
 
 
 def _template(name: str) -> tuple[str, list[str]]:
@@ -121,8 +177,9 @@ def scale_name(name: str) -> str:
 
 
 def layer_of(name: str) -> int | None:
-    """The layer number of a dsv3 name, None outside the layers."""
-    m = re.match(r"layers\.(\d+)\.", name)
+    """The layer number of a dsv3 name (MTP modules: their checkpoint number), None outside the
+    layers."""
+    m = re.match(r"(?:layers|mtp)\.(\d+)\.", name)
     return int(m.group(1)) if m else None
 
 
@@ -134,6 +191,11 @@ def placement(name: str) -> tuple[str, int | None]:
     if PER_EXPERT.fullmatch(name):
         return "expert", None
     parts = name.split(".")
-    if len(parts) >= 2 and parts[-1] in ("weight", "scale") and parts[-2] in SPLIT_DIM:
-        return "split", SPLIT_DIM[parts[-2]]
+    if len(parts) >= 2 and parts[-1] in ("weight", "scale", "bias"):
+        module = _template(name)[0].rsplit(".", 1)[0]
+        if module in _MODULE_DIM:
+            dim = _MODULE_DIM[module]
+            return ("replicated", None) if dim is None else ("split", dim)
+        if parts[-1] != "bias" and parts[-2] in SPLIT_DIM:
+            return "split", SPLIT_DIM[parts[-2]]
     return "replicated", None

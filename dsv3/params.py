@@ -24,7 +24,9 @@ GROUPS = (
     "gate",
     "norms",
     "head",
+    "mtp",  # the multi-token-prediction modules' own tensors (n_mtp_layers > 0)
 )
+LAYER_GROUPS = GROUPS[1:7]  # the groups of a main-model layer (attention .. norms)
 BYTES = {"fp32": 4, "bf16": 2}
 
 
@@ -83,11 +85,15 @@ def tensor_specs(args: ModelArgs) -> list[TensorSpec]:
 def _tensor_specs(args: ModelArgs, layers) -> list[TensorSpec]:
     D = args.dim
     out = [TensorSpec("embed.weight", (args.vocab_size, D), "embedding", None, False, True)]
-    for la in layers:
-        i, p = la.layer_id, f"layers.{la.layer_id}."
+    # The MTP modules' blocks come after the main layers (as in a meta build's state_dict),
+    # under `mtp.N.`, all in group "mtp" and in no layer row.
+    for la in (*layers, *args.mtp_layers()):
+        mtp = la.layer_id >= args.n_layers
+        i, p = (None, f"mtp.{la.layer_id}.") if mtp else (la.layer_id, f"layers.{la.layer_id}.")
         H = la.n_heads
 
-        def add(name, shape, group, linear=True, sharded=True, p=p, i=i):
+        def add(name, shape, group, linear=True, sharded=True, p=p, i=i, mtp=mtp):
+            group = "mtp" if mtp else group
             out.append(TensorSpec(p + name, tuple(shape), group, i, linear, sharded))
 
         a = "attn."
@@ -107,6 +113,13 @@ def _tensor_specs(args: ModelArgs, layers) -> list[TensorSpec]:
         kvb = (H * (la.qk_nope_head_dim + la.v_head_dim), la.kv_lora_rank)
         add(a + "wkv_b.weight", kvb, "attention")
         add(a + "wo.weight", (D, H * la.v_head_dim), "attention")
+        if la.attn_kind == "dsa":  # the lightning indexer: replicated, as the reference's
+            Hi, Di, ix = la.index_n_heads, la.index_head_dim, a + "indexer."
+            add(ix + "wq_b.weight", (Hi * Di, la.q_lora_rank), "attention", sharded=False)
+            add(ix + "wk.weight", (Di, D), "attention", sharded=False)
+            add(ix + "k_norm.weight", (Di,), "attention", False, False)
+            add(ix + "k_norm.bias", (Di,), "attention", False, False)
+            add(ix + "weights_proj.weight", (Hi, D), "attention", False, False)
         if la.ffn == "dense":
             add("ffn.w1.weight", (la.inter_dim, D), "dense_mlp")
             add("ffn.w2.weight", (D, la.inter_dim), "dense_mlp")
@@ -126,20 +139,29 @@ def _tensor_specs(args: ModelArgs, layers) -> list[TensorSpec]:
                 add("ffn.shared_experts.w3.weight", (W, D), "shared_experts")
         add("attn_norm.weight", (D,), "norms", False, False)
         add("ffn_norm.weight", (D,), "norms", False, False)
+        if mtp:  # MTPBlock's own tensors; eh_proj stays unquantised in fp8 (as released)
+            add("enorm.weight", (D,), "mtp", False, False)
+            add("hnorm.weight", (D,), "mtp", False, False)
+            add("eh_proj.weight", (D, 2 * D), "mtp", False, False)
+            add("shared_head.norm.weight", (D,), "mtp", False, False)
     out.append(TensorSpec("norm.weight", (D,), "norms", None, False, False))
     out.append(TensorSpec("head.weight", (args.vocab_size, D), "head", None, False, True))
     return out
 
 
 def count_params(args: ModelArgs) -> dict:
-    """Exact counts without allocating: {"total", "active", "groups": {...}, "layers": [...]}.
+    """Exact counts without allocating: {"total", "main", "mtp", "active", "groups": {...},
+    "layers": [...]}.
 
-    "active" is what one token uses: everything but the input embedding, with only
-    n_activated_experts of each MoE layer's routed experts.
+    "total" is every parameter the model holds: "main" (the model proper) plus "mtp" (the MTP
+    modules' own tensors: blocks, eh_proj, enorm, hnorm, shared_head.norm; the embedding and head
+    they share are counted once, in main). "active" is what one token of the main forward uses:
+    everything but the input embedding and the MTP modules, with only n_activated_experts of
+    each MoE layer's routed experts.
     """
     groups = dict.fromkeys(GROUPS, 0)
     layers = [
-        {"layer": la.layer_id, "ffn": la.ffn, **dict.fromkeys(GROUPS[1:-1], 0)}
+        {"layer": la.layer_id, "ffn": la.ffn, **dict.fromkeys(LAYER_GROUPS, 0)}
         for la in _layers(args)
     ]
     for t in _resolved(args)[1]:
@@ -147,7 +169,7 @@ def count_params(args: ModelArgs) -> dict:
         if t.layer is not None:
             layers[t.layer][t.group] += t.numel
     for row, la in zip(layers, _layers(args)):
-        row["total"] = sum(row[g] for g in GROUPS[1:-1])
+        row["total"] = sum(row[g] for g in LAYER_GROUPS)
         routed_active = 0
         if la.ffn == "moe":
             routed_active = row["routed_experts"] // la.n_routed_experts * la.n_activated_experts
@@ -155,7 +177,14 @@ def count_params(args: ModelArgs) -> dict:
     total = sum(groups.values())
     active = groups["head"] + groups["norms"] - sum(r["norms"] for r in layers)
     active += sum(r["active"] for r in layers)
-    return {"total": total, "active": active, "groups": groups, "layers": layers}
+    return {
+        "total": total,
+        "main": total - groups["mtp"],
+        "mtp": groups["mtp"],
+        "active": active,
+        "groups": groups,
+        "layers": layers,
+    }
 
 
 def weight_bytes(args: ModelArgs, dtype: str) -> int:
@@ -190,11 +219,21 @@ def weight_bytes_per_gpu(args: ModelArgs, dtype: str, n_gpus: int = 1) -> int:
     return total
 
 
-def kv_elems_per_token(args: ModelArgs, attn_impl: str) -> int:
-    """Cached elements per token, summed over layers, for a cache layout."""
+def layer_kv_elems(la, attn_impl: str) -> int:
+    """Cached elements per token of one layer (`LayerArgs`) in a cache layout: per-head k and v
+    (naive) or the latent and the rope key (absorb), plus the DSA indexer's key
+    (index_head_dim) on a DSA layer."""
     if attn_impl == "naive":
-        return sum(la.n_heads * (la.qk_head_dim + la.v_head_dim) for la in _layers(args))
-    return sum(la.kv_lora_rank + la.qk_rope_head_dim for la in _layers(args))
+        n = la.n_heads * (la.qk_head_dim + la.v_head_dim)
+    else:
+        n = la.kv_lora_rank + la.qk_rope_head_dim
+    return n + (la.index_head_dim if la.attn_kind == "dsa" else 0)
+
+
+def kv_elems_per_token(args: ModelArgs, attn_impl: str) -> int:
+    """Cached elements per token, summed over layers, for a cache layout (DSA indexer keys
+    included)."""
+    return sum(layer_kv_elems(la, attn_impl) for la in _layers(args))
 
 
 def estimate(
@@ -206,11 +245,14 @@ def estimate(
 ) -> dict:
     """What a build and a forward of `batch` x `seq_len` tokens cost, before allocating.
 
-    Memory = weights + KV cache (the configured attn_impl) + activations (a bound on the live
-    tensors of one layer plus the logits). FLOPs count 2 per multiply-add of the matmuls a token
-    passes through (active parameters, embedding excluded) plus causal attention over its
-    context. Per-GPU memory shards what the reference shards (tensor/expert parallel) and
-    replicates the rest (norms, router, wq_a/wkv_a, the absorb latent cache).
+    Memory = weights + KV cache (the configured attn_impl; DSA indexer keys included) +
+    activations (a bound on the live tensors of one layer plus the logits). FLOPs count 2 per
+    multiply-add of the matmuls a token passes through (active parameters, embedding excluded)
+    plus causal attention over its context; on a DSA layer attention covers the index_topk
+    kept keys (as a sparse kernel computes it; dsv3 masks dense scores) and the indexer scores
+    every earlier position. Per-GPU memory shards what the reference shards (tensor/expert
+    parallel) and replicates the rest (norms, router, wq_a/wkv_a, the absorb latent cache, the
+    DSA indexer and its keys).
     """
     seq_len = args.max_seq_len if seq_len is None else seq_len
     counts = count_params(args)
@@ -223,9 +265,16 @@ def estimate(
     # Matmul FLOPs per token: active params minus vectors (norms, biases) and embedding lookup.
     vec = sum(t.numel for t in specs if len(t.shape) == 1)
     matmul_active = counts["active"] - vec + sum(t.numel for t in specs if t.name == "norm.weight")
-    attn_per_pair = sum(la.n_heads * (la.qk_head_dim + la.v_head_dim) for la in _layers(args))
     pairs = seq_len * (seq_len + 1) / 2  # causal (query, key) pairs in a prefill
-    flops_forward = batch * (2 * matmul_active * seq_len + 2 * attn_per_pair * pairs)
+    attn_pair_flops = 0.0  # per sequence: MLA scores and values, DSA indexer scores
+    for la in _layers(args):
+        per_pair = la.n_heads * (la.qk_head_dim + la.v_head_dim)
+        if la.attn_kind == "dsa":  # MLA over the kept keys; the indexer scores every pair
+            attn_pair_flops += per_pair * sparse_pairs(seq_len, la.index_topk)
+            attn_pair_flops += la.index_n_heads * la.index_head_dim * pairs
+        else:
+            attn_pair_flops += per_pair * pairs
+    flops_forward = batch * (2 * matmul_active * seq_len + 2 * attn_pair_flops)
     flops_per_token = flops_forward / max(batch * seq_len, 1)
 
     width = max(
@@ -236,11 +285,18 @@ def estimate(
         for la in _layers(args)
     )
     activation = batch * seq_len * (4 * args.dim + width) * act_bytes + batch * args.vocab_size * 4
+    if any(la.attn_kind == "dsa" for la in _layers(args)) and seq_len > args.index_topk:
+        # DSA: float32 index scores and the kept-key mask, (seq_len x seq_len) per sequence.
+        activation += batch * seq_len * seq_len * 5
     total = wbytes[dtype] + kv_cache[args.attn_impl] + activation
 
     n = max(int(n_gpus), 1)
     per_gpu_weights = weight_bytes_per_gpu(args, dtype, n)
-    kv_gpu = kv_cache[args.attn_impl] / (n if args.attn_impl == "naive" else 1)
+    # The DSA indexer's keys are replicated on every GPU, like the absorb latent.
+    index_kv = sum(la.index_head_dim for la in _layers(args) if la.attn_kind == "dsa")
+    index_kv *= act_bytes * batch * seq_len
+    kv_gpu = kv_cache[args.attn_impl] - index_kv
+    kv_gpu = kv_gpu / (n if args.attn_impl == "naive" else 1) + index_kv
     per_gpu = per_gpu_weights + kv_gpu + activation
 
     rows = []
@@ -255,16 +311,12 @@ def estimate(
                 "ffn_width": la.moe_inter_dim if la.ffn == "moe" else la.inter_dim,
                 "params": row["total"],
                 "active": row["active"],
-                "kv_bytes_per_token": (
-                    la.n_heads * (la.qk_head_dim + la.v_head_dim)
-                    if args.attn_impl == "naive"
-                    else la.kv_lora_rank + la.qk_rope_head_dim
-                )
-                * act_bytes,
+                "kv_bytes_per_token": layer_kv_elems(la, args.attn_impl) * act_bytes,
             }
         )
     return {
         "params": counts,
+        "checkpoint_params": checkpoint_params(args),
         "dtype": dtype,
         "batch": batch,
         "seq_len": seq_len,
@@ -282,6 +334,20 @@ def estimate(
         "per_gpu_bytes": per_gpu,
         "layers": rows,
     }
+
+
+def sparse_pairs(seq_len: int, topk: int) -> int:
+    """(query, key) pairs a causal prefill of `seq_len` attends to when each query keeps at
+    most `topk` keys (DSA): sum over positions t = 1..seq_len of min(t, topk)."""
+    k = min(seq_len, topk)
+    return k * (k + 1) // 2 + (seq_len - k) * topk
+
+
+def checkpoint_params(args: ModelArgs) -> int:
+    """Parameters a released checkpoint stores: the model's, plus the copies of the embedding and
+    head that each MTP layer repeats (layer 61 of DeepSeek-V3: 671.0B main + 11.6B MTP + 1.9B
+    copies = the "685B" of the model card)."""
+    return count_params(args)["total"] + args.n_mtp_layers * 2 * args.vocab_size * args.dim
 
 
 def human_bytes(n: float) -> str:

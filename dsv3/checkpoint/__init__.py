@@ -23,17 +23,32 @@ Modules: `hf_config` (config.json <-> ModelArgs), `reader` (the validated reader
 the one table in `dsv3.names`.
 """
 
-from .hf import dsv3_to_hf_state_dict, hf_to_dsv3_state_dict, load_hf
-from .hf_config import args_from_hf_config, hf_config_from_args, read_hf_config
-from .native import FORMAT_VERSION, load, save, saved_args
-from .reader import CheckpointError
-from .sharded import load_reference, load_sharded
+from importlib import import_module
+from typing import Any
+
+from .hf_config import args_from_hf_config, fetch_hf_config, hf_config_from_args, read_hf_config
+
+# The rest needs torch: imported on first use, so that config translation (`hf_config`, also
+# `dsv3.args_from_hf_config`) stays torch-free.
+_LAZY = {
+    "dsv3_to_hf_state_dict": "hf",
+    "hf_to_dsv3_state_dict": "hf",
+    "load_hf": "hf",
+    "FORMAT_VERSION": "native",
+    "load": "native",
+    "save": "native",
+    "saved_args": "native",
+    "CheckpointError": "reader",
+    "load_reference": "sharded",
+    "load_sharded": "sharded",
+}
 
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "args_from_hf_config",
     "dsv3_to_hf_state_dict",
+    "fetch_hf_config",
     "hf_config_from_args",
     "hf_to_dsv3_state_dict",
     "load",
@@ -44,3 +59,11 @@ __all__ = [
     "save",
     "saved_args",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dsv3.checkpoint' has no attribute {name!r}")

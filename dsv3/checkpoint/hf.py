@@ -1,4 +1,4 @@
-"""Hugging Face DeepseekV3/V2 checkpoints: HF <-> dsv3 state dicts and `load_hf`, with names
+"""Hugging Face DeepseekV3/V32/V2 checkpoints: HF <-> dsv3 state dicts and `load_hf`, with names
 from the one table (`dsv3.names`) plus HF's fused in-memory experts and rope row order."""
 
 from __future__ import annotations
@@ -11,7 +11,17 @@ import torch
 
 from ..config import ModelArgs
 from ..model import Transformer
-from ..names import HF_SCALE, STACKED, dsv3_to_hf, hf_to_dsv3, per_expert
+from ..names import (
+    HF_SCALE,
+    MTP_COPIES,
+    STACKED,
+    dsv3_to_hf,
+    from_mtp,
+    hf_to_dsv3,
+    mtp_copy,
+    per_expert,
+    to_mtp,
+)
 from .hf_config import args_from_hf_config, hf_config_from_args, read_hf_config
 from .plan import Piece, empty_model, fill, targets_of
 from .reader import CheckpointError, Source, hf_files
@@ -29,8 +39,9 @@ def _hf_pieces(
     src: Source, args: ModelArgs, rope_interleave: bool = True, tie: bool = False
 ) -> tuple[list[Piece], list[str]]:
     """HF names -> pieces of dsv3 tensors, through the one name table (`dsv3.names`). Returns
-    (pieces, unexpected HF names). Layers at or past n_layers (the MTP module) and old
-    `rotary_emb.inv_freq` buffers are skipped."""
+    (pieces, unexpected HF names). Layers n_layers.. go to the MTP modules (`mtp.N.`, their
+    copies of the embedding and head skipped) as far as args.n_mtp_layers has them; further
+    layers and old `rotary_emb.inv_freq` buffers are skipped."""
     names = set(src.keys())
     pieces: list[Piece] = []
     unexpected: list[str] = []
@@ -46,8 +57,9 @@ def _hf_pieces(
             continue  # else it travels with its weight (see scale_of)
         m = _HF_LAYER.fullmatch(name)
         layer = int(m.group(1)) if m else None
-        if name.endswith("rotary_emb.inv_freq") or (layer is not None and layer >= args.n_layers):
-            continue  # old rope buffers / multi-token-prediction layers: not model weights
+        n_all = args.n_layers + args.n_mtp_layers
+        if name.endswith("rotary_emb.inv_freq") or (layer is not None and layer >= n_all):
+            continue  # old rope buffers / MTP layers this model leaves out: not its weights
         fused = _FUSED.fullmatch(name)
         if fused and fused.group(2) == "down_proj":
             pieces.append(Piece(name, f"layers.{layer}.ffn.experts.w2"))  # (E, D, I), as ours
@@ -62,6 +74,8 @@ def _hf_pieces(
         if ours is None:
             unexpected.append(name)
             continue
+        if mtp_copy(ours) is not None:
+            continue  # an MTP layer's copy of the embedding/head: the model shares its own
         expert = per_expert(ours)  # one expert of a stacked tensor
         dst, index = (expert[0], (expert[1],)) if expert else (ours, ())
         piece = Piece(name, dst, index, scale=scale_of(name))
@@ -70,6 +84,8 @@ def _hf_pieces(
         pieces.append(piece)
     if tie and "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
         pieces.append(Piece("model.embed_tokens.weight", "head.weight"))
+    for p in pieces:  # checkpoint layer n_layers + k is MTP module `mtp.{n_layers + k}`
+        p.dst = to_mtp(p.dst, args.n_layers)
     return pieces, unexpected
 
 
@@ -119,8 +135,15 @@ def dsv3_to_hf_state_dict(
     layout (`mlp.experts.gate_up_proj` (E, 2I, D), `down_proj` (E, D, I)), what
     `model.load_state_dict` takes; False gives per-expert keys as in saved HF files (fp8 scales
     as `weight_scale_inv`). Adds what HF has and dsv3 leaves out: a zero selection bias when
-    the model has none, zero-size shared experts when there are none."""
+    the model has none, zero-size shared experts when there are none. MTP modules become
+    layers n_layers.., with the copies of the embedding and head the released checkpoints
+    keep there (`embed_tokens`, `shared_head.head`); transformers itself loads no MTP layer,
+    so leave them out (n_mtp_layers 0) for `load_state_dict` into a transformers model."""
     cfg = hf_config_from_args(args)  # raises if HF cannot express the model
+    sd = {from_mtp(k): t for k, t in sd.items()}  # mtp.61.x -> layers.61.x, as checkpoints
+    for la in args.mtp_layers():
+        for copy, main in MTP_COPIES.items():
+            sd[f"layers.{la.layer_id}.{copy}"] = sd[main]
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         m = STACKED.fullmatch(name)
@@ -146,12 +169,13 @@ def dsv3_to_hf_state_dict(
             out[p + "down_proj"] = t  # (E, D, I), as ours
         elif w == "w1":  # (E, 2I, D): gate rows, then up rows
             out[p + "gate_up_proj"] = torch.cat([t, sd[f"layers.{layer}.ffn.experts.w3"]], dim=1)
-    for la in args.layers():
+    for la in (*args.layers(), *args.mtp_layers()):
         if la.ffn != "moe":
             continue
         p = f"model.layers.{la.layer_id}.mlp."
         like = sd["embed.weight"]
-        if cfg["model_type"] == "deepseek_v3" and p + "gate.e_score_correction_bias" not in out:
+        has_bias = cfg["model_type"] in ("deepseek_v3", "deepseek_v32")
+        if has_bias and p + "gate.e_score_correction_bias" not in out:
             out[p + "gate.e_score_correction_bias"] = torch.zeros(
                 la.n_routed_experts, dtype=torch.float32, device=like.device
             )
@@ -162,16 +186,28 @@ def dsv3_to_hf_state_dict(
     return out
 
 
+def _present_mtp(args: ModelArgs, names) -> ModelArgs:
+    """`args` with n_mtp_layers cut to the MTP layers the checkpoint holds (none, when it was
+    saved by transformers, which drops them)."""
+    layers = {int(m.group(1)) for m in map(_HF_LAYER.fullmatch, names) if m}
+    k = 0
+    while k < args.n_mtp_layers and args.n_layers + k in layers:
+        k += 1
+    return args if k == args.n_mtp_layers else args.replace(n_mtp_layers=k)
+
+
 def load_hf(
     path: str | os.PathLike,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> Transformer:
-    """Load a Hugging Face DeepseekV3/V2 checkpoint directory (config.json plus
+    """Load a Hugging Face DeepseekV3/V32/V2 checkpoint directory (config.json plus
     model.safetensors, or shards with model.safetensors.index.json).
 
     dtype None picks the checkpoint's: "fp8" when it has `weight_scale_inv` scales, "fp32" for
-    float32 weights, else "bf16". MTP layers (>= num_hidden_layers) are skipped.
+    float32 weights, else "bf16". MTP layers (num_nextn_predict_layers of them after
+    num_hidden_layers) load into the model's MTP modules; a checkpoint without them (what
+    transformers' `save_pretrained` writes) gives a model without them.
     """
     root = Path(path)
     if root.is_file() and root.name == "config.json":
@@ -187,6 +223,7 @@ def load_hf(
         "rope_interleave", True
     )
     with Source(hf_files(root)) as src:
+        args = _present_mtp(args, src.keys())
         if dtype is None:
             embed = "model.embed_tokens.weight"
             if any(k.endswith(HF_SCALE) for k in src.keys()):
@@ -199,5 +236,12 @@ def load_hf(
         pieces, unexpected = _hf_pieces(
             src, args, rope_interleave, tie=bool(cfg.get("tie_word_embeddings"))
         )
-        fill(targets_of(model), pieces, src, unexpected, label=str(root.name))
+        fill(
+            targets_of(model),
+            pieces,
+            src,
+            unexpected,
+            label=str(root.name),
+            scale_fmt=args.scale_fmt,
+        )
     return model.eval()

@@ -11,7 +11,13 @@ from typing import Any
 
 from ..config import BLOCK_SIZE, MOE_FIELDS, ConfigError, ModelArgs, yarn_mscale
 
-__all__ = ["CONFIG_NAMES", "args_from_hf_config", "hf_config_from_args", "read_hf_config"]
+__all__ = [
+    "CONFIG_NAMES",
+    "args_from_hf_config",
+    "fetch_hf_config",
+    "hf_config_from_args",
+    "read_hf_config",
+]
 
 
 # ModelArgs field -> HF config key, for the fields that map one to one.
@@ -35,6 +41,17 @@ CONFIG_NAMES = {
     "qk_rope_head_dim": "qk_rope_head_dim",
     "v_head_dim": "v_head_dim",
     "max_seq_len": "max_position_embeddings",
+    "n_mtp_layers": "num_nextn_predict_layers",
+}
+
+# model_type -> the transformers model family whose semantics (and defaults) it has. Kimi K2
+# ships DeepseekV3ForCausalLM under its own model_type; V3.2 is V3 plus the sparse-attention
+# indexer (its index_* keys are read where ModelArgs has them).
+_FAMILY = {
+    "deepseek_v3": "deepseek_v3",
+    "kimi_k2": "deepseek_v3",
+    "deepseek_v32": "deepseek_v3",
+    "deepseek_v2": "deepseek_v2",
 }
 
 # transformers 5.24's config-class defaults, used for keys a config.json leaves out (so the
@@ -88,10 +105,23 @@ _HF_DEFAULTS = {
     },
 }
 
+# DeepseekV32Config's defaults where they differ from DeepseekV3Config's (transformers 5.24).
+_V32_DEFAULTS = {
+    "max_position_embeddings": 163840,
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 2048,
+}
 
-def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
-    """A transformers DeepseekV3/DeepseekV2 `config.json` dict -> ModelArgs computing exactly
-    what transformers computes.
+
+def args_from_hf_config(cfg: dict[str, Any] | str | os.PathLike) -> ModelArgs:
+    """A transformers DeepseekV3/DeepseekV2 `config.json` (a dict, or the path of the file or of
+    its directory) -> ModelArgs computing exactly what transformers computes. Torch-free.
+
+    model_type deepseek_v3, kimi_k2 (architectures DeepseekV3ForCausalLM), deepseek_v32 and
+    deepseek_v2 are read; a multimodal wrapper's `text_config` (Kimi K2.5) is unwrapped.
+    `rms_norm_eps` becomes `norm_eps`, `num_nextn_predict_layers` `n_mtp_layers`, an fp8
+    `quantization_config`'s `scale_fmt` (ue8m0 in V3.1) `scale_fmt`.
 
     transformers' DeepseekV3 always scores experts with a sigmoid, always has the selection bias
     (`e_score_correction_bias`) and renormalises the top-k weights; DeepseekV2 uses softmax
@@ -103,16 +133,29 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     `ConfigError` saying why. Both transformers 5.x `rope_parameters` and the legacy
     `rope_scaling` + `rope_theta` keys are read.
     """
+    if isinstance(cfg, (str, os.PathLike)):
+        path = Path(cfg)
+        cfg = read_hf_config(path / "config.json" if path.is_dir() else path)
     if not isinstance(cfg, dict):
         raise ConfigError(f"HF config must be a JSON object, got {type(cfg).__name__}")
+    if isinstance(cfg.get("text_config"), dict):  # a multimodal wrapper (Kimi K2.5): the LM
+        cfg = cfg["text_config"]
     model_type = cfg.get("model_type", "deepseek_v3")
-    if model_type not in _HF_DEFAULTS:
+    if model_type not in _FAMILY:
         raise ConfigError(
-            f"HF model_type={model_type!r} is not supported; this loader reads deepseek_v3 and "
-            f"deepseek_v2 configs",
+            f"HF model_type={model_type!r} is not supported; this loader reads "
+            f"{', '.join(_FAMILY)} configs",
             field="model_type",
         )
-    c = {**_HF_DEFAULTS[model_type], **cfg}  # an explicit null stays null, as in HF
+    arch = cfg.get("architectures") or []
+    if model_type == "kimi_k2" and arch and "DeepseekV3ForCausalLM" not in arch:
+        raise ConfigError(
+            f"HF architectures={arch!r}: a kimi_k2 config is read as DeepseekV3ForCausalLM",
+            field="architectures",
+        )
+    family = _FAMILY[model_type]
+    extra = _V32_DEFAULTS if model_type == "deepseek_v32" else {}
+    c = {**_HF_DEFAULTS[family], **extra, **cfg}  # an explicit null stays null, as in HF
 
     def unsupported(key: str, why: str) -> ConfigError:
         return ConfigError(f"HF config {key}={c.get(key)!r}: {why}", field=key)
@@ -120,8 +163,6 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     # Architecture switches the reference model does not have.
     if c.get("hidden_act", "silu") != "silu":
         raise unsupported("hidden_act", "only SwiGLU with silu is supported")
-    if not math.isclose(float(c.get("rms_norm_eps", 1e-6)), 1e-6, rel_tol=1e-9):
-        raise unsupported("rms_norm_eps", "the reference RMSNorm uses eps 1e-6")
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
             raise unsupported(key, "the reference model has no biases in its linear layers")
@@ -142,13 +183,18 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     for ours, theirs in CONFIG_NAMES.items():
         out[ours] = c.get(theirs)
     out["q_lora_rank"] = out["q_lora_rank"] or 0
+    out["n_mtp_layers"] = out["n_mtp_layers"] or 0
+    eps = c.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise unsupported("rms_norm_eps", "must be a number")
+    out["norm_eps"] = float(eps)
     out["n_shared_experts"] = out["n_shared_experts"] or 0
     out["n_dense_layers"] = out["n_dense_layers"] or 0
 
     # Router.
     top_k = out["n_activated_experts"]
     norm = c.get("norm_topk_prob")
-    if model_type == "deepseek_v3":
+    if family == "deepseek_v3":
         if c.get("scoring_func", "sigmoid") != "sigmoid":
             raise unsupported(
                 "scoring_func", "transformers' DeepseekV3 always scores experts with a sigmoid"
@@ -179,6 +225,14 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
             raise unsupported("topk_method", "DeepseekV2 supports greedy and group_limited_greedy")
         out.update(score_func="softmax", gate_bias=False)
 
+    if model_type == "deepseek_v32":  # DeepSeek Sparse Attention: the indexer on every layer
+        types = c.get("layer_types") or ["indexed_attention"]
+        if set(types) != {"indexed_attention"}:
+            raise unsupported("layer_types", "DeepseekV32 layers other than indexed_attention")
+        out["attn_kind"] = "dsa"
+        for key in ("index_n_heads", "index_head_dim", "index_topk"):
+            out[key] = c.get(key)
+
     out.update(_rope_from_hf(c))
 
     quant = c.get("quantization_config")
@@ -196,7 +250,19 @@ def args_from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
                 f"only [{BLOCK_SIZE}, {BLOCK_SIZE}]",
                 field="quantization_config",
             )
+        if quant.get("fmt", "e4m3") != "e4m3":
+            raise ConfigError(
+                f"fp8 fmt={quant.get('fmt')!r} is not supported; only e4m3",
+                field="quantization_config",
+            )
+        if quant.get("scale_fmt") not in (None, "ue8m0"):
+            raise ConfigError(
+                f"fp8 scale_fmt={quant.get('scale_fmt')!r} is not supported; only ue8m0 "
+                f"(power-of-two scales) or none",
+                field="quantization_config",
+            )
         out["dtype"] = "fp8"
+        out["scale_fmt"] = quant.get("scale_fmt")
     try:
         return ModelArgs.from_dict(out)
     except ConfigError as e:
@@ -318,7 +384,7 @@ def hf_config_from_args(args: ModelArgs) -> dict[str, Any]:
         q_lora_rank=args.q_lora_rank or None,
         num_key_value_heads=args.n_heads,  # MLA expands k/v per head; no grouped-query sharing
         hidden_act="silu",
-        rms_norm_eps=1e-6,
+        rms_norm_eps=float(args.norm_eps),
         tie_word_embeddings=False,
         attention_bias=False,
         routed_scaling_factor=float(args.route_scale),
@@ -343,7 +409,6 @@ def hf_config_from_args(args: ModelArgs) -> dict[str, Any]:
             scoring_func="sigmoid",
             topk_method="noaux_tc",
             rope_interleave=True,
-            num_nextn_predict_layers=0,
         )
     else:
         if ref.gate_bias:
@@ -364,6 +429,24 @@ def hf_config_from_args(args: ModelArgs) -> dict[str, Any]:
             topk_method="group_limited_greedy" if ref.n_expert_groups > 1 else "greedy",
             mlp_bias=False,
         )
+    attn_kinds = [la.attn_kind for la in args.layers()]
+    if "dsa" in attn_kinds:  # DeepseekV32: V3 with the DSA indexer on every layer
+        if "mla" in attn_kinds or ref.score_func != "sigmoid":
+            layer = attn_kinds.index("mla") if "mla" in attn_kinds else None
+            raise ConfigError(
+                "HF DeepseekV32 has the sparse-attention indexer on every layer and sigmoid "
+                f"routing; this model has {'an mla layer' if layer is not None else 'softmax'}",
+                field="attn_kind" if layer is not None else "score_func",
+                layer=layer,
+            )
+        cfg.pop("rope_interleave", None)  # DeepseekV32's MLA rotary is always interleaved
+        cfg.update(
+            model_type="deepseek_v32",
+            architectures=["DeepseekV32ForCausalLM"],
+            index_n_heads=args.index_n_heads,
+            index_head_dim=args.index_head_dim,
+            index_topk=args.index_topk,
+        )
     if args.use_yarn:
         rope: dict[str, Any] = {
             "rope_type": "yarn",
@@ -383,6 +466,43 @@ def hf_config_from_args(args: ModelArgs) -> dict[str, Any]:
         rope = {"rope_type": "default", "rope_theta": float(args.rope_theta)}
     cfg["rope_parameters"] = rope
     return cfg
+
+
+def fetch_hf_config(repo_id: str, token: str | None = None) -> dict[str, Any]:
+    """A Hub repository's `config.json` (that file alone) as a dict, through huggingface_hub
+    (imported here, so the rest of dsv3 does not need it). `token` None uses `HF_TOKEN` or the
+    saved login. No network, unknown repo, gated repo or no config.json -> `ConfigError` saying
+    which."""
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ConfigError("give a Hub repository id such as deepseek-ai/DeepSeek-V3", field="repo")
+    repo_id = repo_id.strip()
+    try:
+        from huggingface_hub import errors as hub_errors
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ConfigError(
+            "reading a config from the Hub needs huggingface_hub (pip install huggingface_hub)",
+            field="repo",
+        ) from None
+    token = token or os.environ.get("HF_TOKEN") or None
+    try:
+        path = hf_hub_download(repo_id, "config.json", token=token)
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
+        # (before EntryNotFoundError, of which LocalEntryNotFoundError is a kind)
+        why = "cannot be reached: no internet on this server (or HF_HUB_OFFLINE is set)"
+    except hub_errors.GatedRepoError:
+        why = "is gated: accept its terms on the Hub and set HF_TOKEN"
+    except hub_errors.RepositoryNotFoundError:
+        why = "was not found (or is private: set HF_TOKEN)"
+    except hub_errors.EntryNotFoundError:
+        why = "has no config.json"
+    except hub_errors.HFValidationError as e:
+        why = f"is not a valid repository id ({e})"
+    except (hub_errors.HfHubHTTPError, OSError) as e:
+        why = f"could not be read: {type(e).__name__}: {str(e)[:200]}"
+    else:
+        return read_hf_config(path)
+    raise ConfigError(f"Hub repository {repo_id!r} {why}", field="repo")
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -93,5 +93,5 @@ def load(
             for name in src.keys()
             if name not in scales  # a scale travels with its weight
         ]
-        fill(targets_of(model), pieces, src, [], label=path.name)
+        fill(targets_of(model), pieces, src, [], label=path.name, scale_fmt=args.scale_fmt)
     return model.eval()

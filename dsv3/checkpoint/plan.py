@@ -68,11 +68,13 @@ def fill(
     src: Source,
     unexpected: list[str],
     label: str,
+    scale_fmt: str | None = None,
 ) -> None:
     """Check `pieces` against `targets` (dsv3 name -> destination tensor), then copy them: every
-    check runs before any data is read."""
+    check runs before any data is read. `scale_fmt`: the model's (`ModelArgs.scale_fmt`), for
+    weights quantised on the way."""
     validate(targets, pieces, src, unexpected, label)
-    copy(targets, pieces, src)
+    copy(targets, pieces, src, scale_fmt)
 
 
 def validate(
@@ -182,7 +184,12 @@ def validate(
         )
 
 
-def copy(targets: dict[str, torch.Tensor], pieces: list[Piece], src: Source) -> None:
+def copy(
+    targets: dict[str, torch.Tensor],
+    pieces: list[Piece],
+    src: Source,
+    scale_fmt: str | None = None,
+) -> None:
     """Copy validated `pieces` into `targets`, one source tensor (slice) at a time.
     Conversions: float -> float casts; fp8 -> fp8 copies weight and scale; fp8 -> float
     dequantises; float -> fp8 quantises (per piece)."""
@@ -204,7 +211,7 @@ def copy(targets: dict[str, torch.Tensor], pieces: list[Piece], src: Source) -> 
                 else:
                     if p.scale is not None:  # fp8 without our scale layout: go through float
                         t = dequantize(t, src.get(p.scale, s_src), torch.float32)
-                    q, s = quantize(t)
+                    q, s = quantize(t, scale_fmt)
                     dst[p.dst_index].copy_(q)
                     scale_dst[s_index].copy_(s)
             elif p.scale is not None:
@@ -213,11 +220,11 @@ def copy(targets: dict[str, torch.Tensor], pieces: list[Piece], src: Source) -> 
                 dst[p.dst_index].copy_(t)
 
 
-def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(t: torch.Tensor, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8 over a (..., out, in) tensor, one matrix at a time to bound temp memory."""
     if t.dim() == 2:
-        return quantize_fp8(t)
-    qs, ss = zip(*(quantize(m) for m in t))
+        return quantize_fp8(t, scale_fmt)
+    qs, ss = zip(*(quantize(m, scale_fmt) for m in t))
     return torch.stack(qs), torch.stack(ss)
 
 

@@ -74,7 +74,10 @@ def read_header(path: Path) -> dict[str, Any]:
         n = int.from_bytes(head[:8], "little")
         if len(head) < 9 or head[8:9] != b"{" or n > _MAX_HEADER:
             # Not safetensors (whose JSON header follows an 8-byte length). Say what it is.
-            if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+            # A pickle opens with PROTO (0x80) and its protocol 2..5; torch.save's zip with PK.
+            # (0x80 alone also begins a safetensors header length of 128 + 256k bytes.)
+            pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+            if pickle or head[:4] == b"PK\x03\x04":
                 raise CheckpointError(
                     f"{path.name}: this is a PyTorch pickle (torch.save) file, not safetensors; "
                     f"it is not loaded because unpickling can run arbitrary code"

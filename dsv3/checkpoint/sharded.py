@@ -22,7 +22,7 @@ from ..dist.comm import resolve_world
 from ..dist.plan import check_shardable, local_index, split_widths
 from ..layers import FP8
 from ..model import Transformer
-from ..names import layer_of, per_expert, placement, scale_name
+from ..names import from_mtp, layer_of, mtp_copy, per_expert, placement, scale_name, to_mtp
 from .plan import Piece, empty_model, fill, targets_of
 from .reader import Source, checkpoint_files
 
@@ -64,14 +64,20 @@ def _rank_pieces(
     """Pieces of rank `rank`'s tensors (of a `world_size`-way model) from `src`: full tensors
     (mp None, one file or several) or convert.py's per-rank files (keys "r:name", mp ranks).
     `rename` maps checkpoint names to dsv3's (None skips one); `skip_layers` drops layers
-    >= n_layers (HF's MTP layer). Returns (pieces, unexpected names)."""
+    past the model's MTP modules (n_layers + n_mtp_layers..). Layers n_layers.. go to the MTP
+    modules (`mtp.N.`), their copies of the embedding and head skipped. Returns (pieces,
+    unexpected names)."""
     widths = split_widths(args)
-    by_name: dict[str, list[str]] = {}  # dsv3 name -> its source keys in rank order
+    widths.update({from_mtp(k): v for k, v in widths.items()})  # MTP weights by layer name too
+    n_all = args.n_layers + args.n_mtp_layers
+    by_name: dict[str, list[str]] = {}  # reference name -> its source keys in rank order
     for key in src.keys():
         name = key.split(":", 1)[1] if mp else key
         name = rename(name) if rename is not None else name
-        if name is None or (skip_layers and (layer_of(name) or 0) >= args.n_layers):
+        if name is None or (skip_layers and (layer_of(name) or 0) >= n_all):
             continue
+        if mtp_copy(name) is not None and (layer_of(name) or 0) >= args.n_layers:
+            continue  # an MTP layer's copy of the embedding/head: the model shares its own
         by_name.setdefault(name, []).append(key)
     names = {(_prefix(k, mp), n) for n, keys in by_name.items() for k in keys}
     pieces: list[Piece] = []
@@ -121,6 +127,8 @@ def _rank_pieces(
                 dst_index = (*pre, slice(lo - want.start, hi - want.start))
                 pieces.append(Piece(key, name, dst_index, src_index, scale=scale_of(key, name)))
             offset += size
+    for p in pieces:  # checkpoint layer n_layers + k is MTP module `mtp.{n_layers + k}`
+        p.dst = to_mtp(p.dst, args.n_layers)
     return pieces, unexpected
 
 
@@ -144,7 +152,14 @@ def load_reference(
             dtype = "fp8" if any(k.endswith(".scale") for k in src.keys()) else "bf16"
         model = empty_model(args, device, dtype)
         pieces, unexpected = _rank_pieces(src, mp, args, 1, 0)
-        fill(targets_of(model), pieces, src, unexpected, label=Path(path).name)
+        fill(
+            targets_of(model),
+            pieces,
+            src,
+            unexpected,
+            label=Path(path).name,
+            scale_fmt=args.scale_fmt,
+        )
     return model.eval()
 
 
@@ -164,8 +179,8 @@ def load_sharded(
       M == world_size each rank reads its own file; for another M the rank's range is read from
       the shards that cover it.
     Returns the keys, shapes and the files' dtypes of the sharded model's state_dict (experts
-    stacked), every tensor checked; load it with `model.load_state_dict(sd)`. Layers >=
-    args.n_layers (HF's MTP layer) are skipped."""
+    stacked), every tensor checked; load it with `model.load_state_dict(sd)`. Layers past
+    the model's MTP modules (>= n_layers + n_mtp_layers) are skipped."""
     world_size, rank = resolve_world(world_size, rank)
     files, mp = checkpoint_files(Path(path))
     prefixes = [f"{r}:" for r in range(mp)] if mp else None
