@@ -17,6 +17,13 @@ where blocked causal matmuls are faster (`_blocked_causal`).
 Caches are sized to what a forward uses (batch and end position), not max_batch_size x
 max_seq_len; `reserve()` pre-sizes them when the caller knows how far decoding will go.
 
+DeepSeek Sparse Attention (`attn_kind="dsa"`, V3.2-Exp): an `Indexer` scores every earlier
+position for every query and keeps the best `index_topk`; MLA's scores of the other keys are
+masked out before the softmax (in both cache layouts, so naive and absorb still agree). The mask
+is applied to dense scores, as the reference's inference code and transformers do: the same
+numbers as a sparse kernel, not its speed. While a query has at most index_topk earlier
+positions the indexer keeps them all and attention runs unmasked (causal only).
+
 Speed notes (measured in benchmarks/run.py): the absorb cache is one (B, T, C + Dr) buffer with
 "kv" and "pe" as views of it, so a decode step scores the query against both with one bmm;
 rotary embeddings rotate q and k in place as complex numbers; attention pads the value head dim
@@ -31,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerArgs
-from .layers import Linear, RMSNorm, compute_dtype
+from .layers import LayerNorm, Linear, RMSNorm, compute_dtype
 
 
 class KVCache:
@@ -107,6 +114,105 @@ def _rotate_(x: torch.Tensor, freqs: torch.Tensor) -> None:
         x.copy_(torch.view_as_real(z * freqs[None, :, None]).flatten(-2))
 
 
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, S, H, R) rotated in the half-split layout, where dims j and j + R/2 form pair j
+    (transformers' `rotate_half`): the DSA indexer's rotary. MLA's rotary (`_rotate_`) pairs
+    interleaved dims 2j, 2j+1 instead. cos, sin: (S, R/2). Computed in float32, returned in
+    x's dtype."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half].float(), x[..., half:].float()
+    c, s = cos[None, :, None], sin[None, :, None]  # (1, S, 1, R/2)
+    return torch.cat([a * c - b * s, b * c + a * s], dim=-1).to(x.dtype)
+
+
+INDEX_MAX_SCORES = 1 << 24  # per-head index scores held at once (64 MiB float32)
+
+
+class Indexer(nn.Module):
+    """The lightning indexer of DeepSeek Sparse Attention (the V3.2-Exp reference's `Indexer`):
+    which earlier positions each query's attention keeps.
+
+    score(s, t) = sum_h w[s, h] * relu(q[s, h] . k[t] * Di**-0.5), with Hi index heads of Di
+    dims: q = wq_b(the MLA q latent), k = k_norm(wk(x)) (one key per token, shared by the
+    heads, cached), w = weights_proj(x) * Hi**-0.5. The first qk_rope_head_dim dims of q and k
+    are rotated in the half-split layout (MLA's are interleaved pairs; DeepSeek's 2025-11-17
+    fix of its inference code, and transformers' `deepseek_v32`). The `index_topk` best-scored
+    positions (among all keys, the future ones at -inf) are kept, and of those the causal ones.
+
+    Left out, as transformers leaves them out: the reference's Hadamard rotation of q and k
+    (orthonormal, so no dot product changes) and its fp8 scoring; scores are float32.
+    `forward` returns the (B, Sq, T) bool mask of kept keys, or None when every query keeps
+    all its earlier positions (T <= index_topk: plain causal attention).
+    """
+
+    def __init__(self, la: LayerArgs, max_seq_len: int, dtype=None, device=None):
+        super().__init__()
+        self.n_heads, self.head_dim = la.index_n_heads, la.index_head_dim
+        self.rope_head_dim = la.qk_rope_head_dim
+        self.topk = la.index_topk
+        self.softmax_scale = self.head_dim**-0.5
+        kw = dict(dtype=dtype, device=device)
+        norm_dtype = compute_dtype(dtype)
+        H, Di = self.n_heads, self.head_dim
+        self.wq_b = Linear(la.q_lora_rank, H * Di, **kw)
+        self.wk = Linear(la.dim, Di, **kw)
+        self.k_norm = LayerNorm(Di, dtype=norm_dtype, device=device)
+        # Never fp8: the reference builds it in the default dtype.
+        self.weights_proj = Linear(la.dim, H, dtype=norm_dtype, device=device)
+        self.cache = KVCache({"k": (Di,)}, max_seq_len)
+        # Instrumentation (dsv3.stats.record_indexer): when on, the last forward's kept keys
+        # (B, Sq, T) bool and per-head scores (B, Sq, H, T) float32 stay here.
+        self.keep_topk = False
+        self.last_kept: torch.Tensor | None = None
+        self.last_head_scores: torch.Tensor | None = None
+        self.last_q_pos = 0
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_q: torch.Tensor,
+        qr: torch.Tensor,
+        start_pos: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """x (B, S, D) the layer's new positions start_pos.. (their keys are cached); x_q
+        (B, Sq, D) and qr (B, Sq, q_lora_rank) the queries' inputs and q latents, the last Sq
+        of those positions; cos, sin (S, R/2). -> kept keys (B, Sq, T) bool, or None (all)."""
+        B, S, _ = x.shape
+        end_pos = start_pos + S
+        Sq, q_pos, T = x_q.shape[1], end_pos - x_q.shape[1], end_pos
+        H, Di, R = self.n_heads, self.head_dim, self.rope_head_dim
+        k = self.k_norm(self.wk(x)).unsqueeze(2)  # (B, S, 1, Di)
+        k = torch.cat([_rotate_half(k[..., :R], cos, sin), k[..., R:]], dim=-1)
+        self.cache.ensure(B, end_pos, x, keep=start_pos > 0)
+        cache = self.cache.tensors["k"]
+        cache[:B, start_pos:end_pos] = k.squeeze(2)
+        causal = _causal_bias(Sq, T, q_pos, x.device) == 0  # (Sq, T)
+        if T <= self.topk and not self.keep_topk:
+            return None  # every query keeps all its earlier positions
+        q = self.wq_b(qr).view(B, Sq, H, Di)  # (B, Sq, H, Di)
+        q = torch.cat([_rotate_half(q[..., :R], cos[-Sq:], sin[-Sq:]), q[..., R:]], dim=-1)
+        w = self.weights_proj(x_q).float() * H**-0.5  # (B, Sq, H)
+        kT = cache[:B, :end_pos].float().transpose(1, 2).unsqueeze(1)  # (B, 1, Di, T)
+        scores = x.new_empty(B, Sq, T, dtype=torch.float32)
+        heads = x.new_empty(B, Sq, H, T, dtype=torch.float32) if self.keep_topk else None
+        rows = max(1, INDEX_MAX_SCORES // max(B * H * T, 1))
+        for a in range(0, Sq, rows):  # query blocks bound the per-head scores' memory
+            b = min(Sq, a + rows)
+            per_head = torch.relu(torch.matmul(q[:, a:b].float(), kT) * self.softmax_scale)
+            scores[:, a:b] = torch.matmul(w[:, a:b].unsqueeze(-2), per_head).squeeze(-2)
+            if heads is not None:
+                heads[:, a:b] = per_head * w[:, a:b, :, None]  # (B, s, H, T)
+        scores.masked_fill_(~causal, float("-inf"))
+        top = scores.topk(min(self.topk, T), dim=-1).indices  # (B, Sq, K)
+        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & causal
+        if self.keep_topk:
+            self.last_kept, self.last_q_pos = kept, q_pos
+            self.last_head_scores = heads.masked_fill_(~causal[:, None], float("-inf"))
+        return None if T <= self.topk else kept
+
+
 class MLA(nn.Module):
     """Multi-head latent attention of one layer, built from its resolved `LayerArgs`."""
 
@@ -143,12 +249,19 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, dtype=norm_dtype, device=device)
         self.wkv_b = Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), **kw)
         self.wo = Linear(H * self.v_head_dim, self.dim, **kw)
+        self.attn_kind = la.attn_kind
+        self.indexer = Indexer(la, max_seq_len, dtype, device) if la.attn_kind == "dsa" else None
         if self.attn_impl == "naive":
             shapes = {"k": (H, self.qk_head_dim), "v": (H, self.v_head_dim)}
             self.cache = KVCache(shapes, max_seq_len)
         else:
             shapes = {"kv": (self.kv_lora_rank,), "pe": (self.qk_rope_head_dim,)}
             self.cache = KVCache(shapes, max_seq_len, packed=True)
+
+    @property
+    def caches(self) -> list[KVCache]:
+        """Every cache of the layer: MLA's, and the indexer's keys on a DSA layer."""
+        return [self.cache] if self.indexer is None else [self.cache, self.indexer.cache]
 
     def forward(
         self,
@@ -171,15 +284,20 @@ class MLA(nn.Module):
         kv = self.kv_norm(kv[..., :C])  # (B, S, C)
         self.cache.ensure(B, end_pos, x, keep=start_pos > 0)
         c = self.cache.tensors
+        x_all = x
         if last_only:  # queries of the last position only: one query at end_pos - 1
             x, freqs, q_pos = x[:, -1:], freqs[-1:], end_pos - 1
         else:
             q_pos = start_pos
         Sq = x.shape[1]
+        keep = None  # DSA: (B, Sq, T) keys each query keeps; None = all earlier ones
         if self.q_lora_rank == 0:
             q = self.wq(x)
         else:
-            q = self.wq_b(self.q_norm(self.wq_a(x)))
+            qr = self.q_norm(self.wq_a(x))  # (B, Sq, q_lora_rank): the q latent
+            q = self.wq_b(qr)
+            if self.indexer is not None:
+                keep = self.indexer(x_all, x, qr, start_pos, cos, sin)
         q = q.view(B, Sq, H, self.qk_head_dim)  # (B, Sq, H, Dqk)
         _rotate_(q[..., Dn:], freqs)
 
@@ -189,7 +307,7 @@ class MLA(nn.Module):
             k_new[..., :Dn] = kvb[..., :Dn]
             k_new[..., Dn:] = k_pe
             c["v"][:B, start_pos:end_pos] = kvb[..., Dn:]
-            o = self._sdpa(q, c["k"][:B, :end_pos], c["v"][:B, :end_pos], q_pos)
+            o = self._sdpa(q, c["k"][:B, :end_pos], c["v"][:B, :end_pos], q_pos, keep)
             return self.wo(o.flatten(2))
 
         lat = self.cache.packed[:B, :end_pos]  # (B, T, C + Dr): kv | pe
@@ -202,7 +320,7 @@ class MLA(nn.Module):
             kv_all = kv if start_pos == 0 else lat[..., :C]  # (B, T, C)
             kvb = F.linear(kv_all, wkv_b).view(B, T, H, Dn + Dv)
             k = torch.cat([kvb[..., :Dn], lat[:, :, None, C:].expand(B, T, H, Dr)], dim=-1)
-            o = self._sdpa(q, k, kvb[..., Dn:], q_pos)
+            o = self._sdpa(q, k, kvb[..., Dn:], q_pos, keep)
             return self.wo(o.flatten(2))
         # Absorbed: q_nope . (W_uk kv) == (q_nope W_uk) . kv, and the output folds W_uv. Per-head
         # bmm over (H, B*Sq, .) views: the einsum equivalents cost more in overhead at Sq = 1.
@@ -213,7 +331,11 @@ class MLA(nn.Module):
         T = end_pos
         scores = torch.bmm(qc.view(B, Sq * H, C + Dr), lat.transpose(1, 2))  # (B, Sq*H, T)
         scores.mul_(self.softmax_scale)
-        if Sq > 1:
+        if keep is not None:  # DSA: the dropped keys (and the future) at -inf
+            bias = torch.zeros(keep.shape, dtype=scores.dtype, device=x.device)
+            bias.masked_fill_(~keep, float("-inf"))
+            scores = scores.view(B, Sq, H, T).add_(bias[:, :, None])  # (B, Sq, H, T)
+        elif Sq > 1:
             bias = _causal_bias(Sq, T, q_pos, x.device, scores.dtype)[:, None]
             scores = scores.view(B, Sq, H, T).add_(bias)
         p = scores.view(B, Sq * H, T).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
@@ -221,21 +343,32 @@ class MLA(nn.Module):
         o = torch.bmm(o, wkv_b[:, Dn:].transpose(1, 2))  # (H, B*Sq, Dv)
         return self.wo(o.transpose(0, 1).reshape(B, Sq, H * Dv))
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int):
-        """q (B,S,H,Dqk), k (B,T,H,Dqk), v (B,T,H,Dv) -> (B,S,H,Dv), causal from start_pos.
+    def _sdpa(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        start_pos: int,
+        keep: torch.Tensor | None = None,
+    ):
+        """q (B,S,H,Dqk), k (B,T,H,Dqk), v (B,T,H,Dv) -> (B,S,H,Dv), causal from start_pos, or
+        over the keys `keep` (B,S,T) bool marks (DSA; causal already applied).
 
         The smaller of Dqk/Dv is zero-padded to the larger: the flash kernels need one head dim,
         zeros change no dot product, and the padded output columns are dropped."""
         S, T = q.shape[1], k.shape[1]
         Dqk, Dv = q.shape[-1], v.shape[-1]
-        if S > 1 and _blocked_fits(q, T):
+        if keep is None and S > 1 and _blocked_fits(q, T):
             return _blocked_causal(q, k, v, self.softmax_scale, start_pos)
         if Dv < Dqk:
             v = F.pad(v, (0, Dqk - Dv))
         elif Dqk < Dv:
             q, k = F.pad(q, (0, Dv - Dqk)), F.pad(k, (0, Dv - Dqk))
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, *, D)
-        if S == 1:
+        if keep is not None:
+            mask = keep[:, None]  # (B, 1, S, T)
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.softmax_scale)
+        elif S == 1:
             o = F.scaled_dot_product_attention(qt, kt, vt, scale=self.softmax_scale)
         elif start_pos == 0:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.softmax_scale)

@@ -174,11 +174,15 @@ def _weights_read(args: ModelArgs, dtype: str, n: int, tokens: float) -> tuple[f
 
 def _kv_elems(args: ModelArgs, n: int) -> float:
     """Cached elements per token on one GPU, summed over layers, each in its layer's attn_impl
-    layout: naive k/v per head (heads split over GPUs), absorb latent + rope (replicated)."""
+    layout: naive k/v per head (heads split over GPUs), absorb latent + rope (replicated), plus
+    a DSA layer's indexer key (replicated)."""
     return sum(
-        la.n_heads * (la.qk_head_dim + la.v_head_dim) / n
-        if la.attn_impl == "naive"
-        else la.kv_lora_rank + la.qk_rope_head_dim
+        (
+            la.n_heads * (la.qk_head_dim + la.v_head_dim) / n
+            if la.attn_impl == "naive"
+            else la.kv_lora_rank + la.qk_rope_head_dim
+        )
+        + (la.index_head_dim if la.attn_kind == "dsa" else 0)
         for la in args.layers()
     )
 

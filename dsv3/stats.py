@@ -1,4 +1,5 @@
-"""Instrumentation for the app's plots: module output shapes and expert routing statistics."""
+"""Instrumentation for the app's plots: module output shapes, expert routing statistics and the
+DSA indexer's kept positions."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from .attention import Indexer
 from .moe import MoE
 
 
@@ -193,3 +195,71 @@ def _log_hist(x: torch.Tensor, edges: torch.Tensor) -> list[int]:
     at = torch.bucketize(x.double().clamp(min=float(edges[0])), edges, right=True) - 1
     at = at.clamp(0, len(edges) - 2)
     return torch.bincount(at, minlength=len(edges) - 1).tolist()
+
+
+def record_indexer(model: nn.Module, on: bool = True) -> int:
+    """Make every DSA indexer of `model` keep its last forward's selection (or stop, and drop
+    it). `indexer_selection` reads it; off by default. While on, a forward also keeps the
+    per-head index scores (B x queries x index_n_heads x keys float32) and scores even when
+    every key is kept. Returns the number of indexers switched."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, Indexer):
+            mod.keep_topk = on
+            if not on:
+                mod.last_kept = mod.last_head_scores = None
+            n += 1
+    return n
+
+
+def indexer_selection(
+    model: nn.Module, layer: int, head: int | None = None, batch: int = 0
+) -> dict | None:
+    """Which key positions layer `layer`'s DSA indexer kept for each query of the last forward
+    (turn recording on first with `record_indexer(model)`; run that forward with `full=True`,
+    else the last layer sees only the last query), for sequence `batch` of the batch.
+
+    DSA keeps one set of keys per query for all attention heads; `head` (an index head,
+    0..index_n_heads-1) adds what that head alone would keep: the top-k of its own weighted
+    score w_h * relu(q_h . k). Returns {"layer", "batch", "topk", "n_heads", "query_positions",
+    "n_keys", "kept" (per query, the kept key positions, ascending), "matrix" (queries x keys:
+    0 future, 1 dropped, 2 kept), "head", "head_kept" (per query, or None), "head_agreement"
+    (fraction of the kept positions that head also ranks in its top-k, or None)}; None when the
+    layer has no indexer or it recorded nothing (a meta model records nothing either).
+    """
+    blocks = getattr(model, "layers", None)
+    if blocks is None or not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} is out of range")
+    ix = getattr(blocks[layer].attn, "indexer", None)
+    if ix is None or ix.last_kept is None or ix.last_kept.is_meta:
+        return None
+    if not 0 <= batch < ix.last_kept.shape[0]:
+        raise ValueError(f"batch {batch} is out of range: 0..{ix.last_kept.shape[0] - 1}")
+    if head is not None and not 0 <= head < ix.n_heads:
+        raise ValueError(f"head {head} is out of range: index heads are 0..{ix.n_heads - 1}")
+    kept_ST = ix.last_kept[batch].cpu()  # (Sq, T)
+    Sq, T = kept_ST.shape
+    q_pos = ix.last_q_pos
+    visible_ST = torch.arange(T)[None, :] <= torch.arange(q_pos, q_pos + Sq)[:, None]
+    matrix = visible_ST.long() + kept_ST.long()
+    kept = [row.nonzero().flatten().tolist() for row in kept_ST]
+    head_kept = agreement = None
+    if head is not None:
+        s_ST = ix.last_head_scores[batch, :, head].float().cpu()  # (Sq, T), future at -inf
+        top = s_ST.topk(min(ix.topk, T), dim=-1).indices
+        mine_ST = torch.zeros(Sq, T, dtype=torch.bool).scatter_(-1, top, True) & visible_ST
+        head_kept = [row.nonzero().flatten().tolist() for row in mine_ST]
+        agreement = float((mine_ST & kept_ST).sum()) / max(int(kept_ST.sum()), 1)
+    return {
+        "layer": layer,
+        "batch": batch,
+        "topk": ix.topk,
+        "n_heads": ix.n_heads,
+        "query_positions": list(range(q_pos, q_pos + Sq)),
+        "n_keys": T,
+        "kept": kept,
+        "matrix": matrix.tolist(),
+        "head": head,
+        "head_kept": head_kept,
+        "head_agreement": agreement,
+    }
