@@ -143,7 +143,7 @@ def dsv3_to_hf_state_dict(
     sd = {from_mtp(k): t for k, t in sd.items()}  # mtp.61.x -> layers.61.x, as checkpoints
     for la in args.mtp_layers():
         for copy, main in MTP_COPIES.items():
-            sd[f"layers.{la.layer_id}.{copy}"] = sd[main]
+            sd[f"layers.{la.layer_id}.{copy}"] = sd[main].clone()  # own storage: savable
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         m = STACKED.fullmatch(name)

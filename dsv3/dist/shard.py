@@ -22,10 +22,12 @@ __all__ = ["init_process_group_from_env", "shard_state_dict", "stack_rank_expert
 def stack_rank_experts(sd: dict[str, torch.Tensor], args: ModelArgs, world_size: int, rank: int):
     """Per-expert keys of this rank's experts -> stacked `experts.w1` / `experts.w1_scale`
     (local expert order), in place. Incomplete sets are left for load_state_dict to report."""
-    for la in args.layers():
+    for la in (*args.layers(), *args.mtp_layers()):
         if la.ffn == "moe":
             n = la.n_routed_experts // world_size
-            stack_experts(sd, f"layers.{la.layer_id}.ffn.experts.", range(rank * n, rank * n + n))
+            where = "mtp" if la.layer_id >= args.n_layers else "layers"
+            prefix = f"{where}.{la.layer_id}.ffn.experts."
+            stack_experts(sd, prefix, range(rank * n, rank * n + n))
     return sd
 
 
@@ -49,7 +51,6 @@ def shard_state_dict(
     return stack_rank_experts(out, args, world_size, rank)
 
 
-
 def init_process_group_from_env(device_type: str = "auto") -> tuple[int, int, int]:
     """Under torchrun (env WORLD_SIZE > 1, RANK, LOCAL_RANK, MASTER_ADDR/PORT) initialise the
     default process group, nccl for CUDA and gloo for CPU. Returns (world_size, rank, local_rank);
@@ -71,7 +72,6 @@ def init_process_group_from_env(device_type: str = "auto") -> tuple[int, int, in
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_world_size(), dist.get_rank(), local
-
 
 
 # ---------------------------------------------------------------------- init and sizes
