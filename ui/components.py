@@ -107,26 +107,9 @@ class _Uploads(ListFiles):
             raise gr.Error(NOT_A_FILE) from None
 
 
-def _guard_files(component: Any) -> Any:
+def guard_files(component: Any) -> Any:
+    """`component` (a gr.File or gr.UploadButton) answering a payload that is not an upload with
+    NOT_A_FILE. (Gradio sets `data_model` per instance; a subclass would not render as its base
+    for UploadButton.)"""
     component.data_model = _Uploads if component.file_count == "multiple" else _Upload
     return component
-
-
-class Upload(gr.UploadButton):
-    """An upload button that answers a payload that is not a file with a clear message."""
-
-    is_template = True
-
-    def __init__(self, *a: Any, **kw: Any):
-        super().__init__(*a, **kw)
-        _guard_files(self)
-
-
-class Files(gr.File):
-    """A file drop zone that answers a payload that is not a file with a clear message."""
-
-    is_template = True
-
-    def __init__(self, *a: Any, **kw: Any):
-        super().__init__(*a, **kw)
-        _guard_files(self)

@@ -25,7 +25,7 @@ from .components import UNREADABLE
 from .messages import lit, whole
 
 SECTIONS: dict[str, list[str]] = {
-    "Size": ["vocab_size", "dim", "n_layers", "n_dense_layers", "inter_dim"],
+    "Size": ["vocab_size", "dim", "n_layers", "n_dense_layers", "inter_dim", "n_mtp_layers"],
     "Attention (MLA)": [
         "n_heads",
         "q_lora_rank",
@@ -34,10 +34,14 @@ SECTIONS: dict[str, list[str]] = {
         "qk_rope_head_dim",
         "v_head_dim",
         "attn_impl",
+        "attn_kind",
+        "index_n_heads",
+        "index_head_dim",
+        "index_topk",
     ],
     "MoE routing": list(MOE_FIELDS),
     "Rotary / YaRN": list(ROTARY_FIELDS),
-    "Runtime": ["max_batch_size", "max_seq_len", "dtype", "scale_fmt"],
+    "Runtime": ["max_batch_size", "max_seq_len", "dtype", "scale_fmt", "norm_eps"],
 }
 # Every ModelArgs field but layer_config, in form order (the order handlers receive values in).
 FORM_FIELDS: list[str] = [name for names in SECTIONS.values() for name in names]
@@ -55,6 +59,12 @@ DESCRIPTIONS: dict[str, str] = {
     "qk_rope_head_dim": "per-head q/k dims with rotary (even)",
     "v_head_dim": "per-head value dims",
     "attn_impl": "naive caches per-head k/v; absorb caches the latent",
+    "attn_kind": "mla = dense attention; dsa = V3.2's sparse attention (lightning indexer)",
+    "index_n_heads": "DSA indexer heads",
+    "index_head_dim": "DSA indexer head width (its key cache per token)",
+    "index_topk": "DSA: keys each query attends to",
+    "n_mtp_layers": "multi-token-prediction modules after the main model (V3: 1)",
+    "norm_eps": "RMSNorm epsilon",
     "moe_inter_dim": "hidden width of each expert",
     "n_routed_experts": "routed experts per MoE layer",
     "n_shared_experts": "always-on shared experts",
@@ -259,7 +269,7 @@ def parse_overrides(table: Any) -> dict[int, dict[str, Any]]:
         )
     if headers == TABLE_COLUMNS:
         return _parse_long(rows)
-    if headers[: len(TABLE_COLUMNS)] == TABLE_COLUMNS or "field" in headers:
+    if {"field", "value"} & set(headers):  # the long form, with a column renamed or added
         extra = [h for h in headers if h not in TABLE_COLUMNS] or headers
         raise ConfigError(
             f"the override table has exactly the columns {', '.join(TABLE_COLUMNS)}; column "

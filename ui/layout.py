@@ -22,7 +22,7 @@ CSS = """
 .status p { margin: 0.2em 0; }
 #estimate-summary table { font-size: 0.9em; }
 /* The override table's headers are fixed: renaming one would only change what it shows. */
-#overrides thead [data-editable] { pointer-events: none; }
+#overrides thead th, #overrides thead th * { pointer-events: none; }
 """
 # System fonts: no request to Google Fonts, so the page also loads offline.
 THEME = gr.themes.Soft(
@@ -53,9 +53,14 @@ class Page:
         self._steps = count()
 
     def quiet(self) -> dict[str, Any]:
-        """Internal steps: hidden from the API, named so they never take a public name."""
+        """Internal steps: hidden from the API, named so they never take a public name. A step
+        triggered while its previous run is pending runs again after it (`always_last`; the
+        default would drop it, and an estimate of an older form would stay on screen)."""
         return dict(
-            show_progress="hidden", api_visibility="private", api_name=f"_step{next(self._steps)}"
+            show_progress="hidden",
+            api_visibility="private",
+            api_name=f"_step{next(self._steps)}",
+            trigger_mode="always_last",
         )
 
     def config_changed(self, event: Any) -> None:

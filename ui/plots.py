@@ -25,6 +25,7 @@ COLORS = {
     "gate": "#72B7B2",
     "norms": "#BAB0AC",
     "head": "#FF9DA6",
+    "mtp": "#79706E",
 }
 DENSE_COLOR = COLORS["dense_mlp"]  # a dense layer
 MOE_COLOR = COLORS["routed_experts"]  # an MoE layer
@@ -35,7 +36,7 @@ BASE_COLOR = "#4C78A8"
 YARN_COLOR = "#E45756"
 # Parameter groups in a fixed order, per layer and for the whole model.
 LAYER_GROUPS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "gate", "norms")
-MODEL_GROUPS = ("embedding",) + LAYER_GROUPS + ("head",)
+MODEL_GROUPS = ("embedding",) + LAYER_GROUPS + ("head", "mtp")
 GROUP_COLORS = COLORS
 GROUP_NAMES = {
     "embedding": "embedding",
@@ -46,6 +47,7 @@ GROUP_NAMES = {
     "gate": "router (gate)",
     "norms": "norms",
     "head": "output head",
+    "mtp": "MTP module",
 }
 LOAD_SCALE = "RdBu_r"  # relative load: blue under the uniform share, white at it, red over
 
@@ -199,7 +201,8 @@ def params_by_group(counts: dict[str, Any], log: bool = False) -> go.Figure:
         else:
             fig.add_trace(go.Bar(y=y, **common), 1, 1)
     groups = counts.get("groups", {})
-    names = [g for g in MODEL_GROUPS if groups.get(g)] + sorted(set(groups) - set(MODEL_GROUPS))
+    names = [g for g in MODEL_GROUPS if groups.get(g)]
+    names += sorted(g for g in set(groups) - set(MODEL_GROUPS) if groups[g])
     total = counts.get("total") or sum(groups.values()) or 1
     for g in names:
         n = groups[g]

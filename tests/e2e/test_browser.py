@@ -135,3 +135,125 @@ def test_page_build_forward_plots(url):
         finally:
             browser.close()
     print(f"screenshot: {shot}")
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+
+
+def _type_number(page, elem_id: str, text: str) -> None:
+    """Type into a number box as a user does (the box fires `.input` per keystroke)."""
+    box = page.locator(f"#{elem_id} input")
+    box.fill("")
+    box.press_sequentially(text)
+
+
+def test_page_never_says_something_else_than_what_happened(url, tmp_path):
+    """The page-only bugs: silent rounding in the form, Build using the last valid config,
+    a stale model after an edit, editable table headers, a second upload of the same file,
+    user text rendered as HTML, the rotary slider's bounds and empty plots without a hint."""
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 2000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            expect(page.locator("#estimate-summary")).to_contain_text("387,416", timeout=30_000)
+            # Empty plots say what will appear there.
+            expect(page.locator("#expert-heatmap")).to_contain_text("press Run forward")
+
+            # n_heads 2.5 is refused with the range, never rounded to 2.
+            page.get_by_role("tab", name="Attention (MLA)").click()
+            _type_number(page, "field-n_heads", "2.5")
+            msg = page.locator("#config-msg")
+            expect(msg).to_contain_text("not a whole number", timeout=30_000)
+            expect(msg).to_contain_text("1..1024")
+            # The estimate says it is stale, and Build refuses with the field's message.
+            expect(page.locator("#estimate-summary")).to_contain_text("stale", timeout=30_000)
+            page.locator("#build-btn").click()
+            expect(page.locator("#build-msg")).to_contain_text("form has an error", timeout=30_000)
+            expect(page.locator("#model-status")).to_contain_text("No model built yet")
+
+            # Fixed again: the estimate is fresh, Build builds the form's config.
+            _type_number(page, "field-n_heads", "4")
+            expect(msg).to_contain_text("valid", timeout=30_000)
+            expect(page.locator("#estimate-summary")).not_to_contain_text("stale")
+            page.locator("#build-btn").click()
+            expect(page.locator("#build-msg")).to_contain_text("built", timeout=60_000)
+            expect(page.locator("#model-status")).to_contain_text("is the config on the form")
+
+            # An override after the build: the model status names the difference, Run says
+            # which config ran.
+            _edit_row(page, 0, "1", "n_heads", "8")
+            status = page.locator("#model-status")
+            expect(status).to_contain_text("rebuild to apply", timeout=30_000)
+            expect(status).to_contain_text("layer 1 n_heads 4 → 8")
+            page.locator("#run-btn").click()
+            expect(page.locator("#run-msg")).to_contain_text("ran the model built", timeout=60_000)
+            expect(status).to_contain_text("rebuild to apply")
+
+            # Headers cannot be renamed: a double-click opens no editor.
+            page.locator("#overrides thead th").nth(1).dblclick(force=True)
+            expect(page.locator("#overrides thead textarea")).to_have_count(0)
+            expect(page.locator("#overrides thead th").nth(1)).to_contain_text("field")
+
+            # User text is shown as text.
+            page.get_by_label("Save as").fill("<b>x</b>")
+            page.get_by_role("button", name="Save in browser").click()
+            preset_msg = page.locator("#preset-msg")
+            expect(preset_msg).to_contain_text("<b>x</b>", timeout=30_000)
+            expect(preset_msg.locator("b")).to_have_count(0)
+
+            # The same preset file twice: both uploads import (the second used to do nothing).
+            f = tmp_path / "four-layers.json"
+            f.write_text('{"dim": 96, "n_layers": 4, "n_dense_layers": 1}')
+            for attempt in range(2):
+                if attempt:  # something else in between, so the second import must show
+                    page.get_by_role("button", name="Save in browser").click()
+                    expect(preset_msg).to_contain_text("saved", timeout=30_000)
+                with page.expect_file_chooser() as chooser:
+                    page.locator("#upload-btn").click()
+                chooser.value.set_files(str(f))
+                expect(preset_msg).to_contain_text("imported", timeout=30_000)
+                expect(preset_msg).to_contain_text("keep their defaults")
+                # The input forgets the file: choosing it again is a change the browser reports.
+                upload = page.locator('input[data-testid="Upload preset JSON-upload-button"]')
+                expect(upload).to_have_value("", timeout=30_000)
+
+            # The rotary slider ends at the config's max_seq_len.
+            page.locator("#inspect-tabs").get_by_role("tab", name="Rotary / YaRN").click()
+            slider = page.locator("#rotary-positions input[type=range]")
+            expect(slider).to_have_attribute("max", "4096", timeout=30_000)  # defaults: 4096
+            page.screenshot(path=str(ARTIFACTS / "page_truth.png"), full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+def test_override_table_at_720px_keeps_the_layer_in_sight(url):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 720, "height": 1600})
+            page.goto(url)
+            expect(page.locator("#estimate-summary")).to_contain_text("387,416", timeout=30_000)
+            table = page.locator("#overrides")
+            heads = table.locator("thead th")
+            expect(heads).to_have_count(3)  # layer, field, value: nothing scrolled away
+            box = table.bounding_box()
+            for i, name in enumerate(("layer", "field", "value")):
+                expect(heads.nth(i)).to_contain_text(name)
+                h = heads.nth(i).bounding_box()
+                assert box["x"] <= h["x"] and h["x"] + h["width"] <= box["x"] + box["width"] + 1
+            _edit_row(page, 0, "2", "moe_inter_dim", "64")
+            expect(page.locator("#config-msg")).to_contain_text("1 layer override", timeout=30_000)
+            table.screenshot(path=str(ARTIFACTS / "overrides_720px.png"))
+        finally:
+            browser.close()

@@ -20,10 +20,14 @@ import gradio as gr
 from dsv3 import ConfigError, ModelArgs, count_params, presets
 
 from .. import fields, plots, settings
-from ..components import Choice, Table, Upload, WholeNumber
+from ..components import Choice, Table, WholeNumber, guard_files
 from ..messages import args_of, choice, config_line, lit, ok, problem
 
 BROWSER_KEY = "dsv3-playground-presets"
+CLEAR_UPLOAD_JS = """() => {
+  const input = document.querySelector('input[data-testid="Upload preset JSON-upload-button"]');
+  if (input) input.value = '';
+}"""
 PRESET_FILE_LIMIT = 1 << 20
 SAVE_NAME_LIMIT = 80
 
@@ -45,8 +49,15 @@ def load_preset(name: Any) -> tuple[dict | Any, str]:
         doc = presets.load_preset(choice(name, "preset", presets.names()))
     except ConfigError as e:
         return gr.skip(), problem(e)
-    total = count_params(doc["args"])["total"]
-    return doc["args"].to_dict(), ok(f"preset **{doc['name']}** ({plots.human(total)} params)")
+    return doc["args"].to_dict(), ok(f"preset **{doc['name']}** ({size_text(doc['args'])})")
+
+
+def size_text(args: ModelArgs) -> str:
+    """'671.03B params + 11.61B MTP' (the MTP module apart, as model cards count it)."""
+    c = count_params(args)
+    if c.get("mtp"):
+        return f"{plots.human(c['main'])} params + {plots.human(c['mtp'])} MTP"
+    return f"{plots.human(c['total'])} params"
 
 
 def valid_line(cfg: dict[str, Any]) -> str:
@@ -244,7 +255,7 @@ def import_config(file: Any) -> tuple[Any, str]:
         note = f"; {len(defaulted)} field(s) not in the file keep their defaults: " + ", ".join(
             defaulted
         )
-    msg = ok(f"imported **{name}** ({plots.human(count_params(args)['total'])} params){note}")
+    msg = ok(f"imported **{name}** ({size_text(args)}){note}")
     return args.to_dict(), msg
 
 
@@ -279,8 +290,10 @@ def render_bar(page: Any) -> None:
         page.delete_saved_btn = gr.Button("Delete", scale=1, variant="stop")
     with gr.Row():
         page.export_btn = gr.Button("Download config JSON", scale=1, size="sm")
-        page.upload_btn = Upload(
-            "Upload preset JSON", file_types=[".json"], scale=1, size="sm", elem_id="upload-btn"
+        page.upload_btn = guard_files(
+            gr.UploadButton(
+                "Upload preset JSON", file_types=[".json"], scale=1, size="sm", elem_id="upload-btn"
+            )
         )
     page.export_file = gr.File(label="config JSON", visible=False, elem_id="export-file")
     # One line for every way a config arrives (preset, browser, file): the newest action wins.
@@ -382,7 +395,8 @@ def wire(page: Any) -> None:
         import_config, page.upload_btn, [page.cfg, page.source_msg], api_name="import_config"
     )
     uploaded.then(not_a_preset, page.source_msg, page.preset, **quiet())
-    # Forget the file, so choosing the same file again is a new upload that imports again.
-    uploaded.then(lambda: None, None, page.upload_btn, **quiet())
+    # Forget the file, so choosing the same file again is a new upload that imports again: the
+    # browser fires no change for a file input that already holds the chosen file.
+    uploaded.then(None, js=CLEAR_UPLOAD_JS, **quiet())
     refill(uploaded)
     page.demo.load(saved_names_update, page.store, page.saved, **quiet())

@@ -121,10 +121,19 @@ def summary(
     mark = {k: " (configured)" if k == args.attn_impl else "" for k in ("naive", "absorb")}
     kv_dtype = e.get("kv_dtype", dtype)
     kv_why = " (fp8 models keep their cache in bf16)" if dtype == "fp8" else ""
+    mtp = ""
+    if p.get("mtp"):
+        stored = e.get("checkpoint_params")
+        mtp = f"  \n= main model **{p['main']:,}** + MTP module **{p['mtp']:,}**" + (
+            f"; a checkpoint stores {stored:,} ({plots.human(stored)}: the MTP layer "
+            "repeats the embedding and head)"
+            if stored
+            else ""
+        )
     return "\n".join(
         [
             f"**{p['total']:,} parameters** ({plots.human(p['total'])}), "
-            f"**{p['active']:,} active** per token ({plots.human(p['active'])})",
+            f"**{p['active']:,} active** per token ({plots.human(p['active'])}){mtp}",
             "",
             "| | fp32 | bf16 | fp8 |",
             "|---|---|---|---|",

@@ -18,7 +18,7 @@ from dsv3 import estimate as estimate_model
 from dsv3.params import human_bytes
 
 from .. import lazy, plots, settings
-from ..components import Files
+from ..components import guard_files
 from ..messages import choice, lit, ok, problem
 from ..state import Session, make_room
 from .estimate import DEVICES, DTYPES
@@ -195,12 +195,14 @@ def render(page: Any) -> None:
                 page.weights_file = gr.File(label="weights")
                 page.weights_msg = gr.Markdown(elem_classes="status", elem_id="weights-msg")
             with gr.Column():
-                page.hf_files = Files(
-                    label="Checkpoint: HF config.json + *.safetensors, or a .safetensors "
-                    "exported here",
-                    file_count="multiple",
-                    file_types=[".json", ".safetensors"],
-                    elem_id="hf-files",
+                page.hf_files = guard_files(
+                    gr.File(
+                        label="Checkpoint: HF config.json + *.safetensors, or a .safetensors "
+                        "exported here",
+                        file_count="multiple",
+                        file_types=[".json", ".safetensors"],
+                        elem_id="hf-files",
+                    )
                 )
                 page.import_btn = gr.Button(
                     "Import checkpoint (device/dtype from Build)", elem_id="import-btn"

@@ -1,0 +1,232 @@
+"""What the page says is what happened: stale state is marked, nothing is fixed silently,
+messages name the field the user changed, files import as they were exported, figures belong to
+the run that made them. Each test is one of the bugs found by trying the app."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dsv3 import ModelArgs, presets
+from ui import fields, messages, runtime
+from ui.state import Session
+from ui.tabs import configure, estimate, inspect, run
+from ui.tabs import files as files_tab
+
+NO_PROGRESS = lambda *a, **k: None  # noqa: E731
+
+
+@pytest.fixture
+def tiny_cfg() -> dict:
+    return configure.initial_config()
+
+
+def _form(cfg: dict, **change) -> dict:
+    values, _ = fields.dict_to_form(cfg)
+    return {**dict(zip(fields.FORM_FIELDS, values)), **change}
+
+
+def _built(cfg: dict, seed: int = 0) -> Session:
+    s, msg, info = run.build(cfg, "cpu", "fp32", seed, None, progress=NO_PROGRESS)
+    assert info["ok"], msg
+    return s
+
+
+# ---------------------------------------------------------------------- one source of truth
+def test_invalid_form_marks_estimate_stale_and_build_refuses(tiny_cfg):
+    kept, msg, err = configure.form_changed(tiny_cfg, [], **_form(tiny_cfg, dim=-5))
+    assert kept is tiny_cfg and "**dim**" in msg and err == msg
+    md, *_ = estimate.estimate(kept, "cpu", "fp32", 1, 0, 1, err)
+    assert "stale" in md and "last valid config" in md
+    s, bmsg, info = run.build(kept, "cpu", "fp32", 0, None, err, progress=NO_PROGRESS)
+    assert not info["ok"] and s.model is None and "form has an error" in bmsg and "dim" in bmsg
+    md = inspect.rotary(kept, 16, err)[-1]
+    assert "stale" in md
+
+
+def test_model_status_names_what_differs_from_the_form(tiny_cfg):
+    s = _built(tiny_cfg)
+    assert run.model_status(s, tiny_cfg).startswith("✔ the built model is the config")
+    rows = [["1", "n_heads", "8"]]
+    cfg, msg, err = configure.form_changed(tiny_cfg, rows, **_form(tiny_cfg))
+    status = run.model_status(s, cfg)
+    assert "built from an older config: rebuild to apply" in status
+    assert "layer 1 n_heads 4 → 8" in status
+    _, md, info, *_ = run.forward(s, 1, 4, 0, "", 0)
+    assert "ran the model built" in md and "4 layers, dim 64" in md  # which config ran
+    assert run.model_status(Session(), cfg) == "No model built yet: press Build."
+
+
+# ---------------------------------------------------------------------- no silent fixes
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        (2.5, "not a whole number"),
+        (3.5, "not a whole number"),
+        ("abc", "not a whole number"),
+        ("1e400", "not a whole number"),
+        (10**30, "out of range"),
+        (None, "is empty or not a number"),
+        (True, "not a whole number"),
+    ],
+)
+def test_integer_fields_refuse_decimals_text_and_overflow(tiny_cfg, value, words):
+    kept, msg, err = configure.form_changed(tiny_cfg, [], **_form(tiny_cfg, n_heads=value))
+    assert kept is tiny_cfg and "**n_heads**" in msg and words in msg and err
+    if words != "is empty or not a number":
+        assert "1..1024" in msg  # the allowed range
+
+
+@pytest.mark.parametrize(
+    "kwargs, label",
+    [
+        (dict(decode_steps=2.5), "decode steps"),
+        (dict(token_seed=1.5), "token seed"),
+        (dict(token_seed=None), "token seed"),
+        (dict(batch="two"), "batch"),
+        (dict(seq_len=1e400), "seq length"),
+    ],
+)
+def test_run_fields_refuse_what_they_would_have_rounded(tiny_cfg, kwargs, label):
+    s = _built(tiny_cfg)
+    args = {**dict(batch=1, seq_len=4, token_seed=0, token_ids="", decode_steps=0), **kwargs}
+    _, md, info, *_ = run.forward(s, **args)
+    assert not info["ok"] and f"**{label}**" in md and s.runs == 0
+
+
+def test_seed_and_estimate_messages_use_the_on_screen_label(tiny_cfg):
+    _, msg, _ = run.build(tiny_cfg, "cpu", "fp32", None, None, progress=NO_PROGRESS)
+    assert "seed is empty" in msg and "None" not in msg
+    md, *_ = estimate.estimate(tiny_cfg, "cpu", "fp32", 1, 10**6, 1)
+    assert "**length**" in md and "**seq_len**" not in md
+
+
+def test_huge_token_id_is_named_not_overflowed(tiny_cfg):
+    s = _built(tiny_cfg)
+    _, md, info, *_ = run.forward(s, 1, 4, 0, "1 99999999999999999999999", 0)
+    assert "token id 99999999999999999999999 is outside the vocabulary" in md
+    assert "Overflow" not in md and "0..1023" in md
+
+
+def test_layer_error_blames_the_field_the_user_changed(tiny_cfg):
+    rows = [["2", "n_routed_experts", "7"]]
+    _, msg, _ = configure.form_changed(tiny_cfg, rows, **_form(tiny_cfg))
+    assert "field **n_routed_experts**" in msg and "layer **2**" in msg
+    # a global change that breaks a rule on another field names the changed field too
+    _, msg, _ = configure.form_changed(tiny_cfg, [], **_form(tiny_cfg, n_routed_experts=7))
+    assert msg.startswith("⚠ field **n_routed_experts**")
+
+
+# ---------------------------------------------------------------------- the override table
+def test_override_table_refuses_renamed_and_added_columns():
+    from dsv3 import ConfigError
+
+    with pytest.raises(ConfigError, match="'dim' is not one of them"):
+        fields.parse_overrides(
+            {"headers": ["layer", "dim", "value"], "data": [["1", "n_heads", "32"]]}
+        )
+    with pytest.raises(ConfigError, match="'Header 19' is not one of them"):
+        fields.parse_overrides(
+            {"headers": ["layer", "field", "value", "Header 19"], "data": [["1", "x", "", ""]]}
+        )
+
+
+# ---------------------------------------------------------------------- files
+def test_preset_file_with_no_field_is_refused_and_a_partial_one_says_what_defaulted(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    cfg, msg = configure.import_config(str(empty))
+    assert msg.startswith("⚠") and "empty.json sets no ModelArgs field" in msg
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"dim": 128, "n_layers": 3, "n_dense_layers": 1}))
+    cfg, msg = configure.import_config(str(part))
+    assert cfg["dim"] == 128 and msg.startswith("✔")
+    assert "keep their defaults" in msg and "vocab_size" in msg and " dim," not in msg
+
+
+def test_import_of_the_apps_own_export_gives_the_same_model(tiny_cfg):
+    s = _built(tiny_cfg, seed=3)
+    path, msg = files_tab.export_weights(s)
+    assert path, msg
+    tokens = runtime.make_tokens(tiny_cfg["vocab_size"], 1, 8, 0)
+    want = s.model(tokens, full=True)
+    s2, cfg, msg = files_tab.import_hf([path], "cpu", "fp32", Session())
+    assert msg.startswith("✔") and "this app's export" in msg, msg
+    assert cfg == s.config
+    s2.model.reset_cache()
+    assert torch.equal(s2.model(tokens, full=True), want)
+
+
+def test_wrong_format_errors_name_the_upload_not_a_temp_folder(tiny_cfg, tmp_path):
+    from safetensors.torch import save_file
+
+    from dsv3.checkpoint import hf_config_from_args
+
+    s = _built(tiny_cfg)
+    st = tmp_path / "weights.safetensors"  # dsv3 names, no metadata, beside an HF config
+    save_file({k: v.contiguous() for k, v in s.model.state_dict().items()}, str(st))
+    cfgf = tmp_path / "config.json"
+    cfgf.write_text(json.dumps(hf_config_from_args(s.model.args)))
+    _, _, msg = files_tab.import_hf([str(cfgf), str(st)], "cpu", "fp32", Session())
+    assert msg.startswith("⚠") and "dsv3-" not in msg and "tmp" not in msg
+    assert "dsv3's own names" in msg
+    # one key is never listed as both missing and unexpected
+    assert msg.count("embed.weight") <= 1
+    _, _, msg = files_tab.import_hf([str(st)], "cpu", "fp32", Session())
+    assert "weights.safetensors was not exported by this app" in msg
+
+
+# ---------------------------------------------------------------------- figures
+def test_run_memory_is_this_runs_own(tiny_cfg):
+    s = _built(tiny_cfg)
+    big = bytearray(300 * 2**20)  # another session's 300 MiB, held before this run
+    big[::4096] = b"x" * len(big[::4096])
+    _, md, info, *_ = run.forward(s, 1, 4, 0, "", 0)
+    del big
+    assert info["ok"] and info["peak_bytes"] < 100 * 2**20, info["peak_bytes"]
+    assert "this run's peak" in info["peak_kind"] and "process" not in info["peak_kind"]
+
+
+def test_fp8_kv_cache_is_labelled_with_the_dtype_it_counts(tiny_cfg):
+    md, *_ = estimate.estimate(tiny_cfg, "cpu", "fp8", 1, 0, 1)
+    assert "KV cache, bf16 bytes" in md and "KV cache (fp8)" not in md
+    md, *_ = estimate.estimate(tiny_cfg, "cpu", "fp32", 1, 0, 1)
+    assert "KV cache, fp32 bytes" in md
+
+
+# ---------------------------------------------------------------------- small things
+def test_long_decodes_show_first_and_last_ids():
+    text = messages.id_list([list(range(496)), list(range(496, 992))])
+    assert text.startswith("496 ids per row") and "0, 1, 2, ... 493, 494, 495" in text
+    assert "250" not in text and len(text) < 200
+
+
+def test_user_text_is_escaped(tiny_cfg):
+    _, _, msg = configure.save_browser({}, "<b>x</b>", tiny_cfg)
+    assert "<b>" not in msg and "\\<b\\>x\\</b\\>" in msg
+    _, msg = configure.load_browser({}, "**bold**")
+    assert "**bold**" not in msg
+
+
+def test_rotary_slider_is_bounded_by_the_config_and_reaches_original_seq_len(tiny_cfg):
+    out = inspect.rotary_for_config(tiny_cfg, 1024)
+    assert out[-1]["maximum"] == tiny_cfg["max_seq_len"] == 512 and out[-1]["value"] == 512
+    v3 = presets.load("deepseek-v3-671b")
+    top = inspect.rotary_max(v3)
+    assert top >= v3.original_seq_len == 4096 and top <= v3.max_seq_len
+    md = inspect.rotary(v3.to_dict(), 4096)[-1]
+    assert md.startswith("YaRN **on**")
+    assert "out of range" in inspect.rotary(tiny_cfg, 513)[-1]
+
+
+def test_empty_plots_say_what_will_appear():
+    from ui.layout import build_demo
+
+    demo = build_demo()
+    texts = json.dumps(
+        [c.get("props", {}).get("value") for c in demo.config["components"]], default=str
+    )
+    assert texts.count("press Run forward") >= 3
+    ModelArgs()  # the page built without touching a model
