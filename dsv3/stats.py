@@ -197,16 +197,17 @@ def _log_hist(x: torch.Tensor, edges: torch.Tensor) -> list[int]:
     return torch.bincount(at, minlength=len(edges) - 1).tolist()
 
 
-def record_indexer(model: nn.Module, on: bool = True) -> int:
+def record_indexer(model: nn.Module, on: bool = True, drop: bool = True) -> int:
     """Make every DSA indexer of `model` keep its last forward's selection (or stop, and drop
-    it). `indexer_selection` reads it; off by default. While on, a forward also keeps the
+    it unless `drop` is False: the app stops after the prefill and keeps what it recorded for
+    the views). `indexer_selection` reads it; off by default. While on, a forward also keeps the
     per-head index scores (B x queries x index_n_heads x keys float32) and scores even when
     every key is kept. Returns the number of indexers switched."""
     n = 0
     for mod in model.modules():
         if isinstance(mod, Indexer):
             mod.keep_topk = on
-            if not on:
+            if not on and drop:
                 mod.last_kept = mod.last_head_scores = None
             n += 1
     return n

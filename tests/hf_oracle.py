@@ -2,15 +2,16 @@
 
 `hf_model_from_dsv3(model)` builds a float32, eval-mode transformers model whose config and
 weights come from dsv3's one translation table (`dsv3.checkpoint`), so parity tests compare our
-forward with transformers' on identical weights.
+forward with transformers' on identical weights. The builder is the benchmark's
+(`benchmarks.peers.build_hf`), with eager attention: the plain math.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-from dsv3.checkpoint import dsv3_to_hf_state_dict, hf_config_from_args
+from benchmarks.peers import build_hf
 from dsv3.layers import FP8, dequantize
 from dsv3.model import Transformer
 
@@ -31,22 +32,34 @@ def float_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def hf_config(model: Transformer):
-    """The transformers config object for `model.args` (eager attention: the plain math)."""
-    cfg = dict(hf_config_from_args(model.args))
-    model_type = cfg.pop("model_type")
-    cfg.pop("architectures", None)
-    config = AutoConfig.for_model(model_type, **cfg)
-    config._attn_implementation = "eager"
-    return config
-
-
 def hf_model_from_dsv3(model: Transformer) -> PreTrainedModel:
     """A float32, eval transformers DeepseekV3ForCausalLM (DeepseekV2ForCausalLM for softmax
-    routing) holding `model`'s weights (fp8 dequantised), copied via dsv3's translation table."""
-    config = hf_config(model)
-    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    sd = dsv3_to_hf_state_dict(float_state_dict(model), model.args, fused_experts=True)
-    result = hf.load_state_dict(sd, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys, result
-    return hf.eval()
+    routing, DeepseekV32ForCausalLM for DSA) holding `model`'s weights (fp8 dequantised), eager
+    attention."""
+    return build_hf(model, attn_implementation="eager", state_dict=float_state_dict(model))
+
+
+def hf_param_count(hf: PreTrainedModel) -> int:
+    """transformers' parameter count as dsv3 counts it: HF keeps the router's selection bias as a
+    buffer, dsv3 as a parameter."""
+    n = sum(p.numel() for p in hf.parameters())
+    return n + sum(
+        b.numel() for k, b in hf.named_buffers() if k.endswith("e_score_correction_bias")
+    )
+
+
+@torch.no_grad()
+def decode_diff(ours: Transformer, hf: PreTrainedModel, tok: torch.Tensor, start: int, cache=None):
+    """The largest |dsv3 - transformers| logit over single-token decode steps at positions
+    start .. tok.shape[1] - 1, each model on its own KV cache. Without `cache` (transformers'
+    cache after `start` tokens, ours already filled alike) both first prefill tok[:, :start]."""
+    if cache is None:
+        cache = hf(tok[:, :start], use_cache=True).past_key_values
+        ours(tok[:, :start])
+    worst = 0.0
+    for pos in range(start, tok.shape[1]):
+        step = hf(tok[:, pos : pos + 1], past_key_values=cache, use_cache=True)
+        cache = step.past_key_values
+        mine = ours(tok[:, pos : pos + 1], start_pos=pos)
+        worst = max(worst, (mine - step.logits[:, -1]).abs().max().item())
+    return worst

@@ -16,7 +16,7 @@ import gradio as gr
 
 from . import settings
 from .state import Session, free_session, release
-from .tabs import configure, estimate, files, inspect, run
+from .tabs import compare, configure, estimate, files, inspect, run
 
 CSS = """
 .status p { margin: 0.2em 0; }
@@ -67,7 +67,12 @@ class Page:
         """After the hub (or the form's error) changed: everything that reads them, again."""
         after = event.then(estimate.estimate, self.est_in, self.est_out, **self.quiet())
         after.then(estimate.speed, self.speed_in, self.speed_out, **self.quiet())
+        after.then(
+            inspect.params_view, [self.cfg, self.params_log], self.params_plot, **self.quiet()
+        )
         event.then(*self.rot_step, **self.quiet())
+        event.then(*self.arch_step, **self.quiet())
+        event.then(*self.compare_step, **self.quiet())
         event.then(*self.model_status_step, **self.quiet())
 
     def config_loaded(self, event: Any, status: Any = None) -> None:
@@ -100,6 +105,7 @@ def build_demo() -> gr.Blocks:
             with gr.Column(scale=2):
                 estimate.render(page)
         estimate.render_wide(page)
+        compare.render(page)
         with gr.Row():
             with gr.Column():
                 run.render_build(page)
@@ -111,6 +117,7 @@ def build_demo() -> gr.Blocks:
         inspect.wire(page)
         run.wire(page)
         estimate.wire(page)
+        compare.wire(page)
         configure.wire(page)
         files.wire(page)
         demo.unload(on_unload)

@@ -918,3 +918,47 @@ def rotary_tables(info: dict[str, Any]) -> go.Figure:
     fig.update_yaxes(title_text="position", autorange="reversed", row=1, col=1)
     kind = "YaRN" if info.get("use_yarn") else "plain"
     return _layout(fig, f"cos / sin tables ({kind}, {len(y)} positions)", 420)
+
+
+def indexer_mask(sel: dict[str, Any]) -> go.Figure:
+    """DSA: which keys each query attended to (from `dsv3.stats.indexer_selection`): kept,
+    dropped by the indexer, or in the future (causal). With an index head chosen, that head's
+    own top-k is outlined next to the layer's choice."""
+    matrix = sel["matrix"]  # queries x keys: 0 future, 1 dropped, 2 kept
+    q0 = sel["query_positions"][0] if sel.get("query_positions") else 0
+    scale = [[0, "#FFFFFF"], [0.33, "#FFFFFF"], [0.34, "#D9D9D9"], [0.66, "#D9D9D9"]]
+    scale += [[0.67, COLORS["attention"]], [1, COLORS["attention"]]]
+    n_q, n_k = len(matrix), len(matrix[0]) if matrix else 0
+    fig = go.Figure(
+        go.Heatmap(
+            z=matrix,
+            x=list(range(n_k)),
+            y=list(range(q0, q0 + n_q)),
+            zmin=0,
+            zmax=2,
+            colorscale=scale,
+            colorbar=dict(
+                title="key", tickvals=[0.33, 1, 1.67], ticktext=["future", "dropped", "kept"]
+            ),
+            hovertemplate="query %{y}, key %{x}: %{z}<extra></extra>",
+            name="layer's choice",
+        )
+    )
+    if sel.get("head_kept") is not None:
+        xs, ys = [], []
+        for i, keys in enumerate(sel["head_kept"]):
+            xs += keys
+            ys += [q0 + i] * len(keys)
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="markers",
+                marker=dict(symbol="square-open", size=7, color=COLORS["routed_experts"]),
+                name=f"index head {sel['head']} alone",
+            )
+        )
+    fig.update_xaxes(title_text="key position")
+    fig.update_yaxes(title_text="query position", autorange="reversed")
+    title = f"DSA layer {sel['layer']}: the {sel['topk']} keys each query keeps"
+    return _layout(fig, title, max(320, min(900, 14 * n_q + 160)))

@@ -172,6 +172,12 @@ def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict
     meta = device == "meta"
     B, S = tokens.shape
     model.reset_cache()
+    from dsv3 import stats
+
+    # The prefill keeps what the views need: router scores (their distribution, the bias's
+    # effect) and the DSA indexer's choices; decoding does not overwrite them.
+    stats.record_router_scores(model, not meta)
+    stats.record_indexer(model, not meta)
     mem = RunMemory(device)
     with mem:
         t0 = time.perf_counter()
@@ -203,7 +209,12 @@ def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[
         "output_shape": list(logits.shape),
         "meta": False,
     }
-    out["routing"] = _routing_stats(model)  # of the prefill, before decoding overwrites them
+    from dsv3 import stats
+
+    out["routing"] = stats.routing_stats(model)  # of the prefill, before decoding overwrites them
+    out["router"] = stats.router_stats(model)
+    stats.record_router_scores(model, False)  # the decode steps need none of it
+    stats.record_indexer(model, False, drop=False)  # the views read the prefill's choices
     # A fingerprint of the prefill logits: tells runs (and sessions) apart at a glance.
     out["logits_head"] = [round(v, 6) for v in logits[0, :4].float().tolist()]
     generated: list[list[int]] = []
@@ -227,12 +238,6 @@ def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[
         kv_cache_bytes=model.cache_bytes(),
     )
     return out
-
-
-def _routing_stats(model: Transformer) -> list[dict[str, Any]]:
-    from dsv3 import stats
-
-    return stats.routing_stats(model)
 
 
 def trace(model: Transformer, tokens: torch.Tensor) -> list[dict[str, Any]]:

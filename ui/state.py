@@ -46,6 +46,7 @@ class Session:
     source: str = ""  # "build", "zerogpu" or what was imported
     built_at: str = ""  # wall-clock time of the build, shown beside runs
     runs: int = 0
+    last_run: dict[str, Any] = field(default_factory=dict)  # the views' data of the last run
     notes: dict[str, Any] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)  # for oldest-first eviction
     busy: int = 0  # requests of this session in progress: never evicted meanwhile
@@ -71,6 +72,7 @@ class Session:
         self.device = self.dtype = self.seed = None
         self.model_bytes = 0
         self.runs = 0
+        self.last_run = {}
         self.source = self.built_at = ""
         if was_cuda or held:
             memory.release_memory()  # gc, CUDA cache, malloc_trim

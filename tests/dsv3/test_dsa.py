@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.peers import build_hf
 from dsv3 import ConfigError, ModelArgs, Transformer, count_params, estimate, presets
 from dsv3.checkpoint import args_from_hf_config, hf_config_from_args, load_hf
 from dsv3.params import kv_elems_per_token, sparse_pairs, tensor_specs
 from dsv3.stats import indexer_selection, record_indexer
 
 from ..conftest import TINY, clone_model
-from ..hf_oracle import hf_model_from_dsv3
+from ..hf_oracle import decode_diff, hf_model_from_dsv3, hf_param_count
 
 TOL = 1e-4
 # 8 index heads: index scores tie (all heads' relu at zero) too rarely to reorder a top-k.
@@ -90,15 +91,9 @@ def test_chunked_prefill_and_decode_match_transformers(pair, attn_impl):
     cache = out.past_key_values
     ours(x[:, :12])
     chunk = hf(x[:, 12:30], past_key_values=cache, use_cache=True)  # a prefill from 12
-    cache = chunk.past_key_values
     mine = ours(x[:, 12:30], start_pos=12, all_logits=True)
     worst_chunk = (mine - chunk.logits).abs().max().item()
-    worst = 0.0
-    for pos in range(30, 40):
-        step = hf(x[:, pos : pos + 1], past_key_values=cache, use_cache=True)
-        cache = step.past_key_values
-        mine = ours(x[:, pos : pos + 1], start_pos=pos)
-        worst = max(worst, (mine - step.logits[:, -1]).abs().max().item())
+    worst = decode_diff(ours, hf, x, 30, cache=chunk.past_key_values)
     print(f"DSA ({attn_impl}): chunked prefill {worst_chunk:.2e}, decode {worst:.2e}")
     assert worst_chunk <= TOL and worst <= TOL
 
@@ -242,12 +237,4 @@ def test_preset_count_and_transformers_meta_build():
     assert count_params(args)["mtp"] - count_params(v3)["mtp"] == per_layer  # its block too
     # transformers' DeepseekV32 built on meta from the same config: same count (router
     # selection biases are buffers there, parameters here).
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(hf_config_from_args(args))
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(config)
-    n = sum(p.numel() for p in hf.parameters())
-    n += sum(b.numel() for k, b in hf.named_buffers() if k.endswith("e_score_correction_bias"))
-    assert n == V32_TOTAL
+    assert hf_param_count(build_hf(args, device="meta")) == V32_TOTAL

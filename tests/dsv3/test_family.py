@@ -288,16 +288,9 @@ def test_load_hf_family_checkpoint_matches_transformers(name, tmp_path):
     print(f"{name}: all positions max |dsv3 - transformers| = {diff:.2e}")
     assert diff <= 1e-4
     # decode steps against transformers' cache
+    from ..hf_oracle import decode_diff
+
     ours.reset_cache()
-    with torch.no_grad():
-        cache = hf(tok[:, :32], use_cache=True).past_key_values
-    ours(tok[:, :32])
-    worst = 0.0
-    for pos in range(32, 40):
-        with torch.no_grad():
-            step = hf(tok[:, pos : pos + 1], past_key_values=cache, use_cache=True)
-        cache = step.past_key_values
-        mine = ours(tok[:, pos : pos + 1], start_pos=pos)
-        worst = max(worst, (mine - step.logits[:, -1]).abs().max().item())
+    worst = decode_diff(ours, hf, tok, 32)
     print(f"{name}: decode max diff {worst:.2e}")
     assert worst <= 1e-4

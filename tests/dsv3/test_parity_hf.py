@@ -12,7 +12,7 @@ import torch
 from dsv3 import ModelArgs, Transformer
 
 from ..conftest import TINY
-from ..hf_oracle import hf_model_from_dsv3
+from ..hf_oracle import decode_diff, hf_model_from_dsv3
 
 pytest.importorskip("transformers")
 
@@ -56,14 +56,6 @@ def test_all_position_logits_match_transformers(name):
 def test_decode_steps_match_transformers_cache(name):
     args, ours, hf = _pair(name)
     tok = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
-    out = hf(tok[:, :32], use_cache=True)
-    cache = out.past_key_values
-    ours(tok[:, :32])
-    worst = 0.0
-    for pos in range(32, 40):
-        step = hf(tok[:, pos : pos + 1], past_key_values=cache, use_cache=True)
-        cache = step.past_key_values
-        mine = ours(tok[:, pos : pos + 1], start_pos=pos)
-        worst = max(worst, (mine - step.logits[:, -1]).abs().max().item())
+    worst = decode_diff(ours, hf, tok, 32)
     print(f"{name}: decode max diff {worst:.2e}")
     assert worst <= 1e-4

@@ -99,18 +99,14 @@ def test_new_presets_count_as_transformers_meta_builds(name):
     """transformers' DeepseekV3ForCausalLM built on meta from the preset's HF config has the
     same parameter count (router biases included; transformers builds no MTP module, so it is
     the main model's)."""
-    transformers = pytest.importorskip("transformers")
-    from dsv3.checkpoint import hf_config_from_args
+    pytest.importorskip("transformers")
+    from benchmarks.peers import build_hf
+
+    from ..hf_oracle import hf_param_count
 
     args = presets.load(name)
-    cfg = dict(hf_config_from_args(args))
-    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        hf = transformers.AutoModelForCausalLM.from_config(config)
-    n = sum(p.numel() for p in hf.parameters())
-    # HF keeps the router's selection bias as a buffer; dsv3 counts it as a parameter.
-    n += sum(b.numel() for k, b in hf.named_buffers() if k.endswith("e_score_correction_bias"))
-    assert n == count_params(args)["main"] == REFERENCE_TOTALS[name]
+    hf = build_hf(args, device="meta")
+    assert hf_param_count(hf) == count_params(args)["main"] == REFERENCE_TOTALS[name]
 
 
 def test_reference_preset_details():

@@ -99,6 +99,9 @@ def test_page_build_forward_plots(url):
             page.locator("#run-btn").click()
             expect(page.locator("#run-msg")).to_contain_text("tokens/s", timeout=60_000)
 
+            # The architecture of the config is Inspect's first view; the run's views follow.
+            expect(page.locator("#architecture .js-plotly-plot")).to_have_count(1, timeout=30_000)
+            page.locator("#inspect-tabs").get_by_role("tab", name="Expert load").click()
             heat = page.locator("#expert-heatmap .js-plotly-plot")
             expect(heat).to_have_count(1, timeout=30_000)
             # px.imshow draws a heatmap trace (an <image> in the heatmap layer)
@@ -164,6 +167,7 @@ def test_page_never_says_something_else_than_what_happened(url, tmp_path):
             page.goto(url)
             expect(page.locator("#estimate-summary")).to_contain_text("387,416", timeout=30_000)
             # Empty plots say what will appear there.
+            page.locator("#inspect-tabs").get_by_role("tab", name="Expert load").click()
             expect(page.locator("#expert-heatmap")).to_contain_text("press Run forward")
 
             # n_heads 2.5 is refused with the range, never rounded to 2.

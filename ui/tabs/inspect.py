@@ -1,5 +1,7 @@
-"""Inspect: the figures of the last run (expert load, routing balance, shape trace), the rotary
-tables of the config (with and without YaRN) and the parameters by group."""
+"""Inspect: the architecture of the config (one row per distinct layer shape, named axes), the
+figures of the last run (expert load relative to uniform and per expert-parallel rank, group
+loads, balance, router scores and the selection bias's effect, DSA's kept keys, every module's
+output shape), the rotary tables (with and without YaRN) and the parameters by group."""
 
 from __future__ import annotations
 
@@ -9,18 +11,119 @@ import gradio as gr
 import pandas as pd
 
 from dsv3 import ConfigError
+from dsv3.architecture import architecture, filter_trace
 
 from .. import plots
-from ..components import RawSlider
-from ..messages import args_of, problem, whole
+from ..components import Choice, RawSlider, WholeNumber
+from ..messages import args_of, choice, problem, whole
+from ..state import Session
 from .estimate import stale_note
-from .run import BALANCE_COLUMNS
 
 TABLE_POSITIONS = 32  # rows of the cos/sin tables shown as numbers
 ROTARY_DEFAULT = 64
 BEFORE_RUN = "Build a model and press Run forward: this shows the run's {}"
+PATHS = ["as configured", "naive", "absorb"]
+TRACE_COLUMNS = ["name", "type", "layer", "shape"]
 
 
+# ---------------------------------------------------------------------- architecture
+def architecture_view(
+    cfg: Any, path: Any = "as configured", batch: Any = 1, seq: Any = 16, form_error: Any = ""
+) -> tuple[Any, str]:
+    """The config's architecture -> (figure, note). Shapes for the Run inputs' batch x seq."""
+    try:
+        args = args_of(cfg)
+        path = choice(path, "attention path", PATHS)
+        batch, seq = whole(batch, "batch", 1), whole(seq, "seq length", 1)
+    except (ConfigError, ValueError) as e:
+        return gr.skip(), problem(e)
+    rows = architecture(args, batch, seq, None if path == "as configured" else path)
+    groups = sum(r.get("kind") == "layers" for r in rows)
+    note = stale_note(form_error) + (
+        f"{args.n_layers} layers in {groups} group(s) of identical consecutive layers; shapes "
+        f"for batch {batch} x seq {seq} (the Run inputs). Tinted rows override the base config; "
+        "red axes are the sizes an override changed."
+    )
+    return plots.architecture(rows), note
+
+
+# ---------------------------------------------------------------------- run views
+def _last(session: Any) -> dict[str, Any]:
+    return session.last_run if isinstance(session, Session) else {}
+
+
+def expert_views(session: Any, ep_gpus: Any = 1) -> tuple[Any, str]:
+    """Expert load relative to uniform, per expert or per expert-parallel rank."""
+    last = _last(session)
+    if not last.get("routing"):
+        return plots.empty(BEFORE_RUN.format("expert load per layer")), ""
+    try:
+        n = whole(ep_gpus, "expert-parallel GPUs", 1, 4096)
+    except ConfigError as e:
+        return gr.skip(), problem(e)
+    return plots.expert_load(last["routing"], n_gpus=n, n_layers=last["n_layers"]), ""
+
+
+def run_views(session: Any) -> tuple[Any, Any, Any]:
+    """After a run: group loads, the router's score distribution, the bias's effect."""
+    last = _last(session)
+    if not last.get("routing"):
+        hint = plots.empty(BEFORE_RUN.format("routing"))
+        return hint, hint, hint
+    n = last["n_layers"]
+    router = last.get("router") or []
+    return (
+        plots.group_loads(last["routing"], n_layers=n),
+        plots.router_scores(router, n_layers=n),
+        plots.bias_effect(router, n_layers=n),
+    )
+
+
+def trace_view(session: Any, layer: Any = "", module_type: Any = "") -> tuple[Any, Any, str]:
+    """The last run's per-module output shapes, filtered by layer and module type."""
+    trace = _last(session).get("trace")
+    if not trace:
+        return gr.skip(), gr.skip(), "⚠ nothing traced yet: press Run forward"
+    layer = layer.strip() if isinstance(layer, str) else layer
+    try:
+        if layer not in ("", None, "none"):
+            layer = whole(layer, "layer", 0, _last(session)["n_layers"] - 1)
+        kind = module_type if isinstance(module_type, str) and module_type != "all" else None
+        rows = filter_trace(trace, layer if layer != "" else None, kind)
+    except (ConfigError, ValueError) as e:
+        return gr.skip(), gr.skip(), problem(e)
+    table = pd.DataFrame([{**t, "shape": str(t["shape"])} for t in rows], columns=TRACE_COLUMNS)
+    return table, plots.shape_trace(rows), f"{len(rows)} of {len(trace)} modules"
+
+
+def dsa_view(session: Any, layer: Any = 0, head: Any = "") -> tuple[Any, str]:
+    """Which key positions a DSA layer's indexer kept for each query of the last prefill."""
+    if not isinstance(session, Session) or session.model is None:
+        return plots.empty(BEFORE_RUN.format("kept keys")), ""
+    from dsv3 import stats
+
+    try:
+        n_layers = session.model.args.n_layers
+        layer = whole(layer, "layer", 0, n_layers - 1)
+        head = None if head in ("", None) else whole(head, "index head", 0, 4095)
+        sel = stats.indexer_selection(session.model, layer, head)
+    except (ConfigError, ValueError) as e:
+        return gr.skip(), problem(e)
+    if sel is None:
+        kind = session.model.args.for_layer(layer).attn_kind
+        why = "is not a DSA layer" if kind != "dsa" else "recorded nothing yet: press Run"
+        return plots.empty(f"layer {layer} {why}"), ""
+    return plots.indexer_mask(sel), (
+        f"layer {layer}: each query attends to at most {sel['topk']} keys"
+        + (
+            f"; index head {sel['head']} alone agrees on {sel['head_agreement']:.0%} of them"
+            if sel.get("head") is not None
+            else ""
+        )
+    )
+
+
+# ---------------------------------------------------------------------- rotary
 def rotary_max(args: Any) -> int:
     """The slider's top: max_seq_len, but able to reach original_seq_len (4096 for V3) without
     drawing all of a 128K context."""
@@ -66,23 +169,75 @@ def rotary_for_config(cfg: Any, n_positions: Any, form_error: Any = "") -> tuple
     return (*rotary(cfg, n, form_error), gr.update(maximum=top, value=n))
 
 
+def params_view(cfg: Any, log: Any = False) -> Any:
+    """Parameters by group, on a log scale when asked (V3's attention is invisible on a linear
+    one beside its experts)."""
+    from dsv3 import count_params
+
+    try:
+        return plots.params_by_group(count_params(args_of(cfg)), log=bool(log))
+    except ConfigError:
+        return gr.skip()
+
+
 # ---------------------------------------------------------------------- layout
 def render(page: Any) -> None:
     gr.Markdown("## Inspect")
     with gr.Tabs(elem_id="inspect-tabs"):
+        with gr.Tab("Architecture", id="architecture"):
+            page.arch_path = Choice(
+                PATHS, value=PATHS[0], label="attention path", elem_id="arch-path", scale=0
+            )
+            page.arch_note = gr.Markdown(elem_id="arch-note")
+            page.arch_plot = gr.Plot(label="Architecture", elem_id="architecture")
         with gr.Tab("Expert load", id="experts"):
+            page.ep_gpus = WholeNumber(
+                1,
+                label="expert-parallel GPUs",
+                info="1 = per expert; N = load per GPU holding E/N experts",
+                elem_id="ep-gpus",
+            )
             page.heatmap = gr.Plot(
                 plots.empty(BEFORE_RUN.format("expert load per layer")),
                 label="Expert load",
                 elem_id="expert-heatmap",
+            )
+            page.groups_plot = gr.Plot(
+                plots.empty(BEFORE_RUN.format("expert group loads")),
+                label="Group loads",
+                elem_id="group-loads",
             )
             page.balance = gr.Plot(
                 plots.empty(BEFORE_RUN.format("routing balance per layer")),
                 label="Routing balance",
                 elem_id="routing-balance",
             )
+            page.scores_plot = gr.Plot(
+                plots.empty(BEFORE_RUN.format("router score distribution")),
+                label="Router scores",
+                elem_id="router-scores",
+            )
+            page.bias_plot = gr.Plot(
+                plots.empty(BEFORE_RUN.format("selection bias's effect")),
+                label="Selection bias",
+                elem_id="bias-effect",
+            )
+            from .run import BALANCE_COLUMNS
+
             page.balance_table = gr.Dataframe(
                 headers=BALANCE_COLUMNS, label="imbalance per layer", interactive=False
+            )
+        with gr.Tab("Sparse attention (DSA)", id="dsa"):
+            with gr.Row():
+                page.dsa_layer = WholeNumber(0, label="layer", elem_id="dsa-layer")
+                page.dsa_head = gr.Textbox(
+                    "", label="index head (blank = the layer's choice)", elem_id="dsa-head"
+                )
+            page.dsa_note = gr.Markdown(elem_id="dsa-note")
+            page.dsa_plot = gr.Plot(
+                plots.empty(BEFORE_RUN.format("keys each query kept (DSA layers)")),
+                label="Kept keys",
+                elem_id="dsa-plot",
             )
         with gr.Tab("Rotary / YaRN", id="rotary"):
             page.rot_positions = RawSlider(
@@ -100,6 +255,16 @@ def render(page: Any) -> None:
                 page.cos_table = gr.Dataframe(label="cos", interactive=False, max_height=300)
                 page.sin_table = gr.Dataframe(label="sin", interactive=False, max_height=300)
         with gr.Tab("Shape trace", id="shapes"):
+            with gr.Row():
+                page.trace_layer = gr.Textbox(
+                    "", label="layer (blank = all)", elem_id="trace-layer"
+                )
+                page.trace_type = gr.Textbox(
+                    "",
+                    label="module type (e.g. MLA, MoE, Linear; blank = all)",
+                    elem_id="trace-type",
+                )
+            page.trace_note = gr.Markdown(elem_id="trace-note")
             page.trace_plot = gr.Plot(
                 plots.empty(BEFORE_RUN.format("output shape of every module")),
                 label="Shape trace",
@@ -109,10 +274,12 @@ def render(page: Any) -> None:
                 label="module outputs", interactive=False, max_height=400
             )
         with gr.Tab("Parameters", id="params"):
+            page.params_log = gr.Checkbox(False, label="log scale", elem_id="params-log")
             page.params_plot = gr.Plot(label="Parameters by group", elem_id="params-plot")
 
 
 def wire(page: Any) -> None:
+    quiet = page.quiet
     rot_out = [
         page.rot_freqs,
         page.rot_tables,
@@ -125,4 +292,45 @@ def wire(page: Any) -> None:
     page.rot_positions.release(
         rotary, [page.cfg, page.rot_positions, page.form_error], rot_out[:5], api_name="rotary"
     )
-    page.demo.load(*page.rot_step, **page.quiet())
+    page.arch_step = (
+        architecture_view,
+        [page.cfg, page.arch_path, page.batch, page.seq_len, page.form_error],
+        [page.arch_plot, page.arch_note],
+    )
+    gr.on(
+        [page.arch_path.change, page.batch.change, page.seq_len.change],
+        *page.arch_step,
+        **quiet(),
+    )
+    page.params_log.change(params_view, [page.cfg, page.params_log], page.params_plot, **quiet())
+    page.ep_gpus.change(expert_views, [page.session, page.ep_gpus], page.heatmap, **quiet())
+    trace_in = [page.session, page.trace_layer, page.trace_type]
+    trace_out = [page.trace_table, page.trace_plot, page.trace_note]
+    gr.on(
+        [
+            page.trace_layer.submit,
+            page.trace_type.submit,
+            page.trace_layer.blur,
+            page.trace_type.blur,
+        ],
+        trace_view,
+        trace_in,
+        trace_out,
+        **quiet(),
+    )
+    dsa_in = [page.session, page.dsa_layer, page.dsa_head]
+    gr.on(
+        [page.dsa_layer.change, page.dsa_head.submit],
+        dsa_view,
+        dsa_in,
+        [page.dsa_plot, page.dsa_note],
+        **quiet(),
+    )
+    page.run_views_steps = [
+        (expert_views, [page.session, page.ep_gpus], page.heatmap),
+        (run_views, page.session, [page.groups_plot, page.scores_plot, page.bias_plot]),
+        (dsa_view, dsa_in, [page.dsa_plot, page.dsa_note]),
+        (trace_view, trace_in, trace_out),
+    ]
+    page.demo.load(*page.rot_step, **quiet())
+    page.demo.load(*page.arch_step, **quiet())

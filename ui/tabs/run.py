@@ -296,7 +296,13 @@ def forward(
         return (session, problem(e), {"ok": False, "error": str(e)}, *([gr.skip()] * 5))
     session.runs += 1
     r["ran"] = {"config": config_line(session.config), "built_at": session.built_at}
-    return (session, *_run_outputs(r, trace))
+    session.last_run = {
+        "routing": r.get("routing", []),
+        "router": r.pop("router", []),
+        "trace": trace,
+        "n_layers": args.n_layers,
+    }
+    return (session, *_run_outputs(r, trace, args.n_layers))
 
 
 def run_markdown(r: dict[str, Any]) -> str:
@@ -332,9 +338,9 @@ def run_markdown(r: dict[str, Any]) -> str:
     return ok("  \n".join(lines))
 
 
-def _run_outputs(r: dict[str, Any], trace: list[dict]) -> tuple[Any, ...]:
-    """Run info + trace -> (Markdown, info, trace table, trace figure, heatmap, balance figure,
-    balance table)."""
+def _run_outputs(r: dict[str, Any], trace: list[dict], n_layers: int) -> tuple[Any, ...]:
+    """Run info + trace -> (Markdown, info, trace table, trace figure, expert load relative to
+    uniform, balance figure, balance table). Dense layers show as gaps."""
     routing = r.pop("routing", [])
     trace_df = pd.DataFrame(
         [{**t, "shape": str(t["shape"])} for t in trace], columns=["name", "type", "layer", "shape"]
@@ -344,8 +350,11 @@ def _run_outputs(r: dict[str, Any], trace: list[dict]) -> tuple[Any, ...]:
     ).round(4)
     info = {"ok": True, **r, "routing": routing, "trace_len": len(trace)}
     meta = bool(r.get("meta"))
-    heat = plots.empty("meta run: no routing") if meta else plots.expert_heatmap(routing)
-    bal = plots.empty("meta run: no routing") if meta else plots.routing_balance(routing)
+    if meta:
+        heat = bal = plots.empty("meta run: shapes only, no routing")
+    else:
+        heat = plots.expert_load(routing, n_layers=n_layers)
+        bal = plots.routing_balance(routing, n_layers=n_layers, groups=False)
     return run_markdown(r), info, trace_df, plots.shape_trace(trace), heat, bal, balance
 
 
@@ -424,6 +433,8 @@ def wire(page: Any) -> None:
         concurrency_id="model",
     )
     ran.then(*status, **page.quiet())
+    for step in page.run_views_steps:  # the Inspect views that read the run from the session
+        ran.then(*step, **page.quiet())
     page.model_status_step = status
     # /session: what the session holds (API clients and tests check it after every call).
     page.session_btn.click(
