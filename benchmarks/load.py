@@ -12,52 +12,18 @@ resident memory returns to within 10% of where it started.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+from .serve import start, stop
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, env: dict | None = None) -> subprocess.Popen:
-    """`python app.py` on 127.0.0.1:port; returns once the page answers."""
-    import urllib.request
-
-    proc = subprocess.Popen(
-        [sys.executable, "app.py"],
-        cwd=ROOT,
-        env={**os.environ, "GRADIO_SERVER_PORT": str(port), **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("app did not answer within 120 s")
-
-
-def rss(proc: subprocess.Popen) -> int:
+def rss(proc) -> int:
     return psutil.Process(proc.pid).memory_info().rss
 
 
@@ -109,9 +75,7 @@ def _traces(plot: dict) -> list[dict]:
 
 
 def run(sessions: int = 8, presets: tuple[str, ...] = ("tiny", "small"), forwards: int = 5) -> dict:
-    port = free_port()
-    proc = start_server(port)
-    url = f"http://127.0.0.1:{port}/"
+    proc, _, url = start(timeout=120)
     try:
         # Warm the server once (imports, first forward) so the baseline is the idle server.
         warm: dict = {}
@@ -137,8 +101,7 @@ def run(sessions: int = 8, presets: tuple[str, ...] = ("tiny", "small"), forward
         time.sleep(1.5)  # let the server finish freeing
         end = rss(proc)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
 
     failures = sum((r.get("failures", Counter()) for r in results), Counter())
     lat = [s for r in results for _, s in r.get("latencies", [])]

@@ -35,23 +35,22 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import types
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from dsv3 import ModelArgs, Transformer, count_params, estimate
+
+from .peers import build_hf, build_reference, reference_dir
+from .serve import start, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,71 +181,6 @@ def build_ours(args: ModelArgs, device="cpu", dtype="fp32", seed=0) -> Transform
     return Transformer(args, device=device, dtype=dtype).eval()
 
 
-def build_hf(model: Transformer, device="cpu", dtype=torch.float32):
-    """transformers' DeepSeek model with `model`'s weights, via dsv3's name table: sdpa
-    attention, grouped-matmul experts (requested, and reported as transformers resolved them)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from dsv3.checkpoint import dsv3_to_hf_state_dict, hf_config_from_args
-
-    cfg = dict(hf_config_from_args(model.args))
-    model_type = cfg.pop("model_type")
-    cfg.pop("architectures", None)
-    config = AutoConfig.for_model(model_type, **cfg)
-    with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(
-            config, attn_implementation="sdpa", experts_implementation="grouped_mm", dtype=dtype
-        )
-    sd = dsv3_to_hf_state_dict(model.state_dict(), model.args, fused_experts=True)
-    missing, unexpected = hf.load_state_dict(sd, strict=True)
-    assert not missing and not unexpected, (missing, unexpected)
-    return hf.eval()
-
-
-def reference_dir(cli: str | None) -> Path | None:
-    d = cli or os.environ.get("DSV3_REFERENCE_DIR")
-    if not d:
-        return None
-    p = Path(d)
-    if (p / "inference" / "model.py").is_file():
-        p = p / "inference"
-    return p if (p / "model.py").is_file() else None
-
-
-def build_reference(model: Transformer, ref_dir: Path):
-    """The reference Transformer (bf16 path, absorb attention) in float32 with `model`'s weights.
-
-    Its globals are set as its Transformer sets them; `Linear.dtype` is bf16 there, so the built
-    model is cast to float32 (its complex rotary buffer is not floating point and stays intact).
-    Its Gate has a selection bias only at dim 7168: one is added (zeros, as ours) so both use the
-    same top-2 group rule."""
-    if "kernel" not in sys.modules:
-        stub = types.ModuleType("kernel")  # the bf16 path never calls these
-        stub.act_quant = stub.weight_dequant = stub.fp8_gemm = None
-        sys.modules["kernel"] = stub
-    spec = importlib.util.spec_from_file_location("deepseek_reference_model", ref_dir / "model.py")
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
-    ref.attn_impl = "absorb"
-    ref.gemm_impl = "bf16"
-    a = model.args
-    fields = {k: getattr(a, k) for k in ref.ModelArgs.__dataclass_fields__ if hasattr(a, k)}
-    rm = ref.Transformer(ref.ModelArgs(**fields)).float()
-    ref.Linear.dtype = torch.float32
-    for layer in rm.layers:
-        if isinstance(layer.ffn, ref.MoE) and layer.ffn.gate.bias is None:
-            layer.ffn.gate.bias = torch.nn.Parameter(torch.zeros(a.n_routed_experts))
-    sd = {}
-    for k, v in model.state_dict().items():
-        if ".ffn.experts.w" in k:  # stacked (E, out, in) -> per-expert reference keys
-            for e in range(v.shape[0]):
-                sd[k.replace("experts.w", f"experts.{e}.w") + ".weight"] = v[e]
-        else:
-            sd[k] = v
-    rm.load_state_dict(sd, strict=True)
-    return rm.eval()
-
-
 def section_peers(rows: Rows, opts) -> None:
     print("peers: prefill and decode vs transformers and the reference", flush=True)
     args = ModelArgs(**BENCH)
@@ -256,7 +190,9 @@ def section_peers(rows: Rows, opts) -> None:
     tok = torch.randint(0, args.vocab_size, (B, S + DECODE_STEPS), generator=g)
     peers: dict[str, object] = {}
     try:
-        peers["transformers"] = build_hf(ours)
+        peers["transformers"] = build_hf(
+            ours, attn_implementation="sdpa", experts_implementation="grouped_mm"
+        )
         hcfg = peers["transformers"].config
         hf_note = f"attn={hcfg._attn_implementation}, experts={hcfg._experts_implementation}"
     except Exception as e:  # transformers missing or config not expressible
@@ -647,43 +583,6 @@ demo.launch(server_name="127.0.0.1", server_port=int(os.environ["GRADIO_SERVER_P
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], timeout: float = 180) -> tuple[subprocess.Popen, float, str]:
-    """Start a web app; returns (process, seconds to first page, url)."""
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    url = f"http://127.0.0.1:{port}/"
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd} exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return proc, time.perf_counter() - t0, url
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"{cmd} did not answer within {timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def section_app(rows: Rows, opts) -> None:
     print("app: startup and a gradio_client round trip", flush=True)
     if not (ROOT / "app.py").is_file():
@@ -827,7 +726,13 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
 
     ours = build_ours(peer, device=dev, dtype="bf16")
     try:
-        hf = build_hf(ours, device=dev, dtype=torch.bfloat16)
+        hf = build_hf(
+            ours,
+            device=dev,
+            dtype=torch.bfloat16,
+            attn_implementation="sdpa",
+            experts_implementation="grouped_mm",
+        )
     except Exception as e:  # noqa: BLE001 - transformers missing or config not expressible
         rows.add(f"{dev.type} transformers peer", "skipped", note=f"{type(e).__name__}: {e}")
         return

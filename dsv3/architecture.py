@@ -342,19 +342,12 @@ def architecture(
     plain = copy.copy(args)  # the same config without overrides, resolved without validation
     plain.layer_config = {}
     rows: list[dict[str, Any]] = [
-        {
-            "kind": "embed",
-            "label": "embed",
-            "first": None,
-            "last": None,
-            "count": 1,
-            "override": False,
-            "diff": {},
-            "diff_text": "",
-            "same_as": None,
-            "summary": f"vocab {args.vocab_size} -> dim {args.dim}",
-            "note": "",
-            "modules": [
+        _end_row(
+            "embed",
+            "embed",
+            f"vocab {args.vocab_size} -> dim {args.dim}",
+            "",
+            [
                 _module(
                     "embed",
                     "embed",
@@ -362,7 +355,7 @@ def architecture(
                     [("batch", B), ("seq", S), ("dim", args.dim)],
                 )
             ],
-        }
+        )
     ]
     seen: dict[tuple, int] = {}  # shapes -> index of the first group with them
     prev_key = None
@@ -410,19 +403,12 @@ def architecture(
         if r["same_as"] is not None:
             r["same_as"] = rows[r["same_as"]]["label"]
     rows.append(
-        {
-            "kind": "head",
-            "label": "norm + head",
-            "first": None,
-            "last": None,
-            "count": 1,
-            "override": False,
-            "diff": {},
-            "diff_text": "",
-            "same_as": None,
-            "summary": f"dim {args.dim} -> vocab {args.vocab_size}",
-            "note": "logits of the last position; (batch, seq, vocab) with all_logits",
-            "modules": [
+        _end_row(
+            "head",
+            "norm + head",
+            f"dim {args.dim} -> vocab {args.vocab_size}",
+            "logits of the last position; (batch, seq, vocab) with all_logits",
+            [
                 _module(
                     "head", "norm", "RMSNorm", [("batch", B), ("seq", S), ("dim", args.dim)], True
                 ),
@@ -433,9 +419,28 @@ def architecture(
                     [("batch", B), ("vocab", args.vocab_size)],
                 ),
             ],
-        }
+        )
     )
     return rows
+
+
+def _end_row(kind: str, label: str, summary: str, note: str, modules: list) -> dict[str, Any]:
+    """The embedding's or the head's row: one module group outside the layers, never
+    overridden."""
+    return {
+        "kind": kind,
+        "label": label,
+        "first": None,
+        "last": None,
+        "count": 1,
+        "override": False,
+        "diff": {},
+        "diff_text": "",
+        "same_as": None,
+        "summary": summary,
+        "note": note,
+        "modules": modules,
+    }
 
 
 def architecture_table(rows: list[dict[str, Any]], minor: bool = True) -> list[dict[str, Any]]:

@@ -386,9 +386,9 @@ BLOCKED_MAX_SCORES = 1 << 24  # one block's scores (64 MiB in float32); more: th
 
 def _blocked_fits(q: torch.Tensor, T: int) -> bool:
     """CPU float32 attention over at most BLOCKED_MAX_KEYS keys, with a block's scores
-    bounded: where `_blocked_causal` beats the CPU flash kernel (by 10-25% at 256-512 keys on
-    2 cores) without its memory growing much past the flash kernel's. bf16 keeps the flash
-    kernel, which accumulates in float32."""
+    bounded: where `_blocked_causal` beats the CPU flash kernel (measured by benchmarks/run.py)
+    without its memory growing much past the flash kernel's. bf16 keeps the flash kernel, which
+    accumulates in float32."""
     B, S, H, _ = q.shape
     return (
         q.device.type == "cpu"

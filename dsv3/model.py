@@ -220,8 +220,8 @@ class Transformer(nn.Module):
 
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Transformer:
         """`nn.Module.to_empty` with `torch.empty(shape)` for every tensor: `torch.empty_like` of
-        a meta tensor runs a Python reference that imports sympy (0.3 s, the first build in a
-        process). Same contiguous layout as the meta tensors (all of ours are contiguous).
+        a meta tensor runs a Python reference that imports sympy (a pause on the first build in
+        a process; benchmarks/run.py times builds). Same contiguous layout as the meta tensors (all of ours are contiguous).
         Every build and load comes through here: on CPU it also sets the allocator up so that
         forwards do not page-fault their activations in again (dsv3.memory)."""
         dev = torch.device(device) if device is not None else torch.get_default_device()
