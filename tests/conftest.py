@@ -1,6 +1,9 @@
-"""Shared fixtures: small configs that exercise every feature and build in milliseconds."""
+"""Shared fixtures: small configs that exercise every feature and build in milliseconds, and the
+real app launched once in this process for the tests that drive it over HTTP or in a browser."""
 
 from __future__ import annotations
+
+import socket
 
 import pytest
 import torch
@@ -57,3 +60,26 @@ def clone_model(model: Transformer, args: ModelArgs, dtype=None, **options) -> T
     other.load_state_dict(model.state_dict())
     other.reset_cache()
     return other
+
+
+# ---------------------------------------------------------------------- the app
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def url():
+    import torch
+
+    import app  # building the page must neither launch it nor touch CUDA
+    from ui.layout import launch_kwargs
+
+    assert not app.demo.is_running and not torch.cuda.is_initialized()
+    port = free_port()
+    app.demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.demo.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # tests/artifacts (ignored)
 
 # CI (.ci/run) sets DSV3_REQUIRE_BROWSER=1: there a missing browser fails instead of skipping.
 REQUIRED = os.environ.get("DSV3_REQUIRE_BROWSER") == "1"
@@ -225,7 +225,9 @@ def test_page_never_says_something_else_than_what_happened(url, tmp_path):
                 expect(preset_msg).to_contain_text("imported", timeout=30_000)
                 expect(preset_msg).to_contain_text("keep their defaults")
                 # The input forgets the file: choosing it again is a change the browser reports.
-                upload = page.locator('input[data-testid="Upload preset JSON-upload-button"]')
+                upload = page.locator(
+                    'input[data-testid="Upload preset or config.json-upload-button"]'
+                )
                 expect(upload).to_have_value("", timeout=30_000)
 
             # The rotary slider ends at the config's max_seq_len.
@@ -259,5 +261,63 @@ def test_override_table_at_720px_keeps_the_layer_in_sight(url):
             _edit_row(page, 0, "2", "moe_inter_dim", "64")
             expect(page.locator("#config-msg")).to_contain_text("1 layer override", timeout=30_000)
             table.screenshot(path=str(ARTIFACTS / "overrides_720px.png"))
+        finally:
+            browser.close()
+
+
+def test_views_of_a_671b_model_are_readable_at_1280px(url):
+    """Screenshots (tests/artifacts/) of what a user reads for V3 671B: the architecture view,
+    the speed table, a comparison, and the expert load after a CPU run of mixed-layers."""
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            expect(page.locator("#estimate-summary")).to_contain_text("387,416", timeout=30_000)
+            preset = page.locator("#preset input")
+            preset.click()
+            page.get_by_role("option", name="deepseek-v3-671b").click()
+            expect(page.locator("#estimate-summary")).to_contain_text(
+                "671,026,419,200", timeout=30_000
+            )
+            arch = page.locator("#architecture")
+            expect(arch.locator(".js-plotly-plot")).to_have_count(1, timeout=30_000)
+            expect(page.locator("#arch-note")).to_contain_text("61 layers in 2 group")
+            expect(arch).to_contain_text("x58")
+            arch.scroll_into_view_if_needed()
+            arch.screenshot(path=str(ARTIFACTS / "v3_671b_architecture.png"))
+
+            page.get_by_text("Predicted speed per GPU (roofline floor)").click()
+            table = page.locator("#speed-table")
+            expect(table).to_contain_text("H200", timeout=30_000)
+            table.screenshot(path=str(ARTIFACTS / "v3_671b_speed_table.png"))
+
+            page.get_by_text("Compare configs: A (pinned) vs B (the form)").click()
+            page.locator("#pin-btn").click()
+            expect(page.locator("#compare-md")).to_contain_text("No changes", timeout=30_000)
+            _edit_row(page, 0, "5", "n_heads", "32")
+            md = page.locator("#compare-md")
+            expect(md).to_contain_text("layer 5 n_heads 128 -> 32", timeout=30_000)
+            md.screenshot(path=str(ARTIFACTS / "v3_671b_compare.png"))
+
+            preset.click()
+            page.get_by_role("option", name="mixed-layers").click()
+            expect(page.locator("#preset-msg")).to_contain_text("mixed-layers", timeout=30_000)
+            page.locator("#build-btn").click()
+            expect(page.locator("#build-msg")).to_contain_text("built", timeout=60_000)
+            page.locator("#run-btn").click()
+            expect(page.locator("#run-msg")).to_contain_text("tokens/s", timeout=60_000)
+            page.locator("#inspect-tabs").get_by_role("tab", name="Expert load").click()
+            load = page.locator("#expert-heatmap")
+            expect(load.locator(".heatmaplayer image")).not_to_have_count(0, timeout=30_000)
+            expect(page.locator("#bias-effect .js-plotly-plot")).to_have_count(1)
+            load.screenshot(path=str(ARTIFACTS / "mixed_layers_expert_load.png"))
+            page.locator("#group-loads").screenshot(path=str(ARTIFACTS / "mixed_layers_groups.png"))
+            assert not errors, errors
         finally:
             browser.close()

@@ -11,13 +11,14 @@ checkpoint) writes the hub, then `config_to_form` fills the widgets (which fires
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from dsv3 import ConfigError, ModelArgs, count_params, presets
+from dsv3 import ConfigError, ModelArgs, args_from_hf_config, count_params, presets
 
 from .. import fields, plots, settings
 from ..components import Choice, Table, WholeNumber, guard_files
@@ -25,7 +26,9 @@ from ..messages import args_of, choice, config_line, lit, ok, problem
 
 BROWSER_KEY = "dsv3-playground-presets"
 CLEAR_UPLOAD_JS = """() => {
-  const input = document.querySelector('input[data-testid="Upload preset JSON-upload-button"]');
+  const input = document.querySelector(
+    'input[data-testid="Upload preset or config.json-upload-button"]'
+  );
   if (input) input.value = '';
 }"""
 PRESET_FILE_LIMIT = 1 << 20
@@ -198,7 +201,13 @@ def _upload_path(file: Any) -> Path | None:
 
 
 def _config_from_json(doc: Any, text: str, name: str) -> tuple[ModelArgs, list[str]]:
-    """A preset document or a plain dict of ModelArgs fields -> (args, fields left default)."""
+    """A preset document, a Hugging Face config.json, or a plain dict of ModelArgs fields ->
+    (args, fields left default)."""
+    if is_hf_config(doc):
+        try:
+            return args_from_hf_config(doc), []
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}", field=e.field, layer=e.layer) from None
     if isinstance(doc, dict) and "args" in doc:
         args = presets.parse(text, source=name)["args"]
         given = doc["args"]
@@ -221,6 +230,56 @@ def _config_from_json(doc: Any, text: str, name: str) -> tuple[ModelArgs, list[s
             field="preset",
         )
     return args, [f for f in fields.FORM_FIELDS if f not in given]
+
+
+def is_hf_config(doc: Any) -> bool:
+    """A Hugging Face config.json (DeepSeek-V2/V3, Kimi K2, V3.2...) rather than a preset."""
+    return isinstance(doc, dict) and bool({"model_type", "hidden_size", "text_config"} & set(doc))
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+
+
+def hf_config(text: Any) -> tuple[Any, str]:
+    """A Hub repository id (reads its config.json alone) or a pasted config.json -> (config,
+    status). Nothing but the config is downloaded: the weights are never needed to size a
+    model."""
+    text = text.strip() if isinstance(text, str) else ""
+    try:
+        if not text:
+            raise ConfigError(
+                "give a Hub repository id (e.g. deepseek-ai/DeepSeek-V3) or paste a config.json",
+                field="HF config",
+            )
+        if text.startswith("{"):
+            if len(text) > PRESET_FILE_LIMIT:
+                raise ConfigError("the pasted config is larger than 1 MiB", field="HF config")
+            try:
+                doc = json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ConfigError(
+                    f"the pasted config is not valid JSON: {e}", field="HF config"
+                ) from None
+            source = "the pasted config.json"
+        elif REPO_ID.fullmatch(text):
+            from dsv3.checkpoint.hf_config import fetch_hf_config
+
+            doc, source = fetch_hf_config(text), f"{text}/config.json"
+        else:
+            raise ConfigError(
+                f"{lit(repr(text), 60)} is neither a Hub repository id (owner/name) nor a "
+                "config.json",
+                field="HF config",
+            )
+        if not is_hf_config(doc):
+            raise ConfigError(
+                f"{source} is not a Hugging Face config (no model_type or hidden_size)",
+                field="HF config",
+            )
+        args = args_from_hf_config(doc)
+    except ConfigError as e:
+        return gr.skip(), problem(e)
+    return args.to_dict(), ok(f"read **{lit(source)}** ({size_text(args)}); no weights loaded")
 
 
 def import_config(file: Any) -> tuple[Any, str]:
@@ -292,9 +351,23 @@ def render_bar(page: Any) -> None:
         page.export_btn = gr.Button("Download config JSON", scale=1, size="sm")
         page.upload_btn = guard_files(
             gr.UploadButton(
-                "Upload preset JSON", file_types=[".json"], scale=1, size="sm", elem_id="upload-btn"
+                "Upload preset or config.json",
+                file_types=[".json"],
+                scale=1,
+                size="sm",
+                elem_id="upload-btn",
             )
         )
+    with gr.Row(equal_height=True):
+        page.hf_text = gr.Textbox(
+            label="Hugging Face config: a Hub repo id, or paste a config.json",
+            placeholder='moonshotai/Kimi-K2-Instruct   or   {"model_type": "deepseek_v3", ...}',
+            lines=1,
+            max_lines=6,
+            scale=4,
+            elem_id="hf-config",
+        )
+        page.hf_btn = gr.Button("Read config (no weights)", scale=1, elem_id="hf-config-btn")
     page.export_file = gr.File(label="config JSON", visible=False, elem_id="export-file")
     # One line for every way a config arrives (preset, browser, file): the newest action wins.
     page.source_msg = gr.Markdown(
@@ -399,4 +472,9 @@ def wire(page: Any) -> None:
     # browser fires no change for a file input that already holds the chosen file.
     uploaded.then(None, js=CLEAR_UPLOAD_JS, **quiet())
     refill(uploaded)
+    read = page.hf_btn.click(
+        hf_config, page.hf_text, [page.cfg, page.source_msg], api_name="hf_config"
+    )
+    read.then(not_a_preset, page.source_msg, page.preset, **quiet())
+    refill(read)
     page.demo.load(saved_names_update, page.store, page.saved, **quiet())

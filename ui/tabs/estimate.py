@@ -4,6 +4,7 @@ KV cache, FLOPs, per-GPU memory, whether it fits here) and how fast it could run
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import gradio as gr
@@ -12,7 +13,7 @@ import pandas as pd
 from dsv3 import ConfigError, ModelArgs
 from dsv3 import estimate as estimate_model
 from dsv3.params import human_bytes
-from dsv3.roofline import speed_table
+from dsv3.roofline import GPUS, speed_table
 
 from .. import lazy, plots
 from ..components import WholeNumber
@@ -160,6 +161,17 @@ def summary(
     )
 
 
+@functools.cache
+def this_gpu() -> Any:
+    """This server's GPU as a roofline entry, from a short measured probe (once per process);
+    None without CUDA."""
+    if not lazy.runtime.cuda_ok():
+        return None
+    from dsv3.roofline import measure_gpu
+
+    return measure_gpu()
+
+
 SPEED_COLUMNS = [
     "GPU",
     "GPUs",
@@ -184,7 +196,10 @@ def speed(
     except (ConfigError, ValueError) as err:
         return problem(err), gr.skip()
     prompt = min(length, 4096)
-    rows = speed_table(args, dtype=dtype, batch=batch, prompt_len=prompt, n_gpus=SPEED_GPUS)
+    gpus = list(GPUS.values()) + ([this_gpu()] if this_gpu() is not None else [])
+    rows = speed_table(
+        args, dtype=dtype, batch=batch, prompt_len=prompt, gpus=tuple(gpus), n_gpus=SPEED_GPUS
+    )
     table = pd.DataFrame(
         [
             [

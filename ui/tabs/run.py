@@ -296,6 +296,8 @@ def forward(
         return (session, problem(e), {"ok": False, "error": str(e)}, *([gr.skip()] * 5))
     session.runs += 1
     r["ran"] = {"config": config_line(session.config), "built_at": session.built_at}
+    if r.get("device") == "cuda":
+        r["floor"] = _floor(args, session.dtype, r)
     session.last_run = {
         "routing": r.get("routing", []),
         "router": r.pop("router", []),
@@ -303,6 +305,27 @@ def forward(
         "n_layers": args.n_layers,
     }
     return (session, *_run_outputs(r, trace, args.n_layers))
+
+
+def _floor(args: ModelArgs, dtype: str, r: dict[str, Any]) -> dict[str, Any] | None:
+    """This run's prefill and decode step against the roofline floor of this GPU (measured
+    once): the fraction of the physical limit the run reached."""
+    from dsv3.roofline import roofline
+
+    from .estimate import this_gpu
+
+    gpu = this_gpu()
+    if gpu is None:
+        return None
+    B, S = r["input_shape"]
+    f = roofline(args, gpu, dtype=dtype, batch=B, prompt_len=S)
+    out = {"gpu": gpu.name, "prefill_floor_s": f["prefill"]["seconds"]}
+    out["prefill_fraction"] = f["prefill"]["seconds"] / max(r["prefill_seconds"], 1e-12)
+    if r.get("decode_steps"):
+        step = r["decode_seconds"] / r["decode_steps"]
+        out["decode_floor_s"] = f["decode"]["seconds"]
+        out["decode_fraction"] = f["decode"]["seconds"] / max(step, 1e-12)
+    return out
 
 
 def run_markdown(r: dict[str, Any]) -> str:
@@ -333,6 +356,18 @@ def run_markdown(r: dict[str, Any]) -> str:
         f"KV cache {human_bytes(r['kv_cache_bytes'])}; peak memory "
         f"**{human_bytes(r['peak_bytes'])}** ({r['peak_kind']})"
     )
+    fl = r.get("floor")
+    if fl:
+        line = (
+            f"roofline on {fl['gpu']} (measured): prefill floor "
+            f"{fl['prefill_floor_s'] * 1e3:.2f} ms, this run reached **{fl['prefill_fraction']:.0%}**"
+        )
+        if "decode_fraction" in fl:
+            line += (
+                f"; decode step floor {fl['decode_floor_s'] * 1e3:.2f} ms, reached "
+                f"**{fl['decode_fraction']:.0%}**"
+            )
+        lines.append(line)
     if not r.get("logits_finite", True):
         lines.append("⚠ logits contain NaN/inf")
     return ok("  \n".join(lines))
