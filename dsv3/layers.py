@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import tuning
 from .config import BLOCK_SIZE, COMPUTE_DTYPE, scale_shape
 
 FP8 = torch.float8_e4m3fn
@@ -59,19 +60,35 @@ def quantize_fp8(
     return q, scale
 
 
-SKINNY_ROWS = 32  # CPU inputs with 2..SKINNY_ROWS rows take the (W x^T)^T form
+SKINNY_ROWS = 32  # CPU inputs with 2..SKINNY_ROWS rows may take the (W x^T)^T form
+
+
+def _skinny(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (weight @ x2.t()).t().contiguous()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """`F.linear(x, weight, bias)`, faster for the few-row inputs of decoding on CPU.
-
-    With 2..SKINNY_ROWS rows, x W^T is computed as (W x^T)^T: BLAS packs the whole weight for
-    the former and streams it once for the latter: faster at a few rows (benchmarks/run.py).
-    One row already runs as a matrix-vector product; many rows favour the usual form."""
+    """`F.linear(x, weight, bias)`, or for the few-row inputs of decoding on CPU (2..SKINNY_ROWS
+    rows) possibly as (W x^T)^T: BLAS packs the whole weight for the former and may stream it
+    once for the latter. Which is faster depends on the CPU (on an AMD EPYC the latter, 1.2-2x;
+    on an Intel Xeon the former, 2-5x), so it is measured once per shape class (`dsv3.tuning`;
+    with DSV3_DISPATCH=rule the latter, as tuned on the EPYC). One row already runs as a
+    matrix-vector product; many rows favour the usual form."""
     rows = x.numel() // max(x.shape[-1], 1)
     if x.device.type != "cpu" or not 1 < rows <= SKINNY_ROWS or weight.dim() != 2:
         return F.linear(x, weight, bias)
-    y = (weight @ x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+    x2 = x.reshape(rows, x.shape[-1])
+    if tuning.measured():
+        key = ("linear", 1 << (rows - 1).bit_length(), *weight.shape, weight.dtype,
+               torch.get_num_threads())  # fmt: skip
+        form = tuning.cached(key)
+        if form is None:
+            form = tuning.choose(
+                key, {"linear": lambda: F.linear(x2, weight), "skinny": lambda: _skinny(x2, weight)}
+            )
+        if form == "linear":
+            return F.linear(x, weight, bias)
+    y = _skinny(x2, weight)
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], weight.shape[0])

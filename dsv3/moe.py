@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import tuning
 from .config import LayerArgs
 from .layers import FP8, MLP, compute_dtype, dequantize, linear, scale_shape
 from .routing import Gate
@@ -178,10 +179,12 @@ PAD_LIMIT = 2.0  # "auto" pads on CPU while padded rows <= PAD_LIMIT * N (benchm
 
 
 def dispatch(x_ND, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
-    """Run the experts on expert-sorted pairs. "auto": on CPU, the loop with fewer pairs than
-    experts (decoding: most experts are idle, and a few small matmuls beat any batched call
-    over all E), padded bmm while padding at most doubles the work, else grouped matmuls where
-    supported. On a GPU grouped matmuls (the loop's launches and padding's FLOPs cost more)."""
+    """Run the experts on expert-sorted pairs. "auto": on CPU, the fastest of the three measured
+    once per shape class (`measured_impl`); with DSV3_DISPATCH=rule, the loop with fewer pairs
+    than experts (decoding: most experts are idle, and a few small matmuls beat any batched
+    call over all E), padded bmm while padding at most doubles the work, else grouped matmuls
+    where supported. On a GPU grouped matmuls (the loop's launches and padding's FLOPs cost
+    more)."""
     if impl == "auto":
         impl = _auto_impl(x_ND, x_ND.shape[0], counts, w1, w2, w3)
     if impl == "grouped":
@@ -193,9 +196,12 @@ def dispatch(x_ND, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
 
 def _auto_impl(x, N: int, counts, w1, w2, w3) -> str:
     """The dispatch for N pairs of rows of x (x_ND, or the tokens x_TD they are gathered from:
-    same device, dtype and row stride)."""
+    same device, dtype and row stride). On CPU measured per shape class (`measured_impl`)
+    unless DSV3_DISPATCH=rule; otherwise (and on GPUs) the rule in `dispatch`'s docstring."""
     E = len(counts)
     if x.device.type == "cpu":
+        if tuning.measured():
+            return measured_impl(x, N, counts, w1, w2, w3)
         if N < E:
             return "loop"
         if isinstance(counts, torch.Tensor):
@@ -203,6 +209,44 @@ def _auto_impl(x, N: int, counts, w1, w2, w3) -> str:
         if padded_rows(counts, default_run()) <= PAD_LIMIT * N:
             return "padded"
     return "grouped" if grouped_mm_supported(x, w1, w2, w3) else "loop"
+
+
+PROBE_FLOPS = 2e8  # a probe runs the real counts up to this many FLOPs, else one run's experts
+
+
+def dispatch_class(N: int, E: int, w1: torch.Tensor, x: torch.Tensor) -> tuple:
+    """The shape class of a dispatch: routed pairs per expert as a power-of-two bucket (below 1:
+    experts per pair, negated), expert shapes, dtype, device, thread count."""
+    tpe = (N // E).bit_length() if N >= E else -((E // max(N, 1)).bit_length())
+    _, I, D = w1.shape
+    return ("moe", tpe, E, D, I, x.dtype, x.device.type, torch.get_num_threads())
+
+
+def measured_impl(x, N: int, counts, w1, w2, w3) -> str:
+    """The fastest of loop / padded / grouped for this shape class (`dispatch_class`): on its
+    first use each runs on random rows with these counts (or, past PROBE_FLOPS, with the first
+    `default_run()` experts' counts) and the winner is cached (`dsv3.tuning`). A probe costs a
+    few of these dispatches, once per class per process."""
+    key = dispatch_class(N, len(counts), w1, x)
+    got = tuning.cached(key)
+    if got is not None:
+        return got
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
+    _, I, D = w1.shape
+    if 6 * N * D * I > PROBE_FLOPS:
+        counts = counts[: default_run()]
+        n = len(counts)
+        w1, w2, w3 = w1[:n], w2[:n], w3[:n]
+    g = torch.Generator(device=x.device).manual_seed(0)  # torch's global RNG stays untouched
+    x_ND = torch.randn(sum(counts), D, generator=g, device=x.device).to(x.dtype)
+    cands = {
+        "loop": lambda: dispatch_loop(x_ND, counts, w1, w2, w3),
+        "padded": lambda: dispatch_padded(x_ND, counts, w1, w2, w3),
+    }
+    if grouped_mm_supported(x_ND, w1, w2, w3):
+        cands["grouped"] = lambda: dispatch_grouped(x_ND, counts, w1, w2, w3)
+    return tuning.choose(key, cands)
 
 
 class GroupedExperts(nn.Module):

@@ -1,0 +1,104 @@
+"""Measured choices between equivalent kernels: time the candidates once per shape class, keep
+the fastest for the rest of the process.
+
+Which of two forms of one product is faster depends on the CPU, not on the shapes alone: on an
+AMD EPYC `(W x^T)^T` beat `x W^T` for decode-sized inputs and padded `bmm` beat grouped matmuls
+for the routed experts; on an Intel Xeon both orders reversed (benchmarks/run.py). So instead
+of a rule, the first call of a shape class (the caller's key: shapes, a size bucket, dtype,
+device, thread count) runs every candidate a few times, interleaved, and caches the one with
+the least best time. The candidates compute the same numbers (tests/dsv3/test_perf_paths.py),
+so the choice changes speed only.
+
+`DSV3_DISPATCH=rule` skips the measurement and uses the callers' fixed rules (deterministic
+choices for tests; the default is `measured`). `choices()` lists what was chosen and measured.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable
+
+MODES = ("measured", "rule")
+PROBE_BUDGET_S = 0.04  # time one class's probe may spend after its warm-up round
+PROBE_ROUNDS = 5  # timed rounds at most (fewer when the budget runs out, at least one)
+
+_LOCK = threading.RLock()  # re-entrant: a candidate may probe an inner class on its warm-up
+_CHOICES: dict[Hashable, str] = {}
+_TIMES: dict[Hashable, dict[str, float]] = {}
+
+
+def mode() -> str:
+    """ "measured" (default) or "rule", from the environment variable DSV3_DISPATCH."""
+    m = os.environ.get("DSV3_DISPATCH", "measured").strip().lower() or "measured"
+    if m not in MODES:
+        raise ValueError(f"DSV3_DISPATCH={m!r}: choose one of {', '.join(MODES)}")
+    return m
+
+
+def measured() -> bool:
+    return mode() == "measured"
+
+
+def cached(key: Hashable) -> str | None:
+    """The choice already made for `key`, or None."""
+    return _CHOICES.get(key)
+
+
+def choose(key: Hashable, candidates: dict[str, Callable[[], object]]) -> str:
+    """The fastest candidate name for `key`, measured on the first call (thread-safe: one probe
+    per key, others wait for it rather than disturb it) and cached after."""
+    got = _CHOICES.get(key)
+    if got is not None:
+        return got
+    with _LOCK:
+        got = _CHOICES.get(key)
+        if got is not None:
+            return got
+        if len(candidates) == 1:
+            times = {next(iter(candidates)): 0.0}
+        else:
+            times = measure(candidates)
+        best = min(times, key=times.__getitem__)
+        _TIMES[key], _CHOICES[key] = times, best
+        return best
+
+
+def measure(
+    candidates: dict[str, Callable[[], object]],
+    budget_s: float = PROBE_BUDGET_S,
+    rounds: int = PROBE_ROUNDS,
+) -> dict[str, float]:
+    """Best time of each candidate: one untimed warm-up round, then up to `rounds` interleaved
+    rounds (so that load from elsewhere hits them alike) while within `budget_s`."""
+    for fn in candidates.values():
+        fn()
+    best = dict.fromkeys(candidates, float("inf"))
+    t_start = time.perf_counter()
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+        if time.perf_counter() - t_start > budget_s:
+            break
+    return best
+
+
+def choices(prefix: str | None = None) -> list[tuple[Hashable, str, dict[str, float]]]:
+    """[(key, chosen, {candidate: best seconds})] of every measured class (keys starting with
+    `prefix` when given: keys are tuples whose first item names the kind of choice)."""
+    with _LOCK:
+        return [
+            (k, c, dict(_TIMES[k]))
+            for k, c in _CHOICES.items()
+            if prefix is None or (isinstance(k, tuple) and k and k[0] == prefix)
+        ]
+
+
+def clear() -> None:
+    """Forget every choice (tests, benchmarks)."""
+    with _LOCK:
+        _CHOICES.clear()
+        _TIMES.clear()

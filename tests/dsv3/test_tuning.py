@@ -1,0 +1,137 @@
+"""Measured kernel choices (dsv3.tuning): cached once per class, thread-safe, skippable, and the
+choice never changes the numbers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3 import ModelArgs, Transformer, tuning
+from dsv3.layers import linear
+from dsv3.moe import dispatch, dispatch_class, dispatch_loop, measured_impl
+from tests.conftest import TINY
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    tuning.clear()
+    yield
+    tuning.clear()
+
+
+def test_choose_measures_once_and_caches():
+    calls = {"a": 0, "b": 0}
+
+    def cand(name):
+        def run():
+            calls[name] += 1
+
+        return run
+
+    assert tuning.choose(("t", 1), {"a": cand("a"), "b": cand("b")}) in ("a", "b")
+    first = dict(calls)
+    assert first["a"] >= 2 and first["b"] >= 2  # a warm-up and at least one timed round
+    tuning.choose(("t", 1), {"a": cand("a"), "b": cand("b")})
+    assert calls == first  # cached: nothing runs again
+    ((key, chosen, times),) = tuning.choices("t")
+    assert key == ("t", 1) and set(times) == {"a", "b"} and chosen == min(times, key=times.get)
+
+
+def test_choose_picks_the_faster_candidate():
+    import time
+
+    got = tuning.choose(("t", 2), {"slow": lambda: time.sleep(0.002), "fast": lambda: None})
+    assert got == "fast"
+
+
+def test_choose_is_thread_safe_one_probe_per_key():
+    runs = []
+    lock = threading.Lock()
+
+    def cand():
+        with lock:
+            runs.append(1)
+
+    threads = [
+        threading.Thread(target=tuning.choose, args=(("t", 3), {"a": cand, "b": cand}))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(tuning.choices("t")) == 1
+    n = len(runs)
+    tuning.choose(("t", 3), {"a": cand, "b": cand})
+    assert len(runs) == n
+    assert n <= 2 * (1 + tuning.PROBE_ROUNDS)  # one probe, not eight
+
+
+def test_mode_from_environment(monkeypatch):
+    monkeypatch.delenv("DSV3_DISPATCH", raising=False)
+    assert tuning.mode() == "measured"
+    monkeypatch.setenv("DSV3_DISPATCH", "rule")
+    assert tuning.mode() == "rule" and not tuning.measured()
+    monkeypatch.setenv("DSV3_DISPATCH", "fastest")
+    with pytest.raises(ValueError, match="DSV3_DISPATCH"):
+        tuning.mode()
+
+
+@pytest.mark.parametrize("n_pairs", [3, 12, 200, 2000])
+@pytest.mark.parametrize("mode", ["measured", "rule"])
+def test_auto_dispatch_measured_or_rule_equals_loop(monkeypatch, n_pairs, mode):
+    monkeypatch.setenv("DSV3_DISPATCH", mode)
+    torch.manual_seed(0)
+    E, D, I = 16, 32, 16
+    counts = torch.bincount(torch.randint(0, E, (n_pairs,)), minlength=E).tolist()
+    x = torch.randn(n_pairs, D)
+    w1, w2, w3 = torch.randn(E, I, D), torch.randn(E, D, I), torch.randn(E, I, D)
+    want = dispatch_loop(x, counts, w1, w2, w3)
+    torch.testing.assert_close(dispatch(x, counts, w1, w2, w3), want, rtol=1e-5, atol=1e-4)
+    moe = tuning.choices("moe")
+    assert len(moe) == (mode == "measured")
+    if moe:
+        key, chosen, times = moe[0]
+        assert key == dispatch_class(n_pairs, E, w1, x) and chosen in times
+        assert {"loop", "padded"} <= set(times)
+
+
+def test_probe_does_not_touch_the_global_rng():
+    torch.manual_seed(5)
+    E, D, I = 8, 16, 8
+    w1, w2, x = torch.randn(E, I, D), torch.randn(E, D, I), torch.randn(40, D)
+    state = torch.get_rng_state()
+    assert measured_impl(x, 40, [5] * E, w1, w2, w1) in ("loop", "padded", "grouped")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 32, 33])
+def test_measured_linear_equals_f_linear(monkeypatch, rows):
+    monkeypatch.setenv("DSV3_DISPATCH", "measured")
+    torch.manual_seed(0)
+    x, w, b = torch.randn(rows, 1, 48), torch.randn(80, 48), torch.randn(80)
+    got = linear(x, w, b)
+    assert got.shape == (rows, 1, 80) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    kinds = {k[0] for k, _, _ in tuning.choices()}
+    assert kinds == ({"linear"} if 1 < rows <= 32 else set())
+
+
+def test_model_measured_equals_rule(monkeypatch):
+    """A forward and decode steps give the same logits with measured and with rule choices."""
+    args = ModelArgs(**TINY)
+    torch.manual_seed(0)
+    model = Transformer(args, dtype="fp32")
+    tok = torch.randint(0, args.vocab_size, (2, 40))
+    outs = {}
+    for mode in ("rule", "measured"):
+        monkeypatch.setenv("DSV3_DISPATCH", mode)
+        model.reset_cache()
+        full = model(tok[:, :32], all_logits=True)
+        steps = [model(tok[:, i : i + 1], start_pos=i) for i in range(32, 40)]
+        outs[mode] = torch.cat([full.flatten(), *(s.flatten() for s in steps)])
+    torch.testing.assert_close(outs["measured"], outs["rule"], rtol=1e-5, atol=1e-5)
+    assert tuning.choices("moe")
