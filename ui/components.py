@@ -86,25 +86,24 @@ NOT_A_FILE = (
 )
 
 
-class _Upload(FileData):
-    """FileData that refuses anything but an upload with one clear message (Gradio's own
-    refusal reaches a client as a bare "Error"). Gradio's checks stay as they are."""
+class _OneMessage:
+    """A file data model that refuses anything but an upload with one clear message (Gradio's
+    own refusal reaches a client as a bare "Error"). Gradio's checks stay as they are."""
 
     @classmethod
     def model_validate(cls, obj: Any, *a: Any, **kw: Any) -> Any:
         try:
-            return super().model_validate(obj, *a, **kw)
+            return super().model_validate(obj, *a, **kw)  # type: ignore[misc]
         except ValidationError:
             raise gr.Error(NOT_A_FILE) from None
 
 
-class _Uploads(ListFiles):
-    @classmethod
-    def model_validate(cls, obj: Any, *a: Any, **kw: Any) -> Any:
-        try:
-            return super().model_validate(obj, *a, **kw)
-        except ValidationError:
-            raise gr.Error(NOT_A_FILE) from None
+class _Upload(_OneMessage, FileData):
+    pass
+
+
+class _Uploads(_OneMessage, ListFiles):
+    pass
 
 
 def guard_files(component: Any) -> Any:

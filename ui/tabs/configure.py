@@ -233,8 +233,9 @@ def _config_from_json(doc: Any, text: str, name: str) -> tuple[ModelArgs, list[s
 
 
 def is_hf_config(doc: Any) -> bool:
-    """A Hugging Face config.json (DeepSeek-V2/V3, Kimi K2, V3.2...) rather than a preset."""
-    return isinstance(doc, dict) and bool({"model_type", "hidden_size", "text_config"} & set(doc))
+    """A Hugging Face config.json (DeepSeek-V2/V3, Kimi K2, V3.2...) rather than a preset: every
+    one names its model_type (a nested text_config for Kimi K2.5)."""
+    return isinstance(doc, dict) and bool({"model_type", "text_config"} & set(doc))
 
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
@@ -273,7 +274,7 @@ def hf_config(text: Any) -> tuple[Any, str]:
             )
         if not is_hf_config(doc):
             raise ConfigError(
-                f"{source} is not a Hugging Face config (no model_type or hidden_size)",
+                f"{source} is not a Hugging Face config (it has no model_type)",
                 field="HF config",
             )
         args = args_from_hf_config(doc)

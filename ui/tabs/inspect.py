@@ -181,6 +181,11 @@ def params_view(cfg: Any, log: Any = False) -> Any:
 
 
 # ---------------------------------------------------------------------- layout
+def _run_plot(label: str, elem_id: str, what: str) -> gr.Plot:
+    """A figure of the last run, saying before the first run what it will show."""
+    return gr.Plot(plots.empty(BEFORE_RUN.format(what)), label=label, elem_id=elem_id)
+
+
 def render(page: Any) -> None:
     gr.Markdown("## Inspect")
     with gr.Tabs(elem_id="inspect-tabs"):
@@ -197,31 +202,15 @@ def render(page: Any) -> None:
                 info="1 = per expert; N = load per GPU holding E/N experts",
                 elem_id="ep-gpus",
             )
-            page.heatmap = gr.Plot(
-                plots.empty(BEFORE_RUN.format("expert load per layer")),
-                label="Expert load",
-                elem_id="expert-heatmap",
+            page.heatmap = _run_plot("Expert load", "expert-heatmap", "expert load per layer")
+            page.groups_plot = _run_plot("Group loads", "group-loads", "expert group loads")
+            page.balance = _run_plot(
+                "Routing balance", "routing-balance", "routing balance per layer"
             )
-            page.groups_plot = gr.Plot(
-                plots.empty(BEFORE_RUN.format("expert group loads")),
-                label="Group loads",
-                elem_id="group-loads",
+            page.scores_plot = _run_plot(
+                "Router scores", "router-scores", "router score distribution"
             )
-            page.balance = gr.Plot(
-                plots.empty(BEFORE_RUN.format("routing balance per layer")),
-                label="Routing balance",
-                elem_id="routing-balance",
-            )
-            page.scores_plot = gr.Plot(
-                plots.empty(BEFORE_RUN.format("router score distribution")),
-                label="Router scores",
-                elem_id="router-scores",
-            )
-            page.bias_plot = gr.Plot(
-                plots.empty(BEFORE_RUN.format("selection bias's effect")),
-                label="Selection bias",
-                elem_id="bias-effect",
-            )
+            page.bias_plot = _run_plot("Selection bias", "bias-effect", "selection bias's effect")
             from .run import BALANCE_COLUMNS
 
             page.balance_table = gr.Dataframe(
@@ -234,11 +223,7 @@ def render(page: Any) -> None:
                     "", label="index head (blank = the layer's choice)", elem_id="dsa-head"
                 )
             page.dsa_note = gr.Markdown(elem_id="dsa-note")
-            page.dsa_plot = gr.Plot(
-                plots.empty(BEFORE_RUN.format("keys each query kept (DSA layers)")),
-                label="Kept keys",
-                elem_id="dsa-plot",
-            )
+            page.dsa_plot = _run_plot("Kept keys", "dsa-plot", "keys each query kept (DSA layers)")
         with gr.Tab("Rotary / YaRN", id="rotary"):
             page.rot_positions = RawSlider(
                 1,
@@ -265,10 +250,8 @@ def render(page: Any) -> None:
                     elem_id="trace-type",
                 )
             page.trace_note = gr.Markdown(elem_id="trace-note")
-            page.trace_plot = gr.Plot(
-                plots.empty(BEFORE_RUN.format("output shape of every module")),
-                label="Shape trace",
-                elem_id="shape-trace",
+            page.trace_plot = _run_plot(
+                "Shape trace", "shape-trace", "output shape of every module"
             )
             page.trace_table = gr.Dataframe(
                 label="module outputs", interactive=False, max_height=400
