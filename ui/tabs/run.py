@@ -203,6 +203,11 @@ def _built_message(args: ModelArgs, dev: str, dtype: str, info: dict, reason: st
     )
 
 
+def _after_build(msg: Any) -> Any:
+    ok_ = isinstance(msg, str) and msg.startswith("✔")
+    return "the session's model now comes from Build" if ok_ else gr.skip()
+
+
 def release_model(session: Session | None) -> tuple[Session, str]:
     """Free this session's model now (the Free button; API clients call it when done)."""
     session = session if isinstance(session, Session) else Session()
@@ -440,6 +445,8 @@ def wire(page: Any) -> None:
         concurrency_id="model",
     )
     built.then(*status, **page.quiet())
+    # A new model replaces an imported one: the import's line no longer describes the model.
+    built.then(_after_build, page.build_msg, page.hf_msg, **page.quiet())
     freed = page.free_btn.click(
         release_model, page.session, [page.session, page.build_msg], api_name="release"
     )
