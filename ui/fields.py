@@ -26,7 +26,7 @@ from .messages import lit, whole
 
 SECTIONS: dict[str, list[str]] = {
     "Size": ["vocab_size", "dim", "n_layers", "n_dense_layers", "inter_dim", "n_mtp_layers"],
-    "Attention (MLA)": [
+    "Attention (MLA, DSA)": [
         "n_heads",
         "q_lora_rank",
         "kv_lora_rank",

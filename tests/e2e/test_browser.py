@@ -185,7 +185,7 @@ def test_page_never_says_something_else_than_what_happened(url, tmp_path):
         expect(page.locator("#expert-heatmap")).to_contain_text("press Run forward")
 
         # n_heads 2.5 is refused with the range, never rounded to 2.
-        page.get_by_role("tab", name="Attention (MLA)").click()
+        page.get_by_role("tab", name="Attention (MLA, DSA)").click()
         _type_number(page, "field-n_heads", "2.5")
         msg = page.locator("#config-msg")
         expect(msg).to_contain_text("not a whole number", timeout=30_000)
