@@ -7,13 +7,17 @@
     python -m benchmarks.run --gpu                    # the CUDA section (needs a GPU)
     python -m benchmarks.run --only peers,build       # some sections only
     python -m benchmarks.run --json out.json          # the rows as JSON too
+    python -m benchmarks.run --configs e16-top2-d384  # some of the other small MoE configs
 
 What it measures (CPU, float32, same weights and thread count for every peer):
   peers      prefill 2 x 256 tokens and 64 decode steps after a 256-token prefill, dsv3 vs
              transformers (sdpa attention, grouped-matmul experts, its DynamicCache) vs the
              reference inference/model.py; the logits of all three are compared too.
-  moe        the expert dispatch: padded bmm vs grouped matmuls vs the per-expert loop, same
-             inputs; runs of experts vs one padded batch.
+  configs    prefill and decode vs transformers on other small MoE shapes (CONFIGS; pick
+             some with --configs NAMES).
+  moe        the expert dispatch `auto` chose (measured on first use, dsv3.tuning) and the
+             probe's times, vs padded bmm, grouped matmuls and the per-expert loop on the same
+             inputs, for a prefill and a decode step; runs of experts vs one padded batch.
   flops      this machine's dense fp32 matmul rate and the achieved FLOP/s of a `small` preset
              prefill of 4 x 512 tokens, as a fraction of it.
   build      peak resident memory and time of a build (fresh interpreter) vs the weight bytes
@@ -43,6 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,6 +91,30 @@ BENCH = dict(
 )
 PREFILL = (2, 256)
 DECODE_STEPS = 64
+
+# Other small MoE shapes for the `configs` section (--configs NAMES picks some): the speed-ups
+# must not hold for BENCH's shape alone.
+CONFIGS = {
+    # 16 experts in 4 groups (2 kept), top-2, wider model and experts
+    "e16-top2-d384": {
+        **BENCH,
+        **dict(dim=384, moe_inter_dim=192, n_routed_experts=16, n_activated_experts=2),
+        **dict(n_expert_groups=4, n_limited_groups=2),
+    },
+    # DeepSeek-V2-Lite-like routing: softmax scores, no groups or bias, top-6 of 32, two shared
+    # experts, no q LoRA, narrower model
+    "e32-top6-softmax-d192": {
+        **BENCH,
+        **dict(dim=192, moe_inter_dim=96, n_routed_experts=32, n_activated_experts=6),
+        **dict(n_expert_groups=1, n_limited_groups=1, n_shared_experts=2, q_lora_rank=0),
+        **dict(score_func="softmax", gate_bias=False, route_scale=1.0),
+    },
+    # many small experts: 128 of width 64, top-8 in 8 groups (4 kept), 3 layers
+    "e128-top8-i64": {
+        **BENCH,
+        **dict(n_layers=3, moe_inter_dim=64, n_routed_experts=128, n_activated_experts=8),
+    },
+}
 
 
 # ---------------------------------------------------------------------------- table rows
@@ -149,15 +178,27 @@ def _load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (lscpu "Model name", else /proc/cpuinfo, else platform): ratios
+    of small-matmul kernels differ between CPUs (dsv3.tuning), so every table names it."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    cpu = cpu_model()
     parts = [
         f"{cpu}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
         f"torch {torch.__version__}",
@@ -322,15 +363,77 @@ def section_peers(rows: Rows, opts) -> None:
     gc.collect()
 
 
+def section_configs(rows: Rows, opts) -> None:
+    """Prefill and decode vs transformers on the other small MoE shapes of CONFIGS."""
+    print("configs: prefill and decode vs transformers on other small MoE configs", flush=True)
+    for name in opts.configs:
+        _config_rows(rows, opts, name)
+        gc.collect()
+
+
+def _config_rows(rows: Rows, opts, name: str) -> None:
+    from transformers import DynamicCache
+
+    B, S = PREFILL
+    args = ModelArgs(**CONFIGS[name])
+    ours = build_ours(args)
+    hf = build_hf(ours, attn_implementation="sdpa", experts_implementation="grouped_mm")
+    g = torch.Generator().manual_seed(1)
+    tok = torch.randint(0, args.vocab_size, (B, S + DECODE_STEPS), generator=g)
+
+    def dec_ours() -> float:
+        ours.reset_cache()
+        ours(tok[:, :S])
+        t0 = time.perf_counter()
+        for i in range(S, S + DECODE_STEPS):
+            ours(tok[:, i : i + 1], start_pos=i)
+        return time.perf_counter() - t0
+
+    def dec_hf() -> float:
+        cache = DynamicCache(config=hf.config)
+        hf(tok[:, :S], cache=cache, use_cache=True, logits_to_keep=1)
+        t0 = time.perf_counter()
+        for i in range(S, S + DECODE_STEPS):
+            hf(tok[:, i : i + 1], cache=cache, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        hf_prefill = partial(hf, tok[:, :S], use_cache=False, logits_to_keep=1)
+        diff = (ours(tok[:, :S]) - hf_prefill().logits[:, -1]).abs().max().item()
+        pre = interleaved({"dsv3": partial(ours, tok[:, :S]), "hf": hf_prefill}, opts.rounds)
+        dec = interleaved({"dsv3": dec_ours, "hf": dec_hf}, max(2, opts.rounds // 2))
+    label = (
+        f"config {name} ({args.n_routed_experts} experts top-{args.n_activated_experts}, "
+        f"dim {args.dim}, {args.n_layers} layers)"
+    )
+    for what, t, target in (
+        (f"prefill {B}x{S}", pre, 1.5),
+        (f"decode {DECODE_STEPS} steps, batch {B}", dec, 1.5),
+    ):
+        ratio = best(t["hf"]) / best(t["dsv3"])
+        rows.add(
+            f"{label}: {what} vs transformers",
+            ms(best(t["dsv3"])),
+            f"transformers {ms(best(t['hf']))}",
+            ratio,
+            f">= {target}x",
+            ratio >= target and diff < 1e-4,
+            f"logits diff {diff:.1e}",
+        )
+
+
 # ---------------------------------------------------------------------------- MoE dispatch
 def section_moe(rows: Rows, opts) -> None:
-    print("moe: padded vs grouped vs loop dispatch", flush=True)
+    print("moe: the dispatch `auto` measured and chose vs padded / grouped / loop", flush=True)
+    from dsv3 import tuning
     from dsv3.moe import (
         default_run,
+        dispatch_class,
         dispatch_grouped,
         dispatch_loop,
         dispatch_padded,
         grouped_mm_supported,
+        measured_impl,
         padded_rows,
     )
 
@@ -338,46 +441,65 @@ def section_moe(rows: Rows, opts) -> None:
     model = build_ours(args)
     moe = model.layers[args.n_dense_layers].ffn
     B, S = PREFILL
-    with torch.inference_mode():
-        x = torch.randn(B * S, args.dim, generator=torch.Generator().manual_seed(2))
-        weights, idx = moe.gate(x)
-        K = idx.shape[1]
-        order = idx.flatten().argsort(stable=True)
-        counts = torch.bincount(idx.flatten(), minlength=args.n_routed_experts).tolist()
-        x_ND = x.index_select(0, order // K)
-        ex = moe.experts
-        w = (ex.w1, ex.w2, ex.w3)
-        fns = {
-            "padded": lambda: dispatch_padded(x_ND, counts, *w),
-            "padded, one batch": lambda: dispatch_padded(x_ND, counts, *w, run=len(counts)),
-            "loop": lambda: dispatch_loop(x_ND, counts, *w),
-        }
-        if grouped_mm_supported(x_ND, *w):
-            fns["grouped"] = lambda: dispatch_grouped(x_ND, counts, *w)
-        want = dispatch_loop(x_ND, counts, *w)
-        diff = max((fn() - want).abs().max().item() for fn in fns.values())
-        times = interleaved(fns, opts.rounds * 3)
-    pad = padded_rows(counts, default_run()) / len(x_ND)
-    title = f"MoE dispatch {B * S} tokens x top-{K} over {len(counts)} experts"
-    t = {k: best(v) for k, v in times.items()}
-    for peer in ("grouped", "loop"):
-        if peer in t:
+    # A prefill's tokens and a decode step's (batch B, one token each)
+    for T, what in ((B * S, f"prefill {B}x{S}"), (B, f"decode step, batch {B}")):
+        with torch.inference_mode():
+            x = torch.randn(T, args.dim, generator=torch.Generator().manual_seed(2))
+            weights, idx = moe.gate(x)
+            K = idx.shape[1]
+            order = idx.flatten().argsort(stable=True)
+            counts = torch.bincount(idx.flatten(), minlength=args.n_routed_experts).tolist()
+            x_ND = x.index_select(0, order // K)
+            ex = moe.experts
+            w = (ex.w1, ex.w2, ex.w3)
+            a = (x_ND, counts, *w)  # partial, not lambdas: this loop rebinds the names
+            fns = {"padded": partial(dispatch_padded, *a), "loop": partial(dispatch_loop, *a)}
+            if grouped_mm_supported(x_ND, *w):
+                fns["grouped"] = partial(dispatch_grouped, *a)
+            if T > len(counts):
+                fns["padded, one batch"] = partial(dispatch_padded, *a, run=len(counts))
+            want = dispatch_loop(x_ND, counts, *w)
+            diff = max((fn() - want).abs().max().item() for fn in fns.values())
+            if tuning.measured():
+                chosen = measured_impl(x_ND, len(x_ND), counts, *w)
+                key = dispatch_class(len(x_ND), len(counts), w[0], x_ND)
+                probe = next((t for k, _, t in tuning.choices("moe") if k == key), {})
+            else:
+                chosen, probe = "rule", {}
+            times = interleaved(fns, opts.rounds * 3 if T > len(counts) else opts.rounds * 10)
+        t = {k: best(v) for k, v in times.items()}
+        title = f"MoE dispatch, {what}: {len(x_ND)} pairs (top-{K}) over {len(counts)} experts"
+        fastest = min(("padded", "loop", "grouped"), key=lambda k: t.get(k, float("inf")))
+        probed = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in probe.items())
+        others = ", ".join(f"{k} {ms(v)}" for k, v in t.items() if k != chosen)
+        if chosen in t:
+            ratio = t[fastest] / t[chosen]
             rows.add(
-                f"{title}: padded (CPU auto) vs {peer}",
-                ms(t["padded"]),
-                f"{peer} {ms(t[peer])}",
-                t[peer] / t["padded"],
-                "agree (tested)",
-                diff < 1e-4,
-                f"max diff over all paths {diff:.1e}; padded rows {pad:.2f}x the useful ones",
+                f"{title}: `auto` chose {chosen} (measured on first use) vs the fastest here",
+                ms(t[chosen]),
+                others,
+                ratio,
+                ">= 0.9 and agree",
+                ratio >= 0.9 and diff < 1e-4,
+                f"probe: {probed}; max diff over all paths {diff:.1e}; padded rows "
+                f"{padded_rows(counts, default_run()) / len(x_ND):.2f}x the useful ones",
             )
-    rows.add(
-        f"{title}: runs of {default_run()} experts vs one padded batch",
-        ms(t["padded"]),
-        f"one batch {ms(t['padded, one batch'])}",
-        t["padded, one batch"] / t["padded"],
-        note=f"one batch pads {padded_rows(counts, len(counts)) / len(x_ND):.2f}x",
-    )
+        else:  # DSV3_DISPATCH=rule: no measured choice to show
+            rows.add(
+                f"{title}: DSV3_DISPATCH=rule, no measured choice",
+                others,
+                target="agree",
+                ok=diff < 1e-4,
+                note=f"max diff over all paths {diff:.1e}",
+            )
+        if "padded, one batch" in t:
+            rows.add(
+                f"{title}: padded in runs of {default_run()} experts vs one padded batch",
+                ms(t["padded"]),
+                f"one batch {ms(t['padded, one batch'])}",
+                t["padded, one batch"] / t["padded"],
+                note=f"one batch pads {padded_rows(counts, len(counts)) / len(x_ND):.2f}x",
+            )
 
 
 # ---------------------------------------------------------------------------- FLOP/s
@@ -796,6 +918,7 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
 # ---------------------------------------------------------------------------- main
 SECTIONS = {
     "peers": section_peers,
+    "configs": section_configs,
     "moe": section_moe,
     "flops": section_flops,
     "build": section_build,
@@ -815,8 +938,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
     p.add_argument("--json", help="also write the rows as JSON to this path")
+    p.add_argument(
+        "--configs",
+        help="comma-separated configs for the configs section (default all): " + ",".join(CONFIGS),
+    )
     opts = p.parse_args(argv)
     opts.rounds = 12 if opts.full else 6
+    opts.configs = opts.configs.split(",") if opts.configs else list(CONFIGS)
+    if set(opts.configs) - set(CONFIGS):
+        p.error(f"unknown config(s) {sorted(set(opts.configs) - set(CONFIGS))}: {list(CONFIGS)}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.set_default_dtype(torch.float32)

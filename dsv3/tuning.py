@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Hashable
 
 MODES = ("measured", "rule")
-PROBE_BUDGET_S = 0.04  # time one class's probe may spend after its warm-up round
-PROBE_ROUNDS = 5  # timed rounds at most (fewer when the budget runs out, at least one)
+PROBE_BUDGET_S = 0.02  # time one class's probe may spend after its warm-up round
+PROBE_ROUNDS = 3  # timed rounds at most (fewer when the budget runs out, at least one)
 
 _LOCK = threading.RLock()  # re-entrant: a candidate may probe an inner class on its warm-up
 _CHOICES: dict[Hashable, str] = {}
