@@ -112,16 +112,10 @@ def expert_load(
     width = len(z[0]) if z else 0
     what = "expert" if n_gpus == 1 else "expert-parallel rank"
     fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=list(range(width)),
-            y=labels,
-            zmin=0,
-            zmax=2,
-            colorscale=LOAD_SCALE,
-            colorbar=LOAD_COLORBAR,
-            customdata=hover,
-            hoverongaps=False,
+        _load_heat(
+            z,
+            labels,
+            hover,
             name="load",
             hovertemplate="%{y}, " + what + " %{x}<br>%{z:.2f} x uniform, "
             "%{customdata}<extra></extra>",
@@ -171,6 +165,19 @@ def _group_heat(stats: list[dict[str, Any]], n_layers: int | None) -> go.Heatmap
         z.append([c / uniform if uniform else None for c in g])
         raw.append(g)
     z, raw = _pad(z), _pad(raw)
+    return _load_heat(
+        z,
+        labels,
+        raw,
+        texttemplate="%{z:.2f}",
+        name="group load",
+        hovertemplate="%{y}, group %{x}: %{customdata} tokens, %{z:.2f} x uniform<extra></extra>",
+    )
+
+
+def _load_heat(z: list, labels: list[str], customdata: list, **kw: Any) -> go.Heatmap:
+    """A heatmap of loads over the uniform share: 0 (dead) .. 1 (uniform) .. 2 or more, one
+    colour scale for every load view; empty rows (dense layers) stay gaps."""
     return go.Heatmap(
         z=z,
         x=list(range(len(z[0]) if z else 0)),
@@ -179,11 +186,9 @@ def _group_heat(stats: list[dict[str, Any]], n_layers: int | None) -> go.Heatmap
         zmax=2,
         colorscale=LOAD_SCALE,
         colorbar=LOAD_COLORBAR,
-        customdata=raw,
+        customdata=customdata,
         hoverongaps=False,
-        texttemplate="%{z:.2f}",
-        name="group load",
-        hovertemplate="%{y}, group %{x}: %{customdata} tokens, %{z:.2f} x uniform<extra></extra>",
+        **kw,
     )
 
 
