@@ -915,6 +915,29 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
     )
 
 
+def choice_rows(rows: Rows) -> None:
+    """What the measured kernel choices (dsv3.tuning) picked in this run, per kind."""
+    from collections import Counter
+
+    from dsv3 import tuning
+
+    made = tuning.choices()
+    if not made:
+        return
+    kinds: dict[str, Counter] = {}
+    for key, chosen, _ in made:
+        kinds.setdefault(key[0], Counter())[chosen] += 1
+    summary = "; ".join(
+        f"{kind}: " + ", ".join(f"{c} x{n}" for c, n in cnt.most_common())
+        for kind, cnt in kinds.items()
+    )
+    rows.add(
+        "kernel choices measured on first use this run (dsv3.tuning; DSV3_DISPATCH=rule skips)",
+        f"{len(made)} shape classes",
+        note=summary,
+    )
+
+
 # ---------------------------------------------------------------------------- main
 SECTIONS = {
     "peers": section_peers,
@@ -965,6 +988,7 @@ def main(argv: list[str] | None = None) -> int:
             SECTIONS[name](rows, opts)
         except Exception as e:  # noqa: BLE001 - one broken section must not hide the others
             rows.add(f"{name} section", "error", note=f"{type(e).__name__}: {e}"[:300])
+    choice_rows(rows)
     if "gpu" not in names:
         rows.add(
             "GPU section",

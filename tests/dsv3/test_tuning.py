@@ -135,3 +135,23 @@ def test_model_measured_equals_rule(monkeypatch):
         outs[mode] = torch.cat([full.flatten(), *(s.flatten() for s in steps)])
     torch.testing.assert_close(outs["measured"], outs["rule"], rtol=1e-5, atol=1e-5)
     assert tuning.choices("moe")
+
+
+@pytest.mark.parametrize("start_pos", [0, 7])
+@pytest.mark.parametrize("mode", ["measured", "rule"])
+def test_attention_kernel_choice_agrees(monkeypatch, start_pos, mode):
+    """Blocked and flash attention give the same numbers; the measured choice is cached per
+    class, rule mode always takes blocked."""
+    from dsv3.attention import _blocked_causal, _flash, blocked_or_flash
+
+    monkeypatch.setenv("DSV3_DISPATCH", mode)
+    torch.manual_seed(0)
+    B, S, H, Dqk, Dv = 2, 24, 3, 20, 12
+    T = start_pos + S
+    q, k, v = torch.randn(B, S, H, Dqk), torch.randn(B, T, H, Dqk), torch.randn(B, T, H, Dv)
+    want = _flash(q, k, v, 0.3, start_pos)
+    torch.testing.assert_close(_blocked_causal(q, k, v, 0.3, start_pos), want)
+    got = blocked_or_flash(q, k, v, 0.3, start_pos)
+    assert got == "blocked" if mode == "rule" else got in ("blocked", "flash")
+    assert len(tuning.choices("attn")) == (mode == "measured")
+    assert blocked_or_flash(q, k, v, 0.3, start_pos) == got
