@@ -158,7 +158,7 @@ class Transformer(nn.Module):
     world_size, rank: tensor/expert parallel layout (dsv3.parallel); default: the initialised
         torch.distributed process group's, else one process. Meta builds take any layout.
     moe_impl: the routed experts' dispatch, "auto" (by device and load, see `dsv3.moe.dispatch`)
-        or "loop" / "grouped" / "padded" (same numbers; for tests and benchmarks).
+        or "loop" / "grouped" / "padded" / "gathered" (same numbers; for tests and benchmarks).
     absorbed_prefill: with the "absorb" cache, run multi-token inputs through the absorbed
         attention too (same numbers; see `dsv3.attention`). Both are per model, never global.
     """

@@ -4,10 +4,12 @@ Legend: T tokens, D model dim, I expert width, E routed experts, K activated exp
 N = T*K routed (token, expert) pairs.
 
 Dispatch: sort the N pairs by expert (stable), gather their inputs, run each expert on its
-contiguous slice, scale by the routing weight and scatter-add back to tokens. Three
+contiguous slice, scale by the routing weight and scatter-add back to tokens. Four
 implementations with one signature: `dispatch_loop` (a matmul per expert that received tokens),
-`dispatch_grouped` (`torch._grouped_mm` over all experts at once) and `dispatch_padded` (every
-expert's rows zero-padded to the largest count, then batched matmuls); `dispatch` picks.
+`dispatch_grouped` (`torch._grouped_mm` over all experts at once), `dispatch_padded` (every
+expert's rows zero-padded to the largest count, then batched matmuls) and `dispatch_gathered`
+(the active experts' weights copied into one batch); `dispatch` picks, on CPU by measuring
+them once per shape class (`measured_impl`, `dsv3.tuning`).
 """
 
 from __future__ import annotations
@@ -174,7 +176,41 @@ def dispatch_padded(
     return y_PD.index_select(0, slot_N)  # (N, D), the input's order
 
 
-DISPATCH_IMPLS = ("auto", "loop", "grouped", "padded")
+def dispatch_gathered(
+    x_ND: torch.Tensor,
+    counts: list[int],
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as `dispatch_loop`: the weights of the experts that received pairs are
+    gathered (copied) into one batch, their rows zero-padded to the largest count, and each
+    projection is one `bmm`. For a few pairs over many small experts (decoding) one batched,
+    multi-core matmul per projection can beat a matmul per expert despite the copy; measured
+    (`measured_impl`) before it is used."""
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
+    N, D = x_ND.shape
+    if N == 0:
+        return torch.empty_like(x_ND)
+    active = [e for e, n in enumerate(counts) if n]
+    A, cap = len(active), max(counts)
+    ix = torch.tensor(active, device=x_ND.device)
+    slot_N = None
+    if A * cap == N:  # every active expert has `cap` rows: no padding
+        x_AcD = x_ND.view(A, cap, D)
+    else:
+        slots = [a * cap + r for a, e in enumerate(active) for r in range(counts[e])]
+        slot_N = torch.tensor(slots, device=x_ND.device)
+        x_AcD = x_ND.new_zeros(A * cap, D).index_copy_(0, slot_N, x_ND).view(A, cap, D)
+    h_AcI = torch.bmm(x_AcD, w1_EID.index_select(0, ix).transpose(1, 2))
+    h3_AcI = torch.bmm(x_AcD, w3_EID.index_select(0, ix).transpose(1, 2))
+    h_AcI = F.silu(h_AcI, inplace=True).mul_(h3_AcI)
+    y = torch.bmm(h_AcI, w2_EDI.index_select(0, ix).transpose(1, 2)).view(A * cap, D)
+    return y if slot_N is None else y.index_select(0, slot_N)
+
+
+DISPATCH_IMPLS = ("auto", "loop", "grouped", "padded", "gathered")
 PAD_LIMIT = 2.0  # "auto" pads on CPU while padded rows <= PAD_LIMIT * N (benchmarks/run.py, moe)
 
 
@@ -191,6 +227,8 @@ def dispatch(x_ND, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
         return dispatch_grouped(x_ND, counts, w1, w2, w3)
     if impl == "padded":
         return dispatch_padded(x_ND, counts, w1, w2, w3)
+    if impl == "gathered":
+        return dispatch_gathered(x_ND, counts, w1, w2, w3)
     return dispatch_loop(x_ND, counts, w1, w2, w3)
 
 
@@ -223,7 +261,8 @@ def dispatch_class(N: int, E: int, w1: torch.Tensor, x: torch.Tensor) -> tuple:
 
 
 def measured_impl(x, N: int, counts, w1, w2, w3) -> str:
-    """The fastest of loop / padded / grouped for this shape class (`dispatch_class`): on its
+    """The fastest of loop / padded / grouped (and, with fewer pairs than experts, gathered)
+    for this shape class (`dispatch_class`): on its
     first use each runs on random rows with these counts (or, past PROBE_FLOPS, with the first
     `default_run()` experts' counts) and the winner is cached (`dsv3.tuning`). A probe costs a
     few of these dispatches, once per class per process."""
@@ -246,6 +285,8 @@ def measured_impl(x, N: int, counts, w1, w2, w3) -> str:
     }
     if grouped_mm_supported(x_ND, w1, w2, w3):
         cands["grouped"] = lambda: dispatch_grouped(x_ND, counts, w1, w2, w3)
+    if N < len(counts):  # few pairs (decoding): copying the active experts' weights may pay
+        cands["gathered"] = lambda: dispatch_gathered(x_ND, counts, w1, w2, w3)
     return tuning.choose(key, cands)
 
 

@@ -182,10 +182,11 @@ def test_grouped_dispatch_equals_loop():
 def test_grouped_and_loop_models_agree(tiny_model, tiny_args):
     tok = torch.randint(0, tiny_args.vocab_size, (2, 16))
     outs = {}
-    for impl in ("loop", "grouped", "padded"):
+    for impl in ("loop", "grouped", "padded", "gathered"):
         outs[impl] = clone_model(tiny_model, tiny_args, moe_impl=impl)(tok, all_logits=True)
     torch.testing.assert_close(outs["loop"], outs["grouped"], rtol=0, atol=1e-5)
     torch.testing.assert_close(outs["loop"], outs["padded"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs["loop"], outs["gathered"], rtol=0, atol=1e-5)
 
 
 def _gate_by_hand(x, weight, bias, score_func, n_groups, topk_groups, topk, route_scale):

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 
 from dsv3 import ModelArgs, Transformer, tuning
 from dsv3.layers import linear
-from dsv3.moe import dispatch, dispatch_class, dispatch_loop, measured_impl
+from dsv3.moe import (
+    dispatch,
+    dispatch_class,
+    dispatch_gathered,
+    dispatch_loop,
+    measured_impl,
+)
 from tests.conftest import TINY
 
 
@@ -97,6 +103,20 @@ def test_auto_dispatch_measured_or_rule_equals_loop(monkeypatch, n_pairs, mode):
         key, chosen, times = moe[0]
         assert key == dispatch_class(n_pairs, E, w1, x) and chosen in times
         assert {"loop", "padded"} <= set(times)
+        assert ("gathered" in times) == (n_pairs < E)
+
+
+@pytest.mark.parametrize("n_pairs", [1, 3, 8, 12, 40])
+def test_gathered_dispatch_equals_loop(n_pairs):
+    torch.manual_seed(1)
+    E, D, I = 16, 32, 8
+    counts = torch.bincount(torch.randint(0, E, (n_pairs,)), minlength=E).tolist()
+    x = torch.randn(n_pairs, D) * 0.1
+    w1, w2, w3 = torch.randn(E, I, D), torch.randn(E, D, I), torch.randn(E, I, D)
+    want = dispatch_loop(x, counts, w1, w2, w3)
+    torch.testing.assert_close(dispatch_gathered(x, counts, w1, w2, w3), want)
+    torch.testing.assert_close(dispatch(x, counts, w1, w2, w3, "gathered"), want)
+    assert dispatch_gathered(x[:0], [0] * E, w1, w2, w3).shape == (0, D)
 
 
 def test_probe_does_not_touch_the_global_rng():
