@@ -215,7 +215,7 @@ PAD_LIMIT = 2.0  # "auto" pads on CPU while padded rows <= PAD_LIMIT * N (benchm
 
 
 def dispatch(x_ND, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
-    """Run the experts on expert-sorted pairs. "auto": on CPU, the fastest of the three measured
+    """Run the experts on expert-sorted pairs. "auto": on CPU, the fastest candidate, measured
     once per shape class (`measured_impl`); with DSV3_DISPATCH=rule, the loop with fewer pairs
     than experts (decoding: most experts are idle, and a few small matmuls beat any batched
     call over all E), padded bmm while padding at most doubles the work, else grouped matmuls
@@ -262,10 +262,10 @@ def dispatch_class(N: int, E: int, w1: torch.Tensor, x: torch.Tensor) -> tuple:
 
 def measured_impl(x, N: int, counts, w1, w2, w3) -> str:
     """The fastest of loop / padded / grouped (and, with fewer pairs than experts, gathered)
-    for this shape class (`dispatch_class`): on its
-    first use each runs on random rows with these counts (or, past PROBE_FLOPS, with the first
-    `default_run()` experts' counts) and the winner is cached (`dsv3.tuning`). A probe costs a
-    few of these dispatches, once per class per process."""
+    for this shape class (`dispatch_class`): on its first use each runs on random rows with
+    these counts (or, past PROBE_FLOPS, with those of the busiest run of `default_run()`
+    consecutive experts) and the winner is cached (`dsv3.tuning`). A probe costs a few of these
+    dispatches (~10-50 ms on 2 cores), once per class per process."""
     key = dispatch_class(N, len(counts), w1, x)
     got = tuning.cached(key)
     if got is not None:
@@ -274,9 +274,11 @@ def measured_impl(x, N: int, counts, w1, w2, w3) -> str:
         counts = counts.tolist()
     _, I, D = w1.shape
     if 6 * N * D * I > PROBE_FLOPS:
-        counts = counts[: default_run()]
-        n = len(counts)
-        w1, w2, w3 = w1[:n], w2[:n], w3[:n]
+        # The run of default_run() consecutive experts with the most pairs (never an idle one)
+        run = default_run()
+        first = max(range(0, len(counts), run), key=lambda r: sum(counts[r : r + run]))
+        counts = counts[first : first + run]
+        w1, w2, w3 = (w[first : first + run] for w in (w1, w2, w3))
     g = torch.Generator(device=x.device).manual_seed(0)  # torch's global RNG stays untouched
     x_ND = torch.randn(sum(counts), D, generator=g, device=x.device).to(x.dtype)
     cands = {
