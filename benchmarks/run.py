@@ -298,31 +298,8 @@ def section_peers(rows: Rows, opts) -> None:
 
     # Decode: prefill S tokens (untimed), then DECODE_STEPS single-token steps with the cache.
     def decode(name):
-        def run() -> float:
-            if name == "dsv3":
-                ours.reset_cache()
-                ours(tok[:, :S])
-                t0 = time.perf_counter()
-                for i in range(S, S + DECODE_STEPS):
-                    ours(tok[:, i : i + 1], start_pos=i)
-                return time.perf_counter() - t0
-            m = peers[name]
-            if name == "transformers":
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=m.config)
-                m(tok[:, :S], cache=cache, use_cache=True, logits_to_keep=1)
-                t0 = time.perf_counter()
-                for i in range(S, S + DECODE_STEPS):
-                    m(tok[:, i : i + 1], cache=cache, use_cache=True, logits_to_keep=1)
-                return time.perf_counter() - t0
-            m(tok[:, :S])
-            t0 = time.perf_counter()
-            for i in range(S, S + DECODE_STEPS):
-                m(tok[:, i : i + 1], start_pos=i)
-            return time.perf_counter() - t0
-
-        return run
+        model = ours if name == "dsv3" else peers[name]
+        return partial(time_decode, model, tok, S, hf=name == "transformers")
 
     with torch.inference_mode():
         # The last step's logits agree too (the caches hold the same numbers).
@@ -363,6 +340,23 @@ def section_peers(rows: Rows, opts) -> None:
     gc.collect()
 
 
+def time_decode(model, tok: torch.Tensor, S: int, hf: bool = False) -> float:
+    """Prefill tok[:, :S] (untimed), then time one-token steps with the KV cache up to the end
+    of `tok`. dsv3 and DeepSeek's reference take start_pos; transformers takes its cache."""
+    kw: dict = {}
+    if hf:
+        from transformers import DynamicCache
+
+        kw = dict(cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    elif hasattr(model, "reset_cache"):
+        model.reset_cache()
+    model(tok[:, :S], **kw)
+    t0 = time.perf_counter()
+    for i in range(S, tok.shape[1]):
+        model(tok[:, i : i + 1], **(kw or {"start_pos": i}))
+    return time.perf_counter() - t0
+
+
 def section_configs(rows: Rows, opts) -> None:
     """Prefill and decode vs transformers on the other small MoE shapes of CONFIGS."""
     print("configs: prefill and decode vs transformers on other small MoE configs", flush=True)
@@ -372,8 +366,6 @@ def section_configs(rows: Rows, opts) -> None:
 
 
 def _config_rows(rows: Rows, opts, name: str) -> None:
-    from transformers import DynamicCache
-
     B, S = PREFILL
     args = ModelArgs(**CONFIGS[name])
     ours = build_ours(args)
@@ -381,21 +373,8 @@ def _config_rows(rows: Rows, opts, name: str) -> None:
     g = torch.Generator().manual_seed(1)
     tok = torch.randint(0, args.vocab_size, (B, S + DECODE_STEPS), generator=g)
 
-    def dec_ours() -> float:
-        ours.reset_cache()
-        ours(tok[:, :S])
-        t0 = time.perf_counter()
-        for i in range(S, S + DECODE_STEPS):
-            ours(tok[:, i : i + 1], start_pos=i)
-        return time.perf_counter() - t0
-
-    def dec_hf() -> float:
-        cache = DynamicCache(config=hf.config)
-        hf(tok[:, :S], cache=cache, use_cache=True, logits_to_keep=1)
-        t0 = time.perf_counter()
-        for i in range(S, S + DECODE_STEPS):
-            hf(tok[:, i : i + 1], cache=cache, use_cache=True, logits_to_keep=1)
-        return time.perf_counter() - t0
+    dec_ours = partial(time_decode, ours, tok, S)
+    dec_hf = partial(time_decode, hf, tok, S, hf=True)
 
     with torch.inference_mode():
         hf_prefill = partial(hf, tok[:, :S], use_cache=False, logits_to_keep=1)
