@@ -55,15 +55,20 @@ def request(cfg: Any, device: Any, dtype: Any, batch: Any, length: Any, n_gpus: 
     return args, device, dtype, batch, length, n_gpus
 
 
-def sizes(args: ModelArgs, batch: Any, length: Any) -> tuple[int, int]:
-    """Batch and length (0 = max_seq_len) within the config's max_batch_size / max_seq_len."""
-    batch, length = whole(batch, "batch", 1), whole(length, "length", 0)
+def check_batch(args: ModelArgs, batch: int) -> None:
+    """A batch within the config's max_batch_size, else a ConfigError saying so."""
     if batch > args.max_batch_size:
         raise ConfigError(
             f"batch={batch} exceeds max_batch_size={args.max_batch_size}; allowed: "
             f"1..{args.max_batch_size}",
             field="batch",
         )
+
+
+def sizes(args: ModelArgs, batch: Any, length: Any) -> tuple[int, int]:
+    """Batch and length (0 = max_seq_len) within the config's max_batch_size / max_seq_len."""
+    batch, length = whole(batch, "batch", 1), whole(length, "length", 0)
+    check_batch(args, batch)
     if length > args.max_seq_len:
         raise ConfigError(
             f"length={length} exceeds max_seq_len={args.max_seq_len}; allowed: "

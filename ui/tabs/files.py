@@ -21,8 +21,8 @@ from .. import lazy, plots, settings
 from ..components import guard_files
 from ..messages import choice, lit, ok, problem
 from ..state import Session, make_room
-from .estimate import DEVICES, DTYPES
-from .run import adopt
+from .estimate import DTYPES
+from .run import adopt, usable_device
 
 
 def _tmp_dir() -> Path:
@@ -111,12 +111,12 @@ def _clean(text: str, folder: Path) -> str:
     return re.sub(r"/tmp/[^\s:'\"]*dsv3-[a-z0-9_]+", "the upload", text)
 
 
-def _load(paths: list[Path], dev: str, dtype: str, session: Session):
-    """Copy the upload to a private temp dir, check the memory, load -> (model, seconds).
-    The session's current model stays loaded until the import succeeds."""
+def _load(paths: list[Path], plan: tuple[str, Path | None], dev: str, dtype: str, session: Session):
+    """Copy the upload to a private temp dir, check the memory, load the `plan` (`_plan`'s)
+    -> (model, seconds). The session's current model stays loaded until the import succeeds."""
     from dsv3 import checkpoint
 
-    kind, native = _plan(paths)
+    kind, native = plan
     folder = _tmp_dir()
     try:
         for p in paths:
@@ -156,18 +156,13 @@ def import_hf(
     -> a session model + its config."""
     session = session if isinstance(session, Session) else Session()
     try:
-        device = choice(device, "device", DEVICES)
+        dev = usable_device(device)
         dtype = choice(dtype, "dtype", DTYPES)
         paths = _paths(files)
-        _plan(paths)
+        plan = _plan(paths)
         _size_check(paths)
-        dev = lazy.runtime.resolve_device(device)
-        if dev == "cuda" and not (lazy.runtime.ZERO_GPU or lazy.runtime.cuda_ok()):
-            raise ConfigError(
-                "device cuda is not available here; use auto, cpu or meta", field="device"
-            )
         with session.in_use():
-            model, seconds, kind = _load(paths, dev, dtype, session)
+            model, seconds, kind = _load(paths, plan, dev, dtype, session)
     except Refused as e:
         return session, gr.skip(), str(e)
     except ConfigError as e:

@@ -19,7 +19,7 @@ from .. import lazy, plots
 from ..components import Choice, WholeNumber
 from ..messages import args_of, choice, config_line, id_list, ok, problem, whole
 from ..state import Session, make_room, register
-from .estimate import DEVICES, DTYPES
+from .estimate import DEVICES, DTYPES, check_batch
 
 BALANCE_COLUMNS = [
     "layer",
@@ -91,14 +91,20 @@ def _build_request(cfg: Any, device: Any, dtype: Any, seed: Any, form_error: Any
     args = args_of(cfg)
     seed = whole(seed, "seed", 0, SEED_MAX)
     dtype = choice(dtype, "dtype", DTYPES)
-    device = choice(device, "device", DEVICES)
-    dev = lazy.runtime.resolve_device(device)
+    dev = usable_device(device)
+    wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
+    return args, seed, dev, dtype, wbytes
+
+
+def usable_device(device: Any) -> str:
+    """The Build device choice resolved ('auto' -> cuda or cpu), refused when it is cuda on a
+    server without one."""
+    dev = lazy.runtime.resolve_device(choice(device, "device", DEVICES))
     if dev == "cuda" and not (lazy.runtime.ZERO_GPU or lazy.runtime.cuda_ok()):
         raise ConfigError(
             "device cuda is not available here; use auto, cpu or meta", field="device"
         )
-    wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
-    return args, seed, dev, dtype, wbytes
+    return dev
 
 
 def _suggest(args: ModelArgs, device: str, dtype: str, session: Session | None) -> str:
@@ -219,12 +225,7 @@ def release_model(session: Session | None) -> tuple[Session, str]:
 # ---------------------------------------------------------------------- run
 def _check_shape(args: ModelArgs, B: int, S: int, decode_steps: int) -> None:
     """Batch and length (prefill + decode) against the config, before anything is allocated."""
-    if B > args.max_batch_size:
-        raise ConfigError(
-            f"batch={B} exceeds max_batch_size={args.max_batch_size}; allowed: "
-            f"1..{args.max_batch_size}",
-            field="batch",
-        )
+    check_batch(args, B)
     if S + decode_steps > args.max_seq_len:
         raise ConfigError(
             f"seq length {S} + decode steps {decode_steps} = {S + decode_steps} exceeds "
