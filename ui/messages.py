@@ -25,6 +25,13 @@ def lit(text: Any, limit: int = 200) -> str:
     return _SPECIAL.sub(r"\\\1", text)
 
 
+def plain(markdown: Any) -> str:
+    """A status line back to its text (no marker, no bold, no escapes), to quote it inside
+    another message without escaping it twice."""
+    text = str(markdown).lstrip("⚠✘✔ ").replace("**", "")
+    return re.sub(r"\\(.)", r"\1", text)
+
+
 def ok(text: str) -> str:
     return f"✔ {text}"
 

@@ -42,6 +42,7 @@ def test_invalid_form_marks_estimate_stale_and_build_refuses(tiny_cfg):
     assert "stale" in md and "last valid config" in md
     s, bmsg, info = run.build(kept, "cpu", "fp32", 0, None, err, progress=NO_PROGRESS)
     assert not info["ok"] and s.model is None and "form has an error" in bmsg and "dim" in bmsg
+    assert "(field dim: dim=-5 is out of range" in bmsg  # quoted once, not escaped twice
     md = inspect.rotary(kept, 16, err)[-1]
     assert "stale" in md
 

@@ -17,7 +17,7 @@ from dsv3.params import human_bytes
 
 from .. import lazy, plots
 from ..components import Choice, WholeNumber
-from ..messages import args_of, choice, config_line, id_list, ok, problem, whole
+from ..messages import args_of, choice, config_line, id_list, ok, plain, problem, whole
 from ..state import Session, make_room, register
 from .estimate import DEVICES, DTYPES, check_batch
 
@@ -85,7 +85,7 @@ def _build_request(cfg: Any, device: Any, dtype: Any, seed: Any, form_error: Any
     if form_error:
         raise ConfigError(
             "the form has an error, so there is nothing valid to build: fix the field first "
-            f"({str(form_error).lstrip('⚠ ')})",
+            f"({plain(form_error)})",
             field="config",
         )
     args = args_of(cfg)
