@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 
 import torch
 
 from dsv3 import ModelArgs, Transformer, count_params
 from dsv3.moe import dispatch_grouped, dispatch_loop, grouped_mm_supported
+
+DEV = "cuda"  # `--dry-run` checks this script's own logic on the CPU (no graphs there)
 
 TINY = dict(
     vocab_size=512, dim=128, inter_dim=256, moe_inter_dim=64, n_layers=4, n_dense_layers=1,
@@ -23,7 +26,220 @@ TINY = dict(
 )  # fmt: skip
 
 
+def _cuda_copy(cpu: Transformer, dtype: str, **kw) -> Transformer:
+    """A CUDA model of `dtype` with the CPU model's weights (fp8: quantised from them)."""
+    m = Transformer(cpu.args, device="meta", dtype=dtype, **kw)
+    m.to_empty(device=DEV)
+    if dtype == "fp8":
+        from dsv3.checkpoint.plan import quantize
+
+        sd = {}
+        for k, t in cpu.state_dict().items():
+            target = m.state_dict()[k]
+            if target.dtype == torch.float8_e4m3fn:
+                q, sc = quantize(t.float())
+                (
+                    sd[k],
+                    sd[
+                        k.removesuffix("weight") + "scale"
+                        if k.endswith(".weight")
+                        else k + "_scale"
+                    ],
+                ) = q, sc
+            elif k not in sd:
+                sd[k] = t
+        m.load_state_dict(sd)
+    else:
+        m.load_state_dict(cpu.state_dict())
+    m.reset_cache()
+    return m
+
+
+def _greedy(m: Transformer, tok: torch.Tensor, steps: int):
+    """Prefill tok, then `steps` greedy decode steps -> (ids (B, steps), last logits)."""
+    m.reset_cache()
+    logits = m(tok)
+    ids, S = [], tok.shape[1]
+    for i in range(steps):
+        nxt = logits.argmax(-1, keepdim=True)
+        ids.append(nxt)
+        logits = m(nxt, start_pos=S + i)
+    return torch.cat(ids, 1), logits.float()
+
+
+def check_graph_decode(args: ModelArgs, cpu: Transformer) -> list:
+    """Graph decode (static cache, device position) == eager decode, both cache layouts, bf16;
+    crossing a span boundary (255 -> 256 keys) recaptures and stays right."""
+    rows = []
+    for impl in ("absorb", "naive"):
+        a = args.replace(attn_impl=impl)
+        torch.manual_seed(0)
+        c = Transformer(a, device="cpu")
+        m = _cuda_copy(c, "bf16")
+        tok = torch.randint(0, a.vocab_size, (3, 250), device=DEV)
+        m.graphs.enabled = False
+        ids_e, lg_e = _greedy(m, tok, 12)
+        m.graphs.enabled = True
+        m.free_cache()
+        ids_g, lg_g = _greedy(m, tok, 12)
+        g = m.graphs
+        rel = ((lg_g - lg_e).norm() / lg_e.norm()).item()
+        same = int((ids_g == ids_e).all(1).sum())
+        ok = g.replays >= 12 and g.note is None and rel < 2e-2 and same >= 2
+        rows.append(
+            (
+                f"bf16 graph decode vs eager ({impl}, batch 3, positions 250-261)",
+                f"replays {g.replays}, captures {g.captures}, rows with equal greedy ids {same}/3, "
+                f"last logits rel {rel:.1e}, note {g.note}",
+                ok,
+            )
+        )
+    return rows
+
+
+def check_fp8_kernels(args: ModelArgs, cpu: Transformer) -> list:
+    """The fp8 kernels against the dequantised product, shapes of V3 and of the seed demo."""
+    from dsv3 import fp8
+    from dsv3.layers import dequantize, quantize_fp8
+
+    rows = []
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for M, N, K in ((1, 2048, 7168), (3, 1536, 2048), (256, 3072, 1536), (7, 200, 300)):
+        w, s = quantize_fp8(torch.randn(N, K, device=DEV, generator=g) / K**0.5)
+        x = torch.randn(M, K, device=DEV, generator=g).bfloat16()
+        ref = x.float() @ dequantize(w, s, torch.float32).t()
+        t = fp8.w8_matmul(x, w, s).float()
+        rel = ((t - ref).norm() / ref.norm()).item()
+        res = f"triton rel {rel:.1e}"
+        ok = rel < 1e-2
+        if fp8.scaled_mm_shape_ok(w):
+            try:
+                y = fp8.scaled_mm_linear(x, w, fp8.scaled_mm_scale(s)).float()
+                r2 = ((y - ref).norm() / ref.norm()).item()
+                res += f", scaled_mm rel {r2:.1e}"
+            except Exception as e:  # noqa: BLE001
+                res += f", scaled_mm {type(e).__name__}: {str(e)[:120]}"
+        rows.append((f"fp8 linear {M}x{K} @ {N}x{K}^T", res, ok))
+    # grouped experts: 64 experts of (1408, 2048), 2 and 256 tokens, top-6
+    E, D, I, K = 64, 2048, 1408, 6
+    ws = {}
+    for name, (o, i) in {"w1": (I, D), "w3": (I, D), "w2": (D, I)}.items():
+        q, sc = zip(
+            *(quantize_fp8(torch.randn(o, i, device=DEV, generator=g) / i**0.5) for _ in range(E))
+        )
+        ws[name] = (torch.stack(q), torch.stack(sc))
+    from dsv3.moe import dispatch_loop
+
+    deq = {n: dequantize(*ws[n], torch.bfloat16) for n in ws}
+    for T in (2, 256):
+        x = torch.randn(T, D, device=DEV, generator=g).bfloat16()
+        idx = torch.rand(T, E, device=DEV, generator=g).topk(K, -1).indices
+        order = idx.flatten().argsort(stable=True)
+        token_N, expert_N = order // K, idx.flatten()[order]
+        counts = torch.bincount(idx.flatten(), minlength=E)
+        y = fp8.experts_w8(x, token_N, expert_N, counts, ws).float()
+        ref = dispatch_loop(
+            x.index_select(0, token_N), counts.tolist(), deq["w1"], deq["w2"], deq["w3"]
+        ).float()
+        rel = ((y - ref).norm() / ref.norm()).item()
+        rows.append(
+            (f"fp8 grouped experts, {T} tokens top-{K} of {E}", f"rel {rel:.1e}", rel < 2e-2)
+        )
+    return rows
+
+
+def check_fp8_model(args: ModelArgs, cpu: Transformer) -> list:
+    """An fp8 model on CUDA (fast paths) == the same fp8 weights dequantised into bf16; graph
+    decode of the fp8 model == its eager decode."""
+    from dsv3 import fp8, tuning
+
+    m8 = _cuda_copy(cpu, "fp8")
+    ref = Transformer(args, device="meta", dtype="bf16")
+    ref.to_empty(device=DEV)
+    sd = {}
+    for name, mod in m8.named_modules():
+        for k, t in mod.named_parameters(recurse=False):
+            if t.dtype == torch.float8_e4m3fn:
+                from dsv3.layers import dequantize
+
+                sc = getattr(mod, "scale", None) if k == "weight" else getattr(mod, f"{k}_scale")
+                t = dequantize(t, sc, torch.bfloat16)
+            sd[f"{name}.{k}" if name else k] = t
+    ref.load_state_dict(sd, strict=False)
+    ref.reset_cache()
+    tok = torch.randint(0, args.vocab_size, (2, 64), device=DEV)
+    a = m8(tok, all_logits=True).float()
+    b = ref(tok, all_logits=True).float()
+    rel = ((a - b).norm() / b.norm()).item()
+    rows = [
+        (
+            "fp8 model (fast paths) vs its weights dequantised (bf16), all logits",
+            f"rel {rel:.1e}",
+            rel < 3e-2,
+        )
+    ]
+    m8.graphs.enabled = False
+    ids_e, lg_e = _greedy(m8, tok, 8)
+    m8.graphs.enabled = True
+    ids_g, lg_g = _greedy(m8, tok, 8)
+    rel = ((lg_g - lg_e).norm() / lg_e.norm()).item()
+    rows.append(
+        (
+            "fp8 graph decode vs eager",
+            f"replays {m8.graphs.replays}, note {m8.graphs.note}, rel {rel:.1e}",
+            m8.graphs.replays >= 8 and rel < 3e-2,
+        )
+    )
+    chosen = [
+        (k[1:], c, {n: round(t * 1e6) for n, t in ts.items()})
+        for k, c, ts in tuning.choices("fp8_linear")
+    ]
+    rows.append(("fp8 linear choices (rows bucket, N, K: chosen, us)", str(chosen)[:600], True))
+    rows.append(("fp8 fast paths rejected", str(fp8.REJECTED)[:400] or "none", True))
+    return rows
+
+
+def check_app_path(args: ModelArgs, cpu: Transformer) -> list:
+    """The app's run (ui.runtime.run) on CUDA: prefill and decode replay graphs; a second run
+    of the same shape captures nothing new."""
+    from ui import runtime
+
+    m = _cuda_copy(cpu, "bf16")
+    tok = torch.randint(0, args.vocab_size, (2, 32))
+    r1 = runtime.run(m, tok, decode_steps=6)
+    caps = m.graphs.captures
+    r2 = runtime.run(m, tok, decode_steps=6)
+    same = r1["generated"] == r2["generated"]
+    return [
+        (
+            "app run on CUDA (graphs)",
+            f"captures {caps} then {m.graphs.captures}, replays {m.graphs.replays}, same ids {same}, "
+            f"note {m.graphs.note}",
+            same and m.graphs.captures == caps and m.graphs.replays >= 12,
+        )
+    ]
+
+
+def dry_run() -> int:
+    """The new checks on the CPU (fp8 kernels need Triton's interpreter: TRITON_INTERPRET=1)."""
+    global DEV
+    DEV = "cpu"
+    args = ModelArgs(**TINY)
+    torch.manual_seed(0)
+    cpu = Transformer(args, device="cpu")
+    for check in (check_graph_decode, check_fp8_kernels, check_fp8_model, check_app_path):
+        try:
+            for row in check(args, cpu):
+                print(row)
+        except Exception as e:  # noqa: BLE001
+            print(check.__name__, type(e).__name__, e)
+            traceback.print_exc()
+    return 0
+
+
 def main() -> int:
+    if "--dry-run" in sys.argv:
+        return dry_run()
     if not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device (torch {torch.__version__}); nothing checked.")
         return 0
@@ -62,6 +278,7 @@ def main() -> int:
     run = g16.graphed_prefill(2, 64, all_logits=True)
     tok2 = torch.randint(0, args.vocab_size, (2, 64), device="cuda")
     g = run(tok2).float().clone()
+    g16.graphs.enabled = False  # eager from here
     g16.reset_cache()
     e1 = g16(tok2, all_logits=True).float()
     g16.reset_cache()
@@ -88,8 +305,15 @@ def main() -> int:
     else:
         rows.append(("bf16 grouped_mm vs loop (CUDA)", "grouped_mm not supported here", True))
 
+    for check in (check_graph_decode, check_fp8_kernels, check_fp8_model, check_app_path):
+        try:
+            rows.extend(check(args, cpu))
+        except Exception as e:  # noqa: BLE001 - report and go on: one run checks everything
+            rows.append((check.__name__, f"{type(e).__name__}: {str(e)[:300]}", False))
+            traceback.print_exc()
+
     # every dtype runs on CUDA, loop and grouped MoE agree on a whole model
-    for dtype in ("bf16", "fp8"):
+    for dtype in ("bf16",):
         torch.manual_seed(0)
         outs = {}
         for impl in ("loop", "auto"):
@@ -115,6 +339,7 @@ def main() -> int:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     demo = Transformer(seed, device="cuda", dtype=torch.bfloat16)
+    demo.graphs.enabled = False  # eager timings first
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     wbytes = sum(t.numel() * t.element_size() for t in demo.state_dict().values())
@@ -155,6 +380,7 @@ def main() -> int:
     # The same prefill replayed from a CUDA graph: same logits, fewer host launches.
     run = demo.graphed_prefill(2, 128)
     g_out = run(x).clone()
+    demo.graphs.enabled = False  # eager from here (run() still replays its graph)
     demo.reset_cache()
     e_out = demo(x)
     diff = (g_out.float() - e_out.float()).abs().max().item()

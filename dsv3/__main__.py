@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive, default=2)
     p.add_argument("--seq", type=_positive, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--decode",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then greedy-decode N tokens with the KV cache (CUDA: replayed CUDA graphs)",
+    )
     p.add_argument("--layer-config", help="per-layer overrides as JSON")
     for f in dataclasses.fields(ModelArgs):
         if f.name in ("layer_config", "dtype"):  # --dtype is the build dtype
@@ -217,7 +224,31 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
         torch.cuda.synchronize()
     print(f"build {build_s:.2f} s, forward {time.perf_counter() - t0:.3f} s")
     print(out.size())
+    if ns.decode > 0 and device != "meta":
+        _decode(model, out, ns.seq, ns.decode)
     return 0
+
+
+def _decode(model, logits, seq: int, steps: int) -> None:
+    """Greedy decoding after the prefill, timed (the first steps capture the CUDA graphs that
+    the others replay; `model.graphs.note` says why not, when they cannot be used)."""
+    steps = min(steps, model.args.max_seq_len - seq)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    ids = []
+    for i in range(steps):
+        nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        ids.append(nxt)
+        logits = model(nxt, start_pos=seq + i)
+    sync()
+    dt = time.perf_counter() - t0
+    B = logits.shape[0]
+    how = model.graphs.note or (
+        f"{model.graphs.replays} CUDA graph replays" if model.graphs.replays else "eager"
+    )
+    print(f"decode {steps} steps x batch {B}: {dt:.3f} s, {B * steps / dt:,.1f} tokens/s ({how})")
+    print("row 0:", torch.cat(ids, 1)[0].tolist()[:32])
 
 
 if __name__ == "__main__":

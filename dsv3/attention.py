@@ -33,6 +33,8 @@ dim for q, k and v; the general fallback is several times slower on CPU).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,21 @@ from torch import nn
 from . import tuning
 from .config import LayerArgs
 from .layers import LayerNorm, Linear, RMSNorm, compute_dtype
+
+
+@dataclass
+class StaticStep:
+    """A one-token decode step whose position lives on the device, so that one captured CUDA
+    graph serves every position of a span (`Transformer` replays it; dsv3/model.py).
+
+    pos (1,) int64: the new token's position (every row of the batch is at the same one).
+    span: keys read, a static bucket > pos; the cache holds at least that many positions.
+    bias (span,): 0 for keys t <= pos, -inf after, in the compute dtype; the positions past pos
+    hold finite leftovers (zeros or an earlier sequence's keys) that the bias masks out."""
+
+    pos: torch.Tensor
+    span: int
+    bias: torch.Tensor
 
 
 class KVCache:
@@ -274,6 +291,8 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """x (B, S, D) at positions start_pos.. -> (B, S, D), or (B, 1, D) for the last position
         only with `last_only` (the cache still takes every position's keys and values)."""
+        if isinstance(start_pos, StaticStep):
+            return self._static_step(x, start_pos, cos, sin)
         B, S, _ = x.shape
         end_pos = start_pos + S
         H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
@@ -314,7 +333,12 @@ class MLA(nn.Module):
         lat = self.cache.packed[:B, :end_pos]  # (B, T, C + Dr): kv | pe
         lat[:, start_pos:, :C] = kv
         lat[:, start_pos:, C:] = k_pe.squeeze(2)
-        wkv_b = self.wkv_b.effective_weight(x.dtype)  # (H * (Dn + Dv), C)
+        # (H * (Dn + Dv), C); an fp8 wkv_b on CUDA is dequantised once, not every step
+        wkv_b = (
+            self.wkv_b.dense_weight(x.dtype)
+            if x.device.type == "cuda"
+            else self.wkv_b.effective_weight(x.dtype)
+        )
         if Sq > 1 and not self.absorbed_prefill:
             # Expand the cached latent into per-head keys/values: cheaper than absorbing at S ~ T.
             T = end_pos
@@ -323,26 +347,77 @@ class MLA(nn.Module):
             k = torch.cat([kvb[..., :Dn], lat[:, :, None, C:].expand(B, T, H, Dr)], dim=-1)
             o = self._sdpa(q, k, kvb[..., Dn:], q_pos, keep)
             return self.wo(o.flatten(2))
-        # Absorbed: q_nope . (W_uk kv) == (q_nope W_uk) . kv, and the output folds W_uv. Per-head
-        # bmm over (H, B*Sq, .) views: the einsum equivalents cost more in overhead at Sq = 1.
+        T = end_pos
+        bias = None  # additive, broadcast against scores (B, Sq, H, T)
+        if keep is not None:  # DSA: the dropped keys (and the future) at -inf
+            bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+            bias = bias.masked_fill_(~keep, float("-inf"))[:, :, None]  # (B, Sq, 1, T)
+        elif Sq > 1:
+            bias = _causal_bias(Sq, T, q_pos, x.device, x.dtype)[:, None]  # (Sq, 1, T)
+        return self._absorbed(q, lat, wkv_b, bias)
+
+    def _absorbed(self, q, lat, wkv_b, bias) -> torch.Tensor:
+        """Attention of q (B, Sq, H, Dqk) over the latent cache lat (B, T, C + Dr), with wkv_b
+        folded into the query and the output, and an additive `bias` broadcast against the
+        scores (B, Sq, H, T) (or None) -> (B, Sq, D).
+
+        q_nope . (W_uk kv) == (q_nope W_uk) . kv, and the output folds W_uv. Per-head bmm over
+        (H, B*Sq, .) views: the einsum equivalents cost more in overhead at Sq = 1."""
+        B, Sq, H, _ = q.shape
+        T = lat.shape[1]
+        Dn, Dr, Dv, C = (
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.v_head_dim,
+            self.kv_lora_rank,
+        )
         wkv_b = wkv_b.view(H, Dn + Dv, C)
         q_nope = q[..., :Dn].reshape(B * Sq, H, Dn).transpose(0, 1)  # (H, B*Sq, Dn)
         q_abs = torch.bmm(q_nope, wkv_b[:, :Dn]).transpose(0, 1)  # (B*Sq, H, C)
         qc = torch.cat([q_abs, q[..., Dn:].reshape(B * Sq, H, Dr)], dim=-1)  # (B*Sq, H, C+Dr)
-        T = end_pos
         scores = torch.bmm(qc.view(B, Sq * H, C + Dr), lat.transpose(1, 2))  # (B, Sq*H, T)
         scores.mul_(self.softmax_scale)
-        if keep is not None:  # DSA: the dropped keys (and the future) at -inf
-            bias = torch.zeros(keep.shape, dtype=scores.dtype, device=x.device)
-            bias.masked_fill_(~keep, float("-inf"))
-            scores = scores.view(B, Sq, H, T).add_(bias[:, :, None])  # (B, Sq, H, T)
-        elif Sq > 1:
-            bias = _causal_bias(Sq, T, q_pos, x.device, scores.dtype)[:, None]
+        if bias is not None:
             scores = scores.view(B, Sq, H, T).add_(bias)
-        p = scores.view(B, Sq * H, T).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+        p = scores.view(B, Sq * H, T).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
         o = torch.bmm(p, lat[..., :C]).view(B * Sq, H, C).transpose(0, 1)  # (H, B*Sq, C)
         o = torch.bmm(o, wkv_b[:, Dn:].transpose(1, 2))  # (H, B*Sq, Dv)
         return self.wo(o.transpose(0, 1).reshape(B, Sq, H * Dv))
+
+    def _static_step(
+        self, x: torch.Tensor, step: StaticStep, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """One token per row (x (B, 1, D)) at the device position `step.pos`, with no host
+        sync and no shape that depends on the position: the new key goes into the cache by
+        index_copy_, attention reads `step.span` keys with the later ones masked. cos, sin
+        (1, Dr/2) of that position. The same numbers as `forward` at start_pos = pos."""
+        B = x.shape[0]
+        H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        C, L = self.kv_lora_rank, step.span
+        freqs = torch.complex(cos, sin)  # (1, Dr/2)
+        kv = self.wkv_a(x)  # (B, 1, C + Dr)
+        k_pe = kv[..., C:].unsqueeze(2)  # (B, 1, 1, Dr)
+        _rotate_(k_pe, freqs)
+        kv = self.kv_norm(kv[..., :C])  # (B, 1, C)
+        if self.q_lora_rank == 0:
+            q = self.wq(x)
+        else:
+            q = self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, 1, H, self.qk_head_dim)  # (B, 1, H, Dqk)
+        _rotate_(q[..., Dn:], freqs)
+        if self.attn_impl == "naive":
+            c = self.cache.tensors
+            kvb = self.wkv_b(kv).view(B, 1, H, Dn + Dv)
+            k_new = torch.cat([kvb[..., :Dn], k_pe.expand(B, 1, H, Dr)], dim=-1)  # (B,1,H,Dqk)
+            c["k"][:B].index_copy_(1, step.pos, k_new)
+            c["v"][:B].index_copy_(1, step.pos, kvb[..., Dn:].contiguous())
+            keep = step.bias == 0  # (L,) keys up to pos
+            o = _flash(q, c["k"][:B, :L], c["v"][:B, :L], self.softmax_scale, 0, keep)
+            return self.wo(o.flatten(2))
+        buf = self.cache.packed[:B]  # (B, T_cap, C + Dr)
+        buf.index_copy_(1, step.pos, torch.cat([kv, k_pe.squeeze(2)], dim=-1))
+        wkv_b = self.wkv_b.dense_weight(x.dtype)  # (H * (Dn + Dv), C)
+        return self._absorbed(q, buf[:, :L], wkv_b, step.bias)
 
     def _sdpa(
         self,
@@ -382,7 +457,7 @@ def _flash(
         q, k = F.pad(q, (0, Dv - Dqk)), F.pad(k, (0, Dv - Dqk))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, *, D)
     if keep is not None:
-        mask = keep[:, None]  # (B, 1, S, T)
+        mask = keep.view(1, 1, 1, -1) if keep.dim() == 1 else keep[:, None]  # (B, 1, S, T)
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
     elif S == 1:
         o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)

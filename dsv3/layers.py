@@ -121,14 +121,47 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
         else:
             self.bias = None
+        # Cached forms of an fp8 weight on CUDA (dropped by load_state_dict): the dequantised
+        # weight (`dense_weight`) and the scale laid out for torch._scaled_mm.
+        self._dense: tuple | None = None
+        self._mm_scale: torch.Tensor | None = None
 
     def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.scale is None:
             return self.weight
         return dequantize(self.weight, self.scale, dtype)
 
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in `dtype` for code that needs it whole (absorbed attention's wkv_b, and
+        GPUs without an fp8 path): an fp8 weight is dequantised once and kept (until the next
+        load_state_dict), not on every call."""
+        if self.scale is None:
+            return self.weight
+        key = (dtype, self.weight.data_ptr(), self.weight.device)
+        if self._dense is None or self._dense[0] != key:
+            self._dense = (key, dequantize(self.weight, self.scale, dtype))
+        return self._dense[1]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dense = self._mm_scale = None  # the cached forms of the weight are stale now
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None and x.device.type == "cuda":
+            return self._fp8_cuda(x)
         return linear(x, self.effective_weight(x.dtype), self.bias)
+
+    def _fp8_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """fp8 on CUDA: the measured fast path of `dsv3.fp8`, or, on GPUs without one, the
+        weight dequantised once (`dense_weight`)."""
+        from . import fp8
+
+        if not fp8.fp8_matmul_ok(x.device):
+            return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        if self._mm_scale is None and fp8.scaled_mm_shape_ok(self.weight):
+            self._mm_scale = fp8.scaled_mm_scale(self.scale)
+        y = fp8.linear(x, self.weight, self.scale, self._mm_scale)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, dtype={self.weight.dtype}"

@@ -17,6 +17,7 @@ from .attention import MLA
 from .config import ConfigError, LayerArgs, ModelArgs
 from .dist.comm import ParallelEmbedding, ParallelHead, all_reduce, resolve_world
 from .dist.plan import check_shardable, local_index, local_sizes, split_widths
+from .graphs import CudaGraphs
 from .layers import (
     DTYPES,
     FP8,
@@ -210,6 +211,9 @@ class Transformer(nn.Module):
                 self.head = ParallelHead(args.dim, args.vocab_size, ws, dtype=dtype)
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._filled = (0, 0)  # (batch, positions) held by the KV caches
+        # CUDA graphs for decode steps and small prefills (dsv3/graphs.py); `graphs.enabled =
+        # False` runs every forward eagerly.
+        self.graphs = CudaGraphs(self)
         if device.type != "meta":
             self.to_empty(device=device)
             self.init_weights(progress)
@@ -314,7 +318,17 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def reset_cache(self) -> None:
-        """Drop every layer's KV cache (freed; reallocated by the next forward)."""
+        """Forget every layer's KV cache: freed and reallocated by the next forward, except
+        while CUDA graphs use it (a static cache: its buffers stay, the next forward overwrites
+        them; `free_cache` releases them)."""
+        if self.graphs.entries:
+            self._filled = (0, 0)
+            return
+        self.free_cache()
+
+    def free_cache(self) -> None:
+        """Free every KV cache, and the CUDA graphs captured on them."""
+        self.graphs.clear()
         for block in (*self.layers, *self.mtp.values()):
             for cache in block.attn.caches:
                 cache.clear()
@@ -332,12 +346,16 @@ class Transformer(nn.Module):
         return sum(c.nbytes() for block in blocks for c in block.attn.caches)
 
     def _rotary(self, device: torch.device, start_pos: int, seqlen: int):
-        """(cos, sin) for positions start_pos..start_pos+seqlen-1, float32, cached per device so
-        that dtype casts of the model never touch them."""
+        """(cos, sin) for positions start_pos..start_pos+seqlen-1, float32."""
+        cos, sin = self._rope_tables(device)
+        return cos[start_pos : start_pos + seqlen], sin[start_pos : start_pos + seqlen]
+
+    def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of every position (max_seq_len, Dr/2), cached per device so that dtype
+        casts of the model never touch them."""
         if device not in self._rope:
             self._rope[device] = precompute_freqs_cis(self.args, device=device)
-        cos, sin = self._rope[device]
-        return cos[start_pos : start_pos + seqlen], sin[start_pos : start_pos + seqlen]
+        return self._rope[device]
 
     def _check_input(self, tokens: torch.Tensor, start_pos: int) -> None:
         a = self.args
@@ -407,7 +425,15 @@ class Transformer(nn.Module):
         B, S = tokens.shape
         if mtp:
             self._check_mtp(S, start_pos)
-        out = self._forward(tokens.to(self.device), start_pos, all_logits, full, mtp)
+        tokens = tokens.to(self.device)
+        out = None
+        if not mtp and self.graphs.usable():  # CUDA: replay a captured graph (dsv3/graphs.py)
+            if S == 1 and start_pos > 0:
+                out = self.graphs.decode(tokens, start_pos)
+            elif start_pos == 0:
+                out = self.graphs.prefill(tokens, all_logits, full)
+        if out is None:
+            out = self._forward(tokens, start_pos, all_logits, full, mtp)
         self._filled = (B, start_pos + S)
         return out
 
@@ -453,34 +479,18 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def graphed_prefill(self, batch: int, seq_len: int, all_logits: bool = False):
-        """A CUDA-graph replay of the prefill of (batch, seq_len) tokens from position 0.
-
-        Small batches are bound by launching ~50 kernels per layer from Python, not by the GPU;
-        replaying a captured graph launches them all at once. Returns `run(tokens) -> logits`
-        (the logits tensor is reused by the next call; clone it to keep it). CUDA only."""
+        """A CUDA-graph replay of the prefill of (batch, seq_len) tokens from position 0, of any
+        size (`forward` replays graphs by itself for prefills up to
+        `dsv3.graphs.PREFILL_MAX_TOKENS` tokens). Captured now; returns `run(tokens) -> logits`
+        (every layer on every position, as `full=True`). The graph lives in `self.graphs`,
+        which captures it again if the KV cache is reallocated. CUDA only."""
         if self.device.type != "cuda":
             raise ConfigError("graphed_prefill needs a model on CUDA", field="device")
+        why = self.graphs.reason()
+        if why is not None:
+            raise ConfigError(f"this model's forward cannot be captured: {why}", field="dtype")
         static = torch.zeros(batch, seq_len, dtype=torch.long, device=self.device)
         self._check_input(static, 0)
-        self.reset_cache()
-        self.reserve_cache(batch, seq_len)  # caches exist before capture: no allocation inside
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy tables, kernel selection
-                self._forward(static, 0, all_logits, full=True)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                logits = self._forward(static, 0, all_logits, full=True)
-        except RuntimeError as e:  # a host sync inside the forward cannot be captured
-            raise ConfigError(
-                "this model's forward cannot be captured in a CUDA graph (its MoE dispatch "
-                "needs the host: grouped matmuls run sync-free only in bf16 on sm90+ GPUs): "
-                f"{str(e)[:160]}",
-                field="dtype",
-            ) from None
 
         def run(tokens: torch.Tensor) -> torch.Tensor:
             self._check_input(tokens, 0)
@@ -490,12 +500,18 @@ class Transformer(nn.Module):
                     f"{tuple(tokens.shape)}",
                     field="tokens",
                 )
-            with torch.inference_mode():  # `static` is an inference tensor
-                static.copy_(tokens)
-                graph.replay()
+            with torch.inference_mode():
+                out = self.graphs.prefill(tokens.to(self.device), all_logits, True, force=True)
+            if out is None:
+                raise ConfigError(
+                    f"this model's forward cannot be captured in a CUDA graph: {self.graphs.note}",
+                    field="dtype",
+                )
             self._filled = (batch, seq_len)
-            return logits
+            return out
 
+        self.reset_cache()
+        run(static)  # capture now: a model that cannot be captured says so here
         return run
 
 

@@ -312,6 +312,7 @@ class GroupedExperts(nn.Module):
             if dtype == FP8:
                 s = torch.empty(n_experts, *scale_shape(o, i), dtype=torch.float32, device=device)
                 self.register_buffer(f"{name}_scale", s)
+        self._dense_cache: dict[str, tuple] = {}  # see `_dense`
         # Registered unbound (with_module) so the module does not reference itself through a
         # bound method: that cycle kept whole models alive until the next gc.collect().
         self._register_load_state_dict_pre_hook(
@@ -339,6 +340,8 @@ class GroupedExperts(nn.Module):
             if order_N.numel() == 0:
                 return torch.zeros_like(x_TD)
         token_N = order_N // K
+        if self.w1.dtype == FP8 and x_TD.device.type == "cuda":
+            return self._fp8_cuda(x_TD, weights_TK, idx_TK, order_N, token_N, counts_E)
         w1, w2, w3 = _expert_weights(self, x_TD.dtype)
         weight_N = weights_TK.flatten().index_select(0, order_N)
         if impl == "auto":
@@ -358,6 +361,40 @@ class GroupedExperts(nn.Module):
                 return y_TKD.sum(1)
             return y_TKD.sum(1, dtype=torch.float32).to(x_TD.dtype)
         return _combine(x_TD, token_N, y_ND)
+
+    def _fp8_cuda(self, x_TD, weights_TK, idx_TK, order_N, token_N, counts_E) -> torch.Tensor:
+        """fp8 experts on CUDA: the grouped Triton kernel of `dsv3.fp8` (reads only the experts
+        that got pairs, each fp8 byte once, no host sync), or on GPUs without an fp8 path the
+        weights dequantised once and the bf16 dispatch."""
+        from . import fp8
+
+        T, K = idx_TK.shape
+        if not fp8.fp8_matmul_ok(x_TD.device) or len(counts_E) != self.n_experts:
+            w1, w2, w3 = (self._dense(n, x_TD.dtype) for n in ("w1", "w2", "w3"))
+            x_ND = x_TD.index_select(0, token_N)
+            counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else counts_E
+            y_ND = dispatch(x_ND, counts, w1, w2, w3)
+        else:
+            if not isinstance(counts_E, torch.Tensor):
+                counts_E = torch.tensor(counts_E, device=x_TD.device)
+            expert_N = idx_TK.flatten().index_select(0, order_N)
+            w = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
+            y_ND = fp8.experts_w8(x_TD.contiguous(), token_N, expert_N, counts_E, w)
+        y_ND.mul_(weights_TK.flatten().index_select(0, order_N)[:, None])
+        return _combine(x_TD, token_N, y_ND)
+
+    def _dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Expert weight `name` dequantised once and kept (GPUs without an fp8 path)."""
+        w = getattr(self, name)
+        key = (name, dtype, w.data_ptr())
+        got = self._dense_cache.get(name)
+        if got is None or got[0] != key:
+            got = self._dense_cache[name] = (key, self.effective(name, dtype))
+        return got[1]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dense_cache = {}
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _padded(self, x_TD, token_N, weight_N, counts, w1, w2, w3) -> torch.Tensor:
         """`dispatch_padded` gathering straight from the tokens into the padded rows and adding

@@ -179,12 +179,15 @@ def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict
     stats.record_router_scores(model, not meta)
     stats.record_indexer(model, not meta)
     mem = RunMemory(device)
+    g = model.graphs
     with mem:
+        before = (g.captures, g.replays)
         t0 = time.perf_counter()
         # full: the last layer routes every position too (the expert-load plot shows them all)
         logits = model(tokens.to(model.device), start_pos=0, full=True)
         _sync(device)
         prefill_s = time.perf_counter() - t0
+        prefill_how = _how(g, before)
         out = _decode(model, logits, tokens, decode_steps, prefill_s) if not meta else {}
     if meta:
         return {
@@ -194,8 +197,22 @@ def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict
             "output_shape": list(logits.shape),
             "meta": True,
         }
-    out.update(peak_bytes=mem.peak, peak_kind=mem.kind)
+    out.update(peak_bytes=mem.peak, peak_kind=mem.kind, prefill_how=prefill_how)
     return out
+
+
+def _how(graphs, before: tuple[int, int]) -> str:
+    """How the forwards since `before` (graphs' (captures, replays)) ran: eager, from CUDA
+    graphs captured during them (their time includes the capture), or replayed."""
+    caps, reps = graphs.captures - before[0], graphs.replays - before[1]
+    if not reps:
+        return "eager" + (f" ({graphs.note})" if graphs.note else "")
+    if caps:
+        return (
+            f"CUDA graphs, {caps} captured in this run (the time includes the capture; the "
+            "next run of this shape replays)"
+        )
+    return "replayed CUDA graphs"
 
 
 def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[str, Any]:
@@ -218,6 +235,7 @@ def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[
     # A fingerprint of the prefill logits: tells runs (and sessions) apart at a glance.
     out["logits_head"] = [round(v, 6) for v in logits[0, :4].float().tolist()]
     generated: list[list[int]] = []
+    before = (model.graphs.captures, model.graphs.replays)
     t1 = time.perf_counter()
     for step in range(int(decode_steps)):
         nxt = logits.float().argmax(dim=-1, keepdim=True)  # (B, 1)
@@ -229,6 +247,7 @@ def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[
         prefill_seconds=prefill_s,
         prefill_tokens_per_s=B * S / max(prefill_s, 1e-9),
         decode_steps=int(decode_steps),
+        decode_how=_how(model.graphs, before),
         decode_seconds=decode_s,
         decode_tokens_per_s=(B * decode_steps / decode_s)
         if decode_steps and decode_s > 0

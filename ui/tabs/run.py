@@ -17,7 +17,7 @@ from dsv3.params import human_bytes
 
 from .. import lazy, plots
 from ..components import Choice, WholeNumber
-from ..messages import args_of, choice, config_line, id_list, ok, plain, problem, whole
+from ..messages import args_of, choice, config_line, id_list, lit, ok, plain, problem, whole
 from ..state import Session, make_room, register
 from .estimate import DEVICES, DTYPES, check_batch
 
@@ -350,13 +350,13 @@ def run_markdown(r: dict[str, Any]) -> str:
         f"{which}input {r['input_shape']} -> logits **{r['output_shape']}** on {r['device']} "
         f"({r['dtype']})",
         f"prefill **{r['prefill_seconds'] * 1e3:.1f} ms**, "
-        f"**{r['prefill_tokens_per_s']:,.0f} tokens/s**",
+        f"**{r['prefill_tokens_per_s']:,.0f} tokens/s** ({lit(r.get('prefill_how', 'eager'))})",
     ]
     if r.get("decode_steps"):
         lines.append(
             f"decode {r['decode_steps']} steps with the KV cache (start_pos > 0): "
-            f"{r['decode_seconds'] * 1e3:.1f} ms, **{r['decode_tokens_per_s']:,.1f} tokens/s**; "
-            f"generated {id_list(r['generated'])}"
+            f"{r['decode_seconds'] * 1e3:.1f} ms, **{r['decode_tokens_per_s']:,.1f} tokens/s** "
+            f"({lit(r.get('decode_how', 'eager'))}); generated {id_list(r['generated'])}"
         )
     lines.append(
         f"KV cache {human_bytes(r['kv_cache_bytes'])}; peak memory "

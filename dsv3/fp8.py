@@ -1,0 +1,361 @@
+"""fp8 matmuls on CUDA that never dequantise a whole weight per call.
+
+An fp8 weight W (N, K) float8_e4m3fn comes with a float32 scale per 128x128 block (N/128, K/128):
+the real weight is W * scale. Dequantising it to bf16 before each matmul (`dsv3.layers
+.dequantize`, the CPU path) reads 1 byte, writes 2 and reads 2 again per weight: 5 bytes where
+bf16 reads 2. Two paths read each fp8 byte once instead:
+
+- `w8_matmul` (Triton): the bf16 activations times W, converting each (BN, 128) fp8 tile to bf16
+  in registers and scaling each 128-wide partial product by its block's scale (exact: a scale
+  is constant over its block). The same kernel runs the routed experts grouped: pairs sorted
+  by expert, each expert's rows padded to whole row blocks (`moe_layout`), a row block naming
+  its expert, so an expert that got no pairs is never read. Sync-free: it can be captured in a
+  CUDA graph.
+- `scaled_mm` (dense Linears, sm90 with cuBLASLt >= 12.9): the activations quantised to fp8 per
+  1x128 block, then `torch._scaled_mm` with DeepSeek's block scaling, at the fp8 matrix rate.
+  cuBLASLt wants M a multiple of 4 (rows are padded) and the weight scale's K blocks padded to
+  a multiple of 4 with a column-major layout (`Linear` keeps that copy).
+
+Which of these (and plain dequantisation) is fastest depends on the GPU and the shape, so
+`linear` measures them once per shape class on first use (`dsv3.tuning`), after checking that
+each candidate's result agrees with the dequantised product; a candidate that fails or
+disagrees is never chosen. Everything here needs CUDA; CPU builds keep the dequantising path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import tuning
+from .config import BLOCK_SIZE
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on CPU tensors (tests)
+AGREE = 2e-2  # relative Frobenius difference a fast path may have from the dequantised product
+
+try:  # Triton comes with CUDA builds of torch; CPU-only installs lack it (and need none of this)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def triton_ok(device: torch.device) -> bool:
+    """Triton's fp8 -> bf16 conversion needs sm89+ (Ada, Hopper and newer)."""
+    if triton is None or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_matmul_ok(device: torch.device) -> bool:
+    """Does this device have a fast fp8 path (else a model dequantises its weights once)?"""
+    return device.type == "cuda" and triton_ok(device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w8_kernel(
+        a_ptr,  # (rows of A, K) bf16, row stride stride_am
+        w_ptr,  # (E, N, K) fp8
+        s_ptr,  # (E, N/128, K/128) float32
+        c_ptr,  # (M, N) output, row stride stride_cm
+        slot_ptr,  # grouped: (P,) int32, the output row of each padded slot (M = none)
+        a_row_ptr,  # grouped: (M,) int32, the A row of each output row
+        block_e_ptr,  # grouped: (P / BM,) int32, the expert of each row block (-1: none)
+        M,
+        N,
+        K,
+        stride_am,
+        stride_we,
+        stride_se,
+        stride_cm,
+        GROUPED: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+        F32_DOT: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = tl.arange(0, BM)
+        if GROUPED:
+            e = tl.load(block_e_ptr + pid_m)
+            rows = tl.load(slot_ptr + pid_m * BM + rm)
+            valid = rows < M
+            a_rows = tl.load(a_row_ptr + rows, mask=valid, other=0)
+        else:
+            e = pid_m * 0  # a tensor, like the grouped case's (it is cast to int64 below)
+            rows = pid_m * BM + rm
+            valid = rows < M
+            a_rows = rows
+        if e >= 0:
+            rn = pid_n * BN + tl.arange(0, BN)
+            rk = tl.arange(0, BK)
+            n_ok = rn < N
+            nk = (K + BK - 1) // BK
+            w_base = w_ptr + e.to(tl.int64) * stride_we
+            s_base = s_ptr + e.to(tl.int64) * stride_se
+            a_base = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                kb = k0 // BK
+                k = k0 + rk
+                k_ok = k < K
+                a = tl.load(a_base + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(
+                    w_base + rn.to(tl.int64)[:, None] * K + k[None, :],
+                    mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
+                # BK == 128: one scale per (128-row block of N, this K block)
+                s = tl.load(s_base + (rn // 128) * nk + kb, mask=n_ok, other=0.0)
+                if F32_DOT:  # Triton's CPU interpreter (tests): its bf16 dot is wrong
+                    part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
+                else:
+                    part = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+                acc += part * s[None, :]
+            c = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+def _block_rows(rows_per_group: float) -> int:
+    """Row block of the kernel: 16 (the least tl.dot takes) for decode-sized inputs, up to 64."""
+    if rows_per_group <= 16:
+        return 16
+    return 32 if rows_per_group <= 32 else 64
+
+
+def _launch_args(BM: int) -> dict:
+    # Wide N tiles for many rows (arithmetic), narrow ones for few: more programs read W at once
+    kw = dict(BN=2 * BM, BK=BLOCK_SIZE, F32_DOT=INTERPRET)
+    return kw if INTERPRET else dict(kw, num_warps=4, num_stages=3)
+
+
+def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) bf16 times an fp8 weight (N, K) with block scales (N/128, K/128) -> (..., N) in
+    x's dtype, through the Triton kernel (needs `triton_ok`)."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    BM = _block_rows(M)
+    kw = _launch_args(BM)
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, kw["BN"]))
+    dummy = out  # the grouped pointers are unused when GROUPED is False
+    _w8_kernel[grid](
+        x2, weight, scale, out, dummy, dummy, dummy, M, N, K,
+        x2.stride(0), 0, 0, out.stride(0), GROUPED=False, BM=BM, **kw,
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], N)
+
+
+def moe_layout(
+    expert_N: torch.Tensor, counts_E: torch.Tensor, BM: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row blocks for the grouped kernel, on the device, with no host sync.
+
+    expert_N (N,) the expert of each pair, pairs sorted by expert; counts_E (E,) pairs per
+    expert. Each expert's pairs get a segment padded to a multiple of BM; the padded slots hold
+    N (no row). -> slot_P (P,) int32 (P = N + E*(BM-1) rounded up to BM, the largest padded size
+    any routing can need, so shapes never depend on the routing), block_e (P/BM,) int32 the expert
+    of each row block, -1 past the last segment."""
+    N, E = expert_N.numel(), counts_E.numel()
+    dev = expert_N.device
+    P = -(-(N + E * (BM - 1)) // BM) * BM
+    padded_E = (counts_E + BM - 1) // BM * BM
+    seg_end_E = padded_E.cumsum(0)
+    seg_start_E = seg_end_E - padded_E
+    pair_start_E = counts_E.cumsum(0) - counts_E
+    j = torch.arange(N, device=dev)
+    slot_N = seg_start_E[expert_N] + (j - pair_start_E[expert_N])
+    slot_P = torch.full((P,), N, dtype=torch.int32, device=dev)
+    slot_P.index_copy_(0, slot_N, j.to(torch.int32))
+    starts = torch.arange(0, P, BM, device=dev)
+    block_e = torch.searchsorted(seg_end_E, starts, right=True).to(torch.int32)
+    block_e = torch.where(block_e < E, block_e, -1).to(torch.int32)
+    return slot_P, block_e
+
+
+def w8_grouped(
+    x: torch.Tensor,
+    a_row_N: torch.Tensor,
+    slot_P: torch.Tensor,
+    block_e: torch.Tensor,
+    BM: int,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """Row j of the result (N, Nout) = x[a_row_N[j]] times expert e(j)'s weight, for the N
+    expert-sorted pairs laid out by `moe_layout`. weight (E, Nout, K) fp8, scale (E, Nout/128,
+    K/128)."""
+    M, (_, Nout, K) = a_row_N.numel(), weight.shape
+    out = torch.empty(M, Nout, dtype=x.dtype, device=x.device)
+    kw = _launch_args(BM)
+    grid = (block_e.numel(), triton.cdiv(Nout, kw["BN"]))
+    _w8_kernel[grid](
+        x, weight, scale, out, slot_P, a_row_N, block_e, M, Nout, K,
+        x.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
+        GROUPED=True, BM=BM, **kw,
+    )  # fmt: skip
+    return out
+
+
+def experts_w8(
+    x_TD: torch.Tensor,
+    token_N: torch.Tensor,
+    expert_N: torch.Tensor,
+    counts_E: torch.Tensor,
+    w: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """The routed SwiGLU experts on N expert-sorted pairs (token_N, expert_N) with fp8 weights
+    w = {"w1": (weight, scale), "w2": ..., "w3": ...} -> (N, D), same order. Only experts that
+    received pairs are read; nothing waits for the host."""
+    E = counts_E.numel()
+    BM = _block_rows(token_N.numel() / E)
+    slot_P, block_e = moe_layout(expert_N, counts_E, BM)
+    tok = token_N.to(torch.int32)
+    h1 = w8_grouped(x_TD, tok, slot_P, block_e, BM, *w["w1"])  # (N, I)
+    h3 = w8_grouped(x_TD, tok, slot_P, block_e, BM, *w["w3"])
+    h = F.silu(h1, inplace=True).mul_(h3)
+    same = torch.arange(token_N.numel(), device=x_TD.device, dtype=torch.int32)
+    return w8_grouped(h, same, slot_P, block_e, BM, *w["w2"])  # (N, D)
+
+
+# ---------------------------------------------------------------- torch._scaled_mm (sm90)
+def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations (M, K) -> fp8 (M, K) and float32 scales per 1x128 block (M, K/128), the
+    scales column-major as cuBLASLt wants them."""
+    M, K = x2.shape
+    blocks = x2.float().view(M, K // BLOCK_SIZE, BLOCK_SIZE)
+    s = blocks.abs().amax(-1).clamp_min(1e-12) / FP8_MAX  # (M, K/128)
+    q = (blocks / s[..., None]).to(FP8).view(M, K)
+    return q, s.t().contiguous().t()  # (M, K/128) with strides (1, M)
+
+
+def scaled_mm_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A weight's block scale (N/128, K/128) as `torch._scaled_mm` takes it for W^T: shape
+    (L4, N/128) with strides (1, L4), L4 = K/128 rounded up to 4 (the padding is never read)."""
+    nb, kb = scale.shape
+    l4 = -(-kb // 4) * 4
+    buf = torch.ones(nb, l4, dtype=torch.float32, device=scale.device)
+    buf[:, :kb] = scale
+    return buf.t()  # (L4, N/128), strides (1, L4)
+
+
+def scaled_mm_shape_ok(weight: torch.Tensor) -> bool:
+    N, K = weight.shape
+    return N % BLOCK_SIZE == 0 and K % BLOCK_SIZE == 0
+
+
+@functools.cache
+def _scaled_mm_device_ok(index: int) -> bool:
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    if torch.cuda.get_device_capability(index) != (9, 0):  # DeepSeek scaling: sm90 in torch
+        return False
+    return True
+
+
+def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, mm_scale: torch.Tensor):
+    """x (..., K) bf16 times fp8 W (N, K) through blockwise `torch._scaled_mm` -> (..., N)."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    pad = (-M) % 4
+    if pad:
+        x2 = F.pad(x2, (0, 0, 0, pad))
+    q, s = quantize_rows(x2)
+    y = torch._scaled_mm(q, weight.t(), scale_a=s, scale_b=mm_scale, out_dtype=x.dtype)
+    return y[:M].view(*x.shape[:-1], N)
+
+
+# ---------------------------------------------------------------- the measured choice
+def _sync_timed(fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def _agrees(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    got, ref = got.float(), ref.float()
+    if not bool(torch.isfinite(got).all()):
+        return False
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item() <= AGREE
+
+
+def linear_class(x: torch.Tensor, weight: torch.Tensor) -> tuple:
+    rows = x.numel() // x.shape[-1]
+    return ("fp8_linear", 1 << max(rows - 1, 0).bit_length(), *weight.shape, x.dtype,
+            str(x.device))  # fmt: skip
+
+
+def linear_impl(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, mm_scale: torch.Tensor | None
+) -> str:
+    """ "triton", "scaled_mm" or "dequant" for this shape class: the candidates that agree with
+    the dequantised product on random rows, timed once (synchronised), the fastest kept."""
+    key = linear_class(x, weight)
+    got = tuning.cached(key)
+    if got is not None:
+        return got
+    rows = x.numel() // x.shape[-1]
+    g = torch.Generator(device=x.device).manual_seed(0)
+    xr = torch.randn(rows, x.shape[-1], generator=g, device=x.device).to(x.dtype)
+    ref = F.linear(xr, _dequant(weight, scale, x.dtype))
+    cands: dict[str, Callable[[], object]] = {
+        "dequant": lambda: F.linear(xr, _dequant(weight, scale, x.dtype))
+    }
+    tries: dict[str, Callable[[], torch.Tensor]] = {}
+    if triton_ok(x.device):
+        tries["triton"] = lambda: w8_matmul(xr, weight, scale)
+    if mm_scale is not None and _scaled_mm_device_ok(x.device.index or 0):
+        tries["scaled_mm"] = lambda: scaled_mm_linear(xr, weight, mm_scale)
+    for name, fn in tries.items():
+        try:
+            if _agrees(fn(), ref):
+                cands[name] = fn
+            else:
+                REJECTED[name] = "disagrees with the dequantised product"
+        except Exception as e:  # noqa: BLE001 - an unsupported path is simply not a candidate
+            REJECTED[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    return tuning.choose(key, {n: _sync_timed(f) for n, f in cands.items()})
+
+
+REJECTED: dict[str, str] = {}  # fast paths that failed their check, and why (benchmarks print it)
+
+
+def _dequant(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from .layers import dequantize
+
+    return dequantize(weight, scale, dtype)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    mm_scale: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """x (..., K) times the fp8 weight (N, K) with block scales on CUDA, by the measured path
+    (`linear_impl`; `impl` forces one)."""
+    impl = impl or linear_impl(x, weight, scale, mm_scale)
+    if impl == "triton":
+        return w8_matmul(x, weight, scale)
+    if impl == "scaled_mm":
+        return scaled_mm_linear(x, weight, mm_scale)
+    return F.linear(x, _dequant(weight, scale, x.dtype))
