@@ -33,6 +33,7 @@ dim for q, k and v; the general fallback is several times slower on CPU).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,9 @@ class StaticStep:
     bias: torch.Tensor
 
 
+_VERSIONS = itertools.count()
+
+
 class KVCache:
     """Per-layer cache tensors that grow on demand. `tensors` maps name -> (B, T_cap, ...).
 
@@ -71,6 +75,9 @@ class KVCache:
         self.packed_layout = packed
         self.packed: torch.Tensor | None = None
         self.tensors: dict[str, torch.Tensor] = {}
+        # A new number whenever the buffers are replaced or freed: CUDA graphs captured on
+        # them are valid while the number stays (dsv3/graphs.py).
+        self.version = next(_VERSIONS)
 
     @property
     def capacity(self) -> tuple[int, int]:
@@ -102,12 +109,14 @@ class KVCache:
                 new[k] = buf[..., start : start + w]
                 start += w
             self.packed, self.tensors = buf, new
+            self.version = next(_VERSIONS)
             return
         new = {k: torch.zeros(new_b, new_t, *shape, **kw) for k, shape in self.shapes.items()}
         if keep and same:
             for k, old in self.tensors.items():
                 new[k][: old.shape[0], : old.shape[1]] = old
         self.tensors = new
+        self.version = next(_VERSIONS)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -115,6 +124,7 @@ class KVCache:
     def clear(self) -> None:
         self.tensors = {}
         self.packed = None
+        self.version = next(_VERSIONS)
 
 
 def _rotate_(x: torch.Tensor, freqs: torch.Tensor) -> None:

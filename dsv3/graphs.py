@@ -62,6 +62,10 @@ class CudaGraphs:
         self._reason: tuple[str | None] | None = None
         self._modules: list[nn.Module] | None = None
         self._gates: list[nn.Module] | None = None
+        self._cache_list: list | None = None
+        self._hook_dicts: list[tuple[dict, dict]] | None = None
+        self._reserved: tuple[int, ...] | None = None
+        self.last: Entry | None = None  # the entry replayed last (its marks are in place)
         self.enabled = True
         self.entries: OrderedDict[tuple, Entry] = OrderedDict()
         self.note: str | None = None  # why the last forward ran eagerly, if it could not replay
@@ -114,34 +118,38 @@ class CudaGraphs:
             return False
         if self.reason() is not None:
             return False
-        return not any(mod._forward_hooks or mod._forward_pre_hooks for mod in (m, *self._mods()))
+        if self._hook_dicts is None:  # the dicts themselves: hooks are added to them in place
+            self._hook_dicts = [
+                (mod._forward_hooks, mod._forward_pre_hooks) for mod in (m, *self._mods())
+            ]
+        return not any(a or b for a, b in self._hook_dicts)
 
     # ------------------------------------------------------------------ cache
+    def _caches(self) -> list:
+        if self._cache_list is None:
+            self._cache_list = [c for b in self._model_ref.layers for c in b.attn.caches]
+        return self._cache_list
+
     def _buffers(self) -> tuple[int, ...]:
-        m = self._model_ref
-        ptrs = []
-        for block in m.layers:
-            for cache in block.attn.caches:
-                t = (
-                    cache.packed
-                    if cache.packed is not None
-                    else next(iter(cache.tensors.values()), None)
-                )
-                ptrs.append(t.data_ptr() if t is not None else 0)
-                ptrs.extend(v.data_ptr() for v in cache.tensors.values())
-        return tuple(ptrs)
+        """The identity of the cache buffers: graphs captured on them are valid while it holds."""
+        return tuple(c.version for c in self._caches())
 
     def reserve(self, batch: int, span: int) -> None:
         """Caches of at least (batch, span), old contents kept; graphs captured on buffers that
         this replaces are dropped (they would write to freed memory)."""
-        m = self._model_ref
+        cap_b, cap_t = self._caches()[0].capacity
+        span = min(span, self._model_ref.args.max_seq_len)
+        if batch <= cap_b and span <= cap_t and self._reserved == self._buffers():
+            return  # every layer was sized together and nothing replaced them since
         before = self._buffers()
-        m.reserve_cache(batch, span)
-        if self._buffers() != before:
-            self.entries.clear()
+        self._model_ref.reserve_cache(batch, span)
+        self._reserved = self._buffers()
+        if self._reserved != before:
+            self.clear()
 
     def clear(self) -> None:
         self.entries.clear()
+        self.last = None
 
     # ------------------------------------------------------------------ run
     def decode(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor | None:
@@ -221,6 +229,7 @@ class CudaGraphs:
             torch.cuda.synchronize(dev)
             return None
         entry = Entry(graph, inputs, out, self._buffers(), self._marks())
+        self.last = entry
         self.entries[key] = entry
         while len(self.entries) > MAX_GRAPHS:
             self.entries.popitem(last=False)
@@ -229,8 +238,10 @@ class CudaGraphs:
 
     def _replay(self, entry: Entry) -> torch.Tensor:
         entry.graph.replay()
-        for mod, name, value in entry.marks:
-            setattr(mod, name, value)
+        if self.last is not entry:  # put this graph's instrumentation tensors in place
+            for mod, name, value in entry.marks:
+                mod.__dict__[name] = value  # plain attributes: skip nn.Module.__setattr__
+            self.last = entry
         self.replays += 1
         self.note = None
         out = entry.output

@@ -137,7 +137,8 @@ class Linear(nn.Module):
         load_state_dict), not on every call."""
         if self.scale is None:
             return self.weight
-        key = (dtype, self.weight.data_ptr(), self.weight.device)
+        w, sc = self.weight, self.scale
+        key = (dtype, w.data_ptr(), w.device, w._version, sc.data_ptr(), sc._version)
         if self._dense is None or self._dense[0] != key:
             self._dense = (key, dequantize(self.weight, self.scale, dtype))
         return self._dense[1]

@@ -434,6 +434,7 @@ class Transformer(nn.Module):
                 out = self.graphs.prefill(tokens, all_logits, full)
         if out is None:
             out = self._forward(tokens, start_pos, all_logits, full, mtp)
+            self.graphs.last = None  # the modules' instrumentation is this forward's now
         self._filled = (B, start_pos + S)
         return out
 

@@ -351,11 +351,12 @@ class GroupedExperts(nn.Module):
         x_ND = x_TD.index_select(0, token_N)  # index_select: several times faster than x[idx]
         y_ND = dispatch(x_ND, counts_E, w1, w2, w3, impl)
         y_ND.mul_(weight_N[:, None])
-        if order_N.numel() == T * K and y_ND.numel() <= SMALL_COMBINE:
-            # Few pairs (decoding): undo the sort and sum each token's K outputs. A CPU
-            # index_add_ starts several multi-thread regions even for a few rows, and on a
+        if order_N.numel() == T * K and (y_ND.numel() <= SMALL_COMBINE or y_ND.is_cuda):
+            # Few pairs (decoding), or CUDA: undo the sort and sum each token's K outputs. A
+            # CPU index_add_ starts several multi-thread regions even for a few rows, and on a
             # busy machine each waits for a descheduled thread (~80 ms per call measured
-            # with two cores contended, 10 us this way).
+            # with two cores contended, 10 us this way); on CUDA it adds with atomics (and
+            # needs a zeroed float32 buffer): slower than the sum on an H200.
             y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(T, K, -1)
             if x_TD.dtype == torch.float32:
                 return y_TKD.sum(1)
@@ -381,6 +382,9 @@ class GroupedExperts(nn.Module):
             w = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
             y_ND = fp8.experts_w8(x_TD.contiguous(), token_N, expert_N, counts_E, w)
         y_ND.mul_(weights_TK.flatten().index_select(0, order_N)[:, None])
+        if order_N.numel() == T * K:  # undo the sort, sum each token's K outputs in float32
+            y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(T, K, -1)
+            return y_TKD.sum(1, dtype=torch.float32).to(x_TD.dtype)
         return _combine(x_TD, token_N, y_ND)
 
     def _dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
