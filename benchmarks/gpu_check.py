@@ -196,6 +196,13 @@ def check_fp8_model(args: ModelArgs, cpu: Transformer) -> list:
     ]
     rows.append(("fp8 linear choices (rows bucket, N, K: chosen, us)", str(chosen)[:600], True))
     rows.append(("fp8 fast paths rejected", str(fp8.REJECTED)[:400] or "none", True))
+    moe = [
+        (k[1:5], c, {n: round(t * 1e6) for n, t in ts.items()})
+        for k, c, ts in tuning.choices("moe_cuda")
+    ]
+    rows.append(
+        ("bf16 expert dispatch choices (pairs bucket, E, D, I: chosen, us)", str(moe)[:600], True)
+    )
     return rows
 
 
@@ -302,6 +309,13 @@ def main() -> int:
         a, b = dispatch_grouped(x, counts, w1, w2, w3), dispatch_loop(x, counts, w1, w2, w3)
         rel = ((a - b).float().norm() / b.float().norm()).item()
         rows.append(("bf16 grouped_mm vs loop (CUDA)", f"rel diff {rel:.1e}", rel < 2e-2))
+        from dsv3.moe import dispatch_triton
+
+        t = dispatch_triton(x, torch.tensor(counts, device="cuda"), w1, w2, w3)
+        rel = ((t - b).float().norm() / b.float().norm()).item()
+        rows.append(
+            ("bf16 Triton grouped kernel vs loop (CUDA)", f"rel diff {rel:.1e}", rel < 2e-2)
+        )
     else:
         rows.append(("bf16 grouped_mm vs loop (CUDA)", "grouped_mm not supported here", True))
 

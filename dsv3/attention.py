@@ -53,11 +53,13 @@ class StaticStep:
     pos (1,) int64: the new token's position (every row of the batch is at the same one).
     span: keys read, a static bucket > pos; the cache holds at least that many positions.
     bias (span,): 0 for keys t <= pos, -inf after, in the compute dtype; the positions past pos
-    hold finite leftovers (zeros or an earlier sequence's keys) that the bias masks out."""
+    hold finite leftovers (zeros or an earlier sequence's keys) that the bias masks out.
+    freqs: the rotary cos + i sin of pos, shared by every layer."""
 
     pos: torch.Tensor
     span: int
     bias: torch.Tensor
+    freqs: torch.Tensor  # (1, Dr/2) complex rotation of that position, made once per step
 
 
 _VERSIONS = itertools.count()
@@ -404,7 +406,7 @@ class MLA(nn.Module):
         B = x.shape[0]
         H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         C, L = self.kv_lora_rank, step.span
-        freqs = torch.complex(cos, sin)  # (1, Dr/2)
+        freqs = step.freqs  # (1, Dr/2)
         kv = self.wkv_a(x)  # (B, 1, C + Dr)
         k_pe = kv[..., C:].unsqueeze(2)  # (B, 1, 1, Dr)
         _rotate_(k_pe, freqs)

@@ -5,12 +5,14 @@ the real weight is W * scale. Dequantising it to bf16 before each matmul (`dsv3.
 .dequantize`, the CPU path) reads 1 byte, writes 2 and reads 2 again per weight: 5 bytes where
 bf16 reads 2. Two paths read each fp8 byte once instead:
 
-- `w8_matmul` (Triton): the bf16 activations times W, converting each (BN, 128) fp8 tile to bf16
-  in registers and scaling each 128-wide partial product by its block's scale (exact: a scale
-  is constant over its block). The same kernel runs the routed experts grouped: pairs sorted
-  by expert, each expert's rows padded to whole row blocks (`moe_layout`), a row block naming
-  its expert, so an expert that got no pairs is never read. Sync-free: it can be captured in a
-  CUDA graph.
+- `w8_matmul` (Triton): the bf16 activations times W, converting each fp8 tile to bf16 in
+  registers; with 128-wide K tiles each partial product is scaled by its block's scale (exact:
+  a scale is constant over its block), with longer K tiles the weight tile is scaled first (as
+  dequantisation does). The same kernel runs the routed experts grouped: pairs sorted by
+  expert, each expert's rows padded to whole row blocks (`moe_layout`), a row block naming its
+  expert, so an expert that got no pairs is never read. Sync-free: it can be captured in a
+  CUDA graph. It also takes bf16 weights (no scale): the MoE measures it against grouped
+  matmuls for bf16 experts (`dsv3.moe`). Tiles are autotuned per shape on first use.
 - `scaled_mm` (dense Linears, sm90 with cuBLASLt >= 12.9): the activations quantised to fp8 per
   1x128 block, then `torch._scaled_mm` with DeepSeek's block scaling, at the fp8 matrix rate.
   cuBLASLt wants M a multiple of 4 (rows are padded) and the weight scale's K blocks padded to
@@ -40,6 +42,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on CPU tens
 # Relative Frobenius difference a fast path may have from the dequantised product: bf16
 # rounding for the weight-only kernel; the scaled_mm path also rounds the activations to fp8
 # (3 mantissa bits, as the reference's act_quant does): ~2.5% measured on an H200.
+INTERPRET_BK = int(os.environ.get("DSV3_TEST_BK", "128"))  # the interpreter's K tile (tests)
 AGREE = {"triton": 2e-2, "scaled_mm": 5e-2}
 
 try:  # Triton comes with CUDA builds of torch; CPU-only installs lack it (and need none of this)
@@ -83,6 +86,7 @@ if triton is not None:
         BM: tl.constexpr,
         BN: tl.constexpr,
         BK: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
         F32_DOT: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -102,13 +106,12 @@ if triton is not None:
             rn = pid_n * BN + tl.arange(0, BN)
             rk = tl.arange(0, BK)
             n_ok = rn < N
-            nk = (K + BK - 1) // BK
+            ks = (K + 127) // 128  # scale blocks along K: the scale's row stride
             w_base = w_ptr + e.to(tl.int64) * stride_we
             s_base = s_ptr + e.to(tl.int64) * stride_se
             a_base = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
-                kb = k0 // BK
                 k = k0 + rk
                 k_ok = k < K
                 a = tl.load(a_base + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
@@ -117,30 +120,45 @@ if triton is not None:
                     mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0,
                 )
-                # BK == 128: one scale per (128-row block of N, this K block)
-                s = tl.load(s_base + (rn // 128) * nk + kb, mask=n_ok, other=0.0)
                 if F32_DOT:  # Triton's CPU interpreter (tests): its bf16 dot is wrong
-                    part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)))
+                    a = a.to(tl.float32)
+                    wdt = tl.float32
                 else:
-                    part = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
-                acc += part * s[None, :]
+                    a = a.to(tl.bfloat16)
+                    wdt = tl.bfloat16
+                if not HAS_SCALE:  # bf16 weights
+                    acc += tl.dot(a, tl.trans(w.to(wdt)))
+                elif BK == 128:  # one scale per (128 rows of N, this K block): after the dot
+                    s = tl.load(s_base + (rn // 128) * ks + k0 // 128, mask=n_ok, other=0.0)
+                    acc += tl.dot(a, tl.trans(w.to(wdt))) * s[None, :]
+                else:  # a tile spans several scale blocks: scale the weight tile first
+                    s = tl.load(
+                        s_base + (rn // 128)[:, None] * ks + (k // 128)[None, :],
+                        mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0,
+                    )
+                    acc += tl.dot(a, tl.trans((w.to(tl.float32) * s).to(wdt)))
             c = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + rn[None, :]
             tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
-# (BN, warps, stages) tried per row block. Narrow N tiles give few-row inputs more programs
-# reading the weight at once; wide ones give many-row inputs fewer re-reads of the activations.
+# (BN, BK, warps, stages) tried per row block. Narrow N tiles give few-row inputs more
+# programs reading the weight at once, and long K tiles fewer loop trips (a few-row product is
+# bound by the loop's latency, not by bandwidth); wide N tiles give many-row inputs fewer
+# re-reads of the activations.
 TILES = {
-    16: [(32, 4, 3), (32, 4, 5), (64, 4, 4), (16, 4, 6)],
-    32: [(32, 4, 4), (64, 4, 3), (64, 4, 5), (128, 4, 3)],
-    64: [(64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 5)],
+    16: [(32, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (32, 512, 4, 2), (16, 512, 4, 3)],
+    32: [(32, 128, 4, 4), (64, 128, 4, 3), (64, 256, 4, 3), (128, 128, 4, 3)],
+    64: [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 256, 4, 3)],
 }
 
 
 def _prune(configs, named_args, **kwargs):
     """The configs of this call's row block (TILES)."""
     want = set(TILES[kwargs["BM"]])
-    return [c for c in configs if (c.kwargs["BN"], c.num_warps, c.num_stages) in want]
+    return [
+        c for c in configs if (c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) in want
+    ]
 
 
 if triton is not None and not INTERPRET:
@@ -148,10 +166,10 @@ if triton is not None and not INTERPRET:
     # first call, before any CUDA graph captures it).
     _w8_tuned = triton.autotune(
         configs=[
-            triton.Config({"BN": bn}, num_warps=w, num_stages=st)
-            for bn, w, st in sorted({t for ts in TILES.values() for t in ts})
+            triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in sorted({t for ts in TILES.values() for t in ts})
         ],
-        key=["N", "K", "BM", "GROUPED"],
+        key=["N", "K", "BM", "GROUPED", "HAS_SCALE"],
         prune_configs_by={"early_config_prune": _prune},
     )(_w8_kernel)
 else:
@@ -163,7 +181,7 @@ def _launch(grid_m: int, N: int, BM: int, *args, **kw) -> None:
     Triton's CPU interpreter (tests)."""
     if _w8_tuned is None:
         bn = 2 * BM
-        _w8_kernel[(grid_m, triton.cdiv(N, bn))](*args, BM=BM, BN=bn, **kw)
+        _w8_kernel[(grid_m, triton.cdiv(N, bn))](*args, BM=BM, BN=bn, BK=INTERPRET_BK, **kw)
     else:
         _w8_tuned[lambda meta: (grid_m, triton.cdiv(N, meta["BN"]))](*args, BM=BM, **kw)
 
@@ -175,7 +193,7 @@ def _block_rows(rows_per_group: float) -> int:
     return 32 if rows_per_group <= 32 else 64
 
 
-def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """x (..., K) bf16 times an fp8 weight (N, K) with block scales (N/128, K/128) -> (..., N) in
     x's dtype, through the Triton kernel (needs `triton_ok`)."""
     K = x.shape[-1]
@@ -187,9 +205,11 @@ def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     BM = _block_rows(M)
     dummy = out  # the grouped pointers are unused when GROUPED is False
+    sc = scale if scale is not None else dummy
     _launch(
-        triton.cdiv(M, BM), N, BM, x2, weight, scale, out, dummy, dummy, dummy, M, N, K,
-        x2.stride(0), 0, 0, out.stride(0), GROUPED=False, BK=BLOCK_SIZE, F32_DOT=INTERPRET,
+        triton.cdiv(M, BM), N, BM, x2, weight, sc, out, dummy, dummy, dummy, M, N, K,
+        x2.stride(0), 0, 0, out.stride(0), GROUPED=False, HAS_SCALE=scale is not None,
+        F32_DOT=INTERPRET,
     )  # fmt: skip
     return out.view(*x.shape[:-1], N)
 
@@ -228,17 +248,18 @@ def w8_grouped(
     block_e: torch.Tensor,
     BM: int,
     weight: torch.Tensor,
-    scale: torch.Tensor,
+    scale: torch.Tensor | None,
 ) -> torch.Tensor:
     """Row j of the result (N, Nout) = x[a_row_N[j]] times expert e(j)'s weight, for the N
     expert-sorted pairs laid out by `moe_layout`. weight (E, Nout, K) fp8, scale (E, Nout/128,
     K/128)."""
     M, (_, Nout, K) = a_row_N.numel(), weight.shape
     out = torch.empty(M, Nout, dtype=x.dtype, device=x.device)
+    sc, sc_stride = (scale, scale.stride(0)) if scale is not None else (out, 0)
     _launch(
-        block_e.numel(), Nout, BM, x, weight, scale, out, slot_P, a_row_N, block_e, M, Nout, K,
-        x.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
-        GROUPED=True, BK=BLOCK_SIZE, F32_DOT=INTERPRET,
+        block_e.numel(), Nout, BM, x, weight, sc, out, slot_P, a_row_N, block_e, M, Nout, K,
+        x.stride(0), weight.stride(0), sc_stride, out.stride(0),
+        GROUPED=True, HAS_SCALE=scale is not None, F32_DOT=INTERPRET,
     )  # fmt: skip
     return out
 
@@ -248,11 +269,11 @@ def experts_w8(
     token_N: torch.Tensor,
     expert_N: torch.Tensor,
     counts_E: torch.Tensor,
-    w: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    w: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
 ) -> torch.Tensor:
     """The routed SwiGLU experts on N expert-sorted pairs (token_N, expert_N) with fp8 weights
-    w = {"w1": (weight, scale), "w2": ..., "w3": ...} -> (N, D), same order. Only experts that
-    received pairs are read; nothing waits for the host."""
+    w = {"w1": (weight, scale), "w2": ..., "w3": ...} (or bf16 weights, scale None) -> (N, D),
+    same order. Only experts that received pairs are read; nothing waits for the host."""
     E = counts_E.numel()
     BM = _block_rows(token_N.numel() / E)
     slot_P, block_e = moe_layout(expert_N, counts_E, BM)

@@ -274,7 +274,7 @@ def _step(m, inputs: dict[str, torch.Tensor], span: int) -> torch.Tensor:
     keys = torch.arange(span, device=tokens.device)
     bias = torch.zeros(span, dtype=m.compute_dtype, device=tokens.device)
     bias.masked_fill_(keys > pos, float("-inf"))
-    step = StaticStep(pos, span, bias)
+    step = StaticStep(pos, span, bias, torch.complex(cos, sin))
     h = m.embed(tokens)  # (B, 1, D)
     for layer in m.layers:
         h = layer(h, step, cos, sin)

@@ -78,7 +78,7 @@ def dispatch_grouped(
     x's device nothing waits for the device (no host copy of the counts)."""
     if not isinstance(counts, torch.Tensor):
         counts = torch.tensor(counts, device=x_ND.device)
-    offs = counts.cumsum(0).to(torch.int32)
+    offs = counts.cumsum(0, dtype=torch.int32)
     h1 = torch._grouped_mm(x_ND, w1_EID.transpose(-2, -1), offs=offs)  # (N, I)
     h3 = torch._grouped_mm(x_ND, w3_EID.transpose(-2, -1), offs=offs)  # (N, I)
     h1 = F.silu(h1, inplace=True).mul_(h3)  # in place: fewer fresh pages per forward
@@ -210,6 +210,26 @@ def dispatch_gathered(
     return y if slot_N is None else y.index_select(0, slot_N)
 
 
+def dispatch_triton(
+    x_ND: torch.Tensor,
+    counts: torch.Tensor,
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as `dispatch_loop` (counts an (E,) tensor on x's device), through the
+    grouped Triton kernel of `dsv3.fp8` with bf16 weights: CUDA with Triton only, sync-free.
+    `auto` measures it against grouped matmuls per shape class (`measured_cuda_impl`)."""
+    from . import fp8
+
+    N = x_ND.shape[0]
+    E = counts.numel()
+    expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts, output_size=N)
+    token_N = torch.arange(N, device=x_ND.device)
+    w = {"w1": (w1_EID, None), "w2": (w2_EDI, None), "w3": (w3_EID, None)}
+    return fp8.experts_w8(x_ND, token_N, expert_N, counts, w)
+
+
 DISPATCH_IMPLS = ("auto", "loop", "grouped", "padded", "gathered")
 PAD_LIMIT = 2.0  # "auto" pads on CPU while padded rows <= PAD_LIMIT * N (benchmarks/run.py, moe)
 
@@ -229,6 +249,8 @@ def dispatch(x_ND, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
         return dispatch_padded(x_ND, counts, w1, w2, w3)
     if impl == "gathered":
         return dispatch_gathered(x_ND, counts, w1, w2, w3)
+    if impl == "triton":
+        return dispatch_triton(x_ND, counts, w1, w2, w3)
     return dispatch_loop(x_ND, counts, w1, w2, w3)
 
 
@@ -246,7 +268,54 @@ def _auto_impl(x, N: int, counts, w1, w2, w3) -> str:
             counts = counts.tolist()
         if padded_rows(counts, default_run()) <= PAD_LIMIT * N:
             return "padded"
-    return "grouped" if grouped_mm_supported(x, w1, w2, w3) else "loop"
+    grouped = grouped_mm_supported(x, w1, w2, w3)
+    if x.device.type == "cuda" and grouped and isinstance(counts, torch.Tensor):
+        if tuning.measured() and _triton_ok(x.device):
+            return measured_cuda_impl(x, N, counts, w1, w2, w3)
+    return "grouped" if grouped else "loop"
+
+
+def _triton_ok(device: torch.device) -> bool:
+    from . import fp8
+
+    return fp8.triton_ok(device)
+
+
+def measured_cuda_impl(x, N: int, counts: torch.Tensor, w1, w2, w3) -> str:
+    """ "grouped" or "triton" for bf16 experts on CUDA, the faster on this shape class (pairs
+    per expert as a bucket, expert shapes), timed once (synchronised) on random rows with these
+    counts. Grouped matmuls win with many rows per expert; with a few (decoding) the Triton
+    kernel's long K tiles may. Runs on a forward's first call, never inside a graph capture
+    (the capture's warm-ups settle it)."""
+    key = ("moe_cuda", *dispatch_class(N, counts.numel(), w1, x)[1:])
+    got = tuning.cached(key)
+    if got is not None:
+        return got
+    g = torch.Generator(device=x.device).manual_seed(0)
+    x_ND = torch.randn(N, w1.shape[-1], generator=g, device=x.device).to(x.dtype)
+
+    def timed(fn):
+        def run():
+            out = fn()
+            torch.cuda.synchronize(x.device)
+            return out
+
+        return run
+
+    cands = {
+        "grouped": timed(lambda: dispatch_grouped(x_ND, counts, w1, w2, w3)),
+        "triton": timed(lambda: dispatch_triton(x_ND, counts, w1, w2, w3)),
+    }
+    ref, got_t = cands["grouped"](), None
+    try:
+        got_t = cands["triton"]()
+    except Exception:  # noqa: BLE001 - an unsupported path is simply not a candidate
+        del cands["triton"]
+    if got_t is not None:
+        rel = ((got_t.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+        if not rel <= 2e-2:
+            del cands["triton"]
+    return tuning.choose(key, cands)
 
 
 PROBE_FLOPS = 2e8  # a probe runs the real counts up to this many FLOPs, else one run's experts

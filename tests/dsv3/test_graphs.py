@@ -1,0 +1,151 @@
+"""The CPU-checkable parts of the CUDA-graph and fp8 GPU paths (dsv3/graphs.py, dsv3/fp8.py):
+the graph-captured decode step computes what an eager decode step computes, the expert layout
+of the grouped kernel, the cache bookkeeping graphs rely on, and what the CLI and the app say
+about how a forward ran. The GPU itself is checked by benchmarks/gpu_check.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv3 import ModelArgs, Transformer
+from dsv3.fp8 import moe_layout
+from dsv3.graphs import MIN_SPAN, _step, span_for
+
+ARGS = ModelArgs(
+    vocab_size=512, dim=128, inter_dim=256, moe_inter_dim=64, n_layers=3, n_dense_layers=1,
+    n_heads=4, n_routed_experts=8, n_activated_experts=2, q_lora_rank=64, kv_lora_rank=64,
+    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_seq_len=1024,
+    original_seq_len=128, rope_factor=4.0, layer_config={2: {"n_heads": 8}},
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
+def test_static_step_matches_eager_decode(attn_impl):
+    """The step a decode graph captures (device position, a span of keys with the later ones
+    masked, the new key written by index_copy_) gives the eager step's logits, across YaRN
+    positions and with leftovers of another sequence in the masked part of the cache."""
+    args = ARGS.replace(attn_impl=attn_impl)
+    torch.manual_seed(0)
+    m = Transformer(args, dtype="fp32")
+    tok = torch.randint(0, args.vocab_size, (2, 40))
+    m(tok[:, :30])
+    ref = [m(tok[:, p : p + 1], start_pos=p) for p in range(30, 40)]
+    m.reset_cache()
+    m.reserve_cache(2, MIN_SPAN)
+    m(torch.randint(0, args.vocab_size, (2, 200)))  # leftovers past position 30
+    m(tok[:, :30])
+    with torch.inference_mode():
+        for i, p in enumerate(range(30, 40)):
+            inputs = {"tokens": tok[:, p : p + 1], "pos": torch.tensor([p])}
+            got = _step(m, inputs, span_for(p + 1, args.max_seq_len))
+            torch.testing.assert_close(got, ref[i], rtol=1e-5, atol=1e-5)
+
+
+def test_span_buckets():
+    assert span_for(1, 4096) == MIN_SPAN
+    assert span_for(256, 4096) == 256
+    assert span_for(257, 4096) == 512
+    assert span_for(3000, 4096) == 4096
+    assert span_for(900, 1000) == 1000  # never past max_seq_len
+
+
+@pytest.mark.parametrize("BM", [16, 32])
+def test_moe_layout_places_every_pair_in_its_experts_blocks(BM):
+    g = torch.Generator().manual_seed(0)
+    E, T, K = 12, 37, 3
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    idx[:, 0] = 5  # one busy expert spanning several blocks; some experts get nothing
+    order = idx.flatten().argsort(stable=True)
+    expert_N = idx.flatten()[order]
+    counts = torch.bincount(idx.flatten(), minlength=E)
+    slot_P, block_e = moe_layout(expert_N, counts, BM)
+    N = T * K
+    assert slot_P.numel() % BM == 0 and slot_P.numel() >= N + E * (BM - 1)
+    assert block_e.numel() == slot_P.numel() // BM
+    real = slot_P < N
+    assert sorted(slot_P[real].tolist()) == list(range(N))  # every pair exactly once
+    for p in torch.nonzero(real).flatten().tolist():
+        assert block_e[p // BM].item() == expert_N[slot_P[p]].item()
+    used = {e for e in block_e.tolist() if e >= 0}
+    assert used == set(torch.nonzero(counts).flatten().tolist())  # idle experts: no block
+    assert (slot_P[block_e.repeat_interleave(BM) < 0] == N).all()  # blocks past the end: empty
+
+
+def test_graphs_off_the_gpu_say_why_and_forward_runs_eagerly():
+    torch.manual_seed(0)
+    m = Transformer(ARGS, dtype="fp32")
+    assert m.graphs.reason() == "CUDA graphs need a CUDA model"
+    assert not m.graphs.usable()
+    tok = torch.randint(0, ARGS.vocab_size, (1, 8))
+    m(tok)
+    m(tok[:, :1], start_pos=8)
+    assert m.graphs.replays == 0 and m.graphs.captures == 0
+
+
+def test_reset_cache_frees_without_graphs_and_versions_change():
+    """Without graphs reset_cache frees the cache; every reallocation gives the cache a new
+    version (what graphs check before a replay)."""
+    torch.manual_seed(0)
+    m = Transformer(ARGS, dtype="fp32")
+    cache = m.layers[0].attn.cache
+    v0 = cache.version
+    m(torch.randint(0, ARGS.vocab_size, (1, 8)))
+    v1 = cache.version
+    assert v1 != v0 and m.cache_bytes() > 0
+    m(torch.randint(0, ARGS.vocab_size, (1, 4)))  # fits: same buffers
+    assert cache.version == v1
+    m.reset_cache()
+    assert m.cache_bytes() == 0 and cache.version != v1
+    m(torch.randint(0, ARGS.vocab_size, (1, 8)))
+    m.free_cache()
+    assert m.cache_bytes() == 0
+
+
+def test_gate_float32_weight_follows_a_load():
+    """A bf16 router keeps a float32 copy of its weight; loading new weights updates it."""
+    torch.manual_seed(0)
+    m = Transformer(ARGS, dtype="bf16")
+    tok = torch.randint(0, ARGS.vocab_size, (1, 16))
+    m(tok)
+    gate = m.layers[1].ffn.gate
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["layers.1.ffn.gate.weight"] = -sd["layers.1.ffn.gate.weight"]
+    m.load_state_dict(sd)
+    torch.testing.assert_close(gate._weight32(), gate.weight.float())
+
+
+def test_fp8_dense_weight_follows_a_load():
+    torch.manual_seed(0)
+    m = Transformer(ARGS, dtype="fp8")
+    lin = m.layers[0].attn.wkv_b
+    first = lin.dense_weight(torch.bfloat16).clone()
+    sd = dict(m.state_dict())
+    sd["layers.0.attn.wkv_b.scale"] = sd["layers.0.attn.wkv_b.scale"] * 2
+    m.load_state_dict(sd)
+    torch.testing.assert_close(lin.dense_weight(torch.bfloat16).float(), 2 * first.float())
+
+
+def test_cli_decodes_and_says_how():
+    out = subprocess.run(
+        [sys.executable, "-m", "dsv3", "--config", "tiny", "--device", "cpu", "--seq", "8",
+         "--decode", "4"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    assert "decode 4 steps x batch 2" in out and "(eager)" in out
+    assert "row 0: [" in out
+
+
+def test_app_run_says_how_the_forward_ran():
+    from ui import runtime
+    from ui.tabs.run import run_markdown
+
+    torch.manual_seed(0)
+    m = Transformer(ARGS, dtype="fp32")
+    r = runtime.run(m, torch.randint(0, ARGS.vocab_size, (1, 8)), decode_steps=2)
+    assert r["prefill_how"] == "eager" and r["decode_how"] == "eager"
+    text = run_markdown(r)
+    assert "tokens/s** (eager)" in text
