@@ -26,8 +26,9 @@ What it measures (CPU, float32, same weights and thread count for every peer):
              fresh interpreter.
   app        `python app.py` to first page vs a minimal Gradio app; the tiny preset's build +
              forward round trip through gradio_client.
-  gpu        (--gpu, CUDA only) seed-demo bf16 build and 2 x 128 prefill vs the weight-bytes /
-             bandwidth floor; prefill and decode tokens/s vs transformers on the same card.
+  gpu        (--gpu, CUDA only) the seed demo in bf16 and fp8: build, 2 x 128 prefill (CUDA
+             graph, as the app runs it) and decode steps at batch 1-8 vs their bytes floors,
+             fp8 vs bf16; prefill and decode tokens/s vs transformers on the same card.
 
 Peers run in one process, interleaved round by round, so that load from elsewhere on a shared
 machine hits them alike. Each figure is the best of its rounds (the least disturbed); ratios

@@ -99,6 +99,9 @@ def test_page_build_forward_plots(url):
             expect(page.locator("#build-msg")).to_contain_text("built", timeout=60_000)
             page.locator("#run-btn").click()
             expect(page.locator("#run-msg")).to_contain_text("tokens/s", timeout=60_000)
+            # how it ran, as text (this CPU machine: eagerly; a GPU server names its graphs)
+            expect(page.locator("#run-msg")).to_contain_text("tokens/s (eager)")
+            page.locator("#run-msg").screenshot(path=str(ARTIFACTS / "run_message.png"))
 
             # The architecture of the config is Inspect's first view; the run's views follow.
             expect(page.locator("#architecture .js-plotly-plot")).to_have_count(1, timeout=30_000)
