@@ -196,13 +196,6 @@ def check_fp8_model(args: ModelArgs, cpu: Transformer) -> list:
     ]
     rows.append(("fp8 linear choices (rows bucket, N, K: chosen, us)", str(chosen)[:600], True))
     rows.append(("fp8 fast paths rejected", str(fp8.REJECTED)[:400] or "none", True))
-    moe = [
-        (k[1:5], c, {n: round(t * 1e6) for n, t in ts.items()})
-        for k, c, ts in tuning.choices("moe_cuda")
-    ]
-    rows.append(
-        ("bf16 expert dispatch choices (pairs bucket, E, D, I: chosen, us)", str(moe)[:600], True)
-    )
     return rows
 
 

@@ -120,10 +120,6 @@ def profile_model(m: Transformer, args, ns, dtype: str) -> None:
         for k, c, ts in tuning.choices("fp8_linear"):
             print("  fp8 linear", k[1:4], c, {n: f"{t * 1e6:.0f} us" for n, t in ts.items()})
         print("  rejected:", fp8.REJECTED)
-    from dsv3 import tuning
-
-    for k, c, ts in tuning.choices("moe_cuda"):
-        print("  moe", k[1:5], c, {n: f"{t * 1e6:.0f} us" for n, t in ts.items()})
 
 
 def compiled(m: Transformer, args) -> None:

@@ -811,8 +811,6 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
         from dsv3 import fp8, tuning
 
         picked = [(k[1:4], c) for k, c, _ in tuning.choices("fp8_linear")]
-        rows.add("fp8 Linear paths chosen (rows bucket, N, K)", str(picked)[:300])
-        picked = [(k[1:5], c) for k, c, _ in tuning.choices("moe_cuda")]
         rows.add("bf16 expert dispatch chosen (pairs bucket, E, D, I)", str(picked)[:300])
         if fp8.REJECTED:
             rows.add("fp8 fast paths rejected", str(fp8.REJECTED)[:300])

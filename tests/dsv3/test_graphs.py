@@ -149,3 +149,9 @@ def test_app_run_says_how_the_forward_ran():
     assert r["prefill_how"] == "eager" and r["decode_how"] == "eager"
     text = run_markdown(r)
     assert "tokens/s** (eager)" in text
+
+
+def test_triton_experts_off_a_gpu_say_so():
+    m = Transformer(ARGS, dtype="fp32", moe_impl="triton")
+    with pytest.raises(ValueError, match="moe_impl='triton' needs a CUDA GPU"):
+        m(torch.randint(0, ARGS.vocab_size, (1, 8)))
