@@ -94,7 +94,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-class Linear(nn.Module):
+class KeepsDerived(nn.Module):
+    """A module that keeps forms derived from its tensors (a dequantised or float32 copy of a
+    weight, a re-laid-out scale) instead of deriving them on every call. A kept form is made
+    again when its sources change: new storage (a load, `to_empty`), an in-place write (the
+    version counter; inference tensors have none), and every `load_state_dict`."""
+
+    def derived(self, slot: str, sources: tuple[torch.Tensor, ...], make, *extra) -> torch.Tensor:
+        """The form `slot` of `sources` (with `extra` in its key), made by `make()` when missing
+        or stale."""
+        key = (*extra, *((t.data_ptr(), None if t.is_inference() else t._version) for t in sources))
+        kept = self.__dict__.setdefault("_derived", {})
+        got = kept.get(slot)
+        if got is None or got[0] != key:
+            got = kept[slot] = (key, make())
+        return got[1]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_derived", None)  # what was derived from the old tensors is stale
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class Linear(KeepsDerived):
     """y = x W^T (+ b). With an fp8 weight, a float32 `scale` buffer holds one factor per
     128x128 block (the reference's layout and name) and the weight is dequantised on the fly to
     the input's dtype. The scale is a buffer, not a parameter: it is not counted or trained."""
@@ -121,10 +142,6 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
         else:
             self.bias = None
-        # Cached forms of an fp8 weight on CUDA (dropped by load_state_dict): the dequantised
-        # weight (`dense_weight`) and the scale laid out for torch._scaled_mm.
-        self._dense: tuple | None = None
-        self._mm_scale: torch.Tensor | None = None
 
     def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.scale is None:
@@ -133,19 +150,12 @@ class Linear(nn.Module):
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in `dtype` for code that needs it whole (absorbed attention's wkv_b, and
-        GPUs without an fp8 path): an fp8 weight is dequantised once and kept (until the next
-        load_state_dict), not on every call."""
+        GPUs without an fp8 path): an fp8 weight is dequantised once and kept (`derived`), not
+        on every call."""
         if self.scale is None:
             return self.weight
-        w, sc = self.weight, self.scale
-        key = (dtype, w.data_ptr(), w.device, w._version, sc.data_ptr(), sc._version)
-        if self._dense is None or self._dense[0] != key:
-            self._dense = (key, dequantize(self.weight, self.scale, dtype))
-        return self._dense[1]
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._dense = self._mm_scale = None  # the cached forms of the weight are stale now
-        super()._load_from_state_dict(*args, **kwargs)
+        sources = (self.weight, self.scale)
+        return self.derived("dense", sources, lambda: self.effective_weight(dtype), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None and x.device.type == "cuda":
@@ -159,9 +169,12 @@ class Linear(nn.Module):
 
         if not fp8.fp8_matmul_ok(x.device):
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
-        if self._mm_scale is None and fp8.scaled_mm_shape_ok(self.weight):
-            self._mm_scale = fp8.scaled_mm_scale(self.scale)
-        y = fp8.linear(x, self.weight, self.scale, self._mm_scale)
+        mm_scale = None
+        if fp8.scaled_mm_shape_ok(self.weight):
+            mm_scale = self.derived(
+                "mm_scale", (self.scale,), lambda: fp8.scaled_mm_scale(self.scale)
+            )
+        y = fp8.linear(x, self.weight, self.scale, mm_scale)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

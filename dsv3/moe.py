@@ -20,7 +20,7 @@ from torch import nn
 
 from . import tuning
 from .config import LayerArgs
-from .layers import FP8, MLP, compute_dtype, dequantize, linear, scale_shape
+from .layers import FP8, MLP, KeepsDerived, compute_dtype, dequantize, linear, scale_shape
 from .routing import Gate
 
 
@@ -321,7 +321,7 @@ def measured_impl(x, N: int, counts, w1, w2, w3) -> str:
     return tuning.choose(key, cands)
 
 
-class GroupedExperts(nn.Module):
+class GroupedExperts(KeepsDerived):
     """E routed SwiGLU experts with stacked weights: w1/w3 (E, I, D), w2 (E, D, I).
     With fp8 weights, float32 buffers w1_scale/w2_scale/w3_scale hold each expert's block scales.
     `load_state_dict` also takes the reference's per-expert keys (`E.w1.weight`, `E.w1.scale`).
@@ -341,7 +341,6 @@ class GroupedExperts(nn.Module):
             if dtype == FP8:
                 s = torch.empty(n_experts, *scale_shape(o, i), dtype=torch.float32, device=device)
                 self.register_buffer(f"{name}_scale", s)
-        self._dense_cache: dict[str, tuple] = {}  # see `_dense`
         # Registered unbound (with_module) so the module does not reference itself through a
         # bound method: that cycle kept whole models alive until the next gc.collect().
         self._register_load_state_dict_pre_hook(
@@ -369,16 +368,17 @@ class GroupedExperts(nn.Module):
             if order_N.numel() == 0:
                 return torch.zeros_like(x_TD)
         token_N = order_N // K
-        if self.w1.dtype == FP8 and x_TD.device.type == "cuda":
-            return self._fp8_cuda(x_TD, weights_TK, idx_TK, order_N, token_N, counts_E)
-        w1, w2, w3 = _expert_weights(self, x_TD.dtype)
         weight_N = weights_TK.flatten().index_select(0, order_N)
-        if impl == "auto":
-            impl = _auto_impl(x_TD, order_N.numel(), counts_E, w1, w2, w3)
-        if impl == "padded":
-            return self._padded(x_TD, token_N, weight_N, counts_E, w1, w2, w3)
-        x_ND = x_TD.index_select(0, token_N)  # index_select: several times faster than x[idx]
-        y_ND = dispatch(x_ND, counts_E, w1, w2, w3, impl)
+        if self.w1.dtype == FP8 and x_TD.device.type == "cuda":
+            y_ND = self._fp8_cuda(x_TD, idx_TK, order_N, token_N, counts_E)
+        else:
+            w1, w2, w3 = _expert_weights(self, x_TD.dtype)
+            if impl == "auto":
+                impl = _auto_impl(x_TD, order_N.numel(), counts_E, w1, w2, w3)
+            if impl == "padded":
+                return self._padded(x_TD, token_N, weight_N, counts_E, w1, w2, w3)
+            x_ND = x_TD.index_select(0, token_N)  # index_select: several times faster than x[idx]
+            y_ND = dispatch(x_ND, counts_E, w1, w2, w3, impl)
         y_ND.mul_(weight_N[:, None])
         if order_N.numel() == T * K and (y_ND.numel() <= SMALL_COMBINE or y_ND.is_cuda):
             # Few pairs (decoding), or CUDA: undo the sort and sum each token's K outputs. A
@@ -392,42 +392,26 @@ class GroupedExperts(nn.Module):
             return y_TKD.sum(1, dtype=torch.float32).to(x_TD.dtype)
         return _combine(x_TD, token_N, y_ND)
 
-    def _fp8_cuda(self, x_TD, weights_TK, idx_TK, order_N, token_N, counts_E) -> torch.Tensor:
-        """fp8 experts on CUDA: the grouped Triton kernel of `dsv3.fp8` (reads only the experts
-        that got pairs, each fp8 byte once, no host sync), or on GPUs without an fp8 path the
-        weights dequantised once and the bf16 dispatch."""
+    def _fp8_cuda(self, x_TD, idx_TK, order_N, token_N, counts_E) -> torch.Tensor:
+        """fp8 experts on CUDA -> the expert outputs (N, D) of the sorted pairs: the grouped
+        Triton kernel of `dsv3.fp8` (reads only the experts that got pairs, each fp8 byte once,
+        no host sync), or on GPUs without an fp8 path the weights dequantised once and the bf16
+        dispatch."""
         from . import fp8
 
-        T, K = idx_TK.shape
-        if not fp8.fp8_matmul_ok(x_TD.device) or len(counts_E) != self.n_experts:
+        if not fp8.fp8_matmul_ok(x_TD.device):
             w1, w2, w3 = (self._dense(n, x_TD.dtype) for n in ("w1", "w2", "w3"))
-            x_ND = x_TD.index_select(0, token_N)
-            counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else counts_E
-            y_ND = dispatch(x_ND, counts, w1, w2, w3)
-        else:
-            if not isinstance(counts_E, torch.Tensor):
-                counts_E = torch.tensor(counts_E, device=x_TD.device)
-            expert_N = idx_TK.flatten().index_select(0, order_N)
-            w = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
-            y_ND = fp8.experts_w8(x_TD.contiguous(), token_N, expert_N, counts_E, w)
-        y_ND.mul_(weights_TK.flatten().index_select(0, order_N)[:, None])
-        if order_N.numel() == T * K:  # undo the sort, sum each token's K outputs in float32
-            y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(T, K, -1)
-            return y_TKD.sum(1, dtype=torch.float32).to(x_TD.dtype)
-        return _combine(x_TD, token_N, y_ND)
+            return dispatch(x_TD.index_select(0, token_N), counts_E, w1, w2, w3)
+        if not isinstance(counts_E, torch.Tensor):  # expert parallel: this rank's counts
+            counts_E = torch.tensor(counts_E, device=x_TD.device)
+        expert_N = idx_TK.flatten().index_select(0, order_N) - self.first  # local expert ids
+        w = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
+        return fp8.experts_w8(x_TD.contiguous(), token_N, expert_N, counts_E, w)
 
     def _dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """Expert weight `name` dequantised once and kept (GPUs without an fp8 path)."""
-        w = getattr(self, name)
-        key = (name, dtype, w.data_ptr())
-        got = self._dense_cache.get(name)
-        if got is None or got[0] != key:
-            got = self._dense_cache[name] = (key, self.effective(name, dtype))
-        return got[1]
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._dense_cache = {}
-        super()._load_from_state_dict(*args, **kwargs)
+        sources = (getattr(self, name), getattr(self, f"{name}_scale"))
+        return self.derived(name, sources, lambda: self.effective(name, dtype), dtype)
 
     def _padded(self, x_TD, token_N, weight_N, counts, w1, w2, w3) -> torch.Tensor:
         """`dispatch_padded` gathering straight from the tokens into the padded rows and adding

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from .config import LayerArgs
-from .layers import linear
+from .layers import KeepsDerived, linear
 
 
-class Gate(nn.Module):
+class Gate(KeepsDerived):
     """Picks K experts per token and their weights.
 
     scores = softmax or sigmoid of x W^T, computed in float32 (as transformers does; the
@@ -43,21 +43,14 @@ class Gate(nn.Module):
             self.bias = None
         # Instrumentation (dsv3.stats.record_router_scores): when on, the last forward's scores
         # (T, E) float32 stay in `last_scores`; off (the default) costs one attribute test.
-        self._w32: tuple | None = None  # see `_weight32`
         self.keep_scores = False
         self.last_scores: torch.Tensor | None = None
 
     def _weight32(self) -> torch.Tensor:
         """The weight in float32 (scores are float32): a bf16 weight is converted once and kept
-        (by data pointer: a load that replaces the weight's storage converts again), not on
-        every call."""
+        (`derived`), not on every call."""
         w = self.weight
-        if w.dtype == torch.float32:
-            return w
-        key = (w.data_ptr(), w._version)
-        if self._w32 is None or self._w32[0] != key:
-            self._w32 = (key, w.float())
-        return self._w32[1]
+        return w if w.dtype == torch.float32 else self.derived("w32", (w,), w.float)
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, D) -> weights (T, K) in x's dtype, expert indices (T, K) int64 (in no
