@@ -310,10 +310,7 @@ class MLA(nn.Module):
         H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         C = self.kv_lora_rank
         freqs = torch.complex(cos, sin)  # (S, Dr/2)
-        kv = self.wkv_a(x)  # (B, S, C + Dr)
-        k_pe = kv[..., C:].unsqueeze(2)  # (B, S, 1, Dr)
-        _rotate_(k_pe, freqs)
-        kv = self.kv_norm(kv[..., :C])  # (B, S, C)
+        kv, k_pe = self._latent(x, freqs)
         self.cache.ensure(B, end_pos, x, keep=start_pos > 0)
         c = self.cache.tensors
         x_all = x
@@ -322,16 +319,10 @@ class MLA(nn.Module):
         else:
             q_pos = start_pos
         Sq = x.shape[1]
+        q, qr = self._query(x, freqs)
         keep = None  # DSA: (B, Sq, T) keys each query keeps; None = all earlier ones
-        if self.q_lora_rank == 0:
-            q = self.wq(x)
-        else:
-            qr = self.q_norm(self.wq_a(x))  # (B, Sq, q_lora_rank): the q latent
-            q = self.wq_b(qr)
-            if self.indexer is not None:
-                keep = self.indexer(x_all, x, qr, start_pos, cos, sin)
-        q = q.view(B, Sq, H, self.qk_head_dim)  # (B, Sq, H, Dqk)
-        _rotate_(q[..., Dn:], freqs)
+        if self.indexer is not None:
+            keep = self.indexer(x_all, x, qr, start_pos, cos, sin)
 
         if self.attn_impl == "naive":
             kvb = self.wkv_b(kv).view(B, S, H, Dn + Dv)
@@ -368,6 +359,28 @@ class MLA(nn.Module):
             bias = _causal_bias(Sq, T, q_pos, x.device, x.dtype)[:, None]  # (Sq, 1, T)
         return self._absorbed(q, lat, wkv_b, bias)
 
+    def _latent(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, D) -> what the cache takes: the normed kv latent (B, S, C) and the rotated
+        shared rope key (B, S, 1, Dr). freqs (S, Dr/2) complex."""
+        C = self.kv_lora_rank
+        kv = self.wkv_a(x)  # (B, S, C + Dr)
+        k_pe = kv[..., C:].unsqueeze(2)  # (B, S, 1, Dr)
+        _rotate_(k_pe, freqs)
+        return self.kv_norm(kv[..., :C]), k_pe
+
+    def _query(self, x: torch.Tensor, freqs: torch.Tensor):
+        """x (B, Sq, D) -> the rotated queries (B, Sq, H, Dqk) and the q latent (B, Sq,
+        q_lora_rank) the DSA indexer reads (None without q LoRA)."""
+        qr = None
+        if self.q_lora_rank == 0:
+            q = self.wq(x)
+        else:
+            qr = self.q_norm(self.wq_a(x))  # (B, Sq, q_lora_rank): the q latent
+            q = self.wq_b(qr)
+        q = q.view(*x.shape[:2], self.n_heads, self.qk_head_dim)  # (B, Sq, H, Dqk)
+        _rotate_(q[..., self.qk_nope_head_dim :], freqs)
+        return q, qr
+
     def _absorbed(self, q, lat, wkv_b, bias) -> torch.Tensor:
         """Attention of q (B, Sq, H, Dqk) over the latent cache lat (B, T, C + Dr), with wkv_b
         folded into the query and the output, and an additive `bias` broadcast against the
@@ -401,22 +414,14 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """One token per row (x (B, 1, D)) at the device position `step.pos`, with no host
         sync and no shape that depends on the position: the new key goes into the cache by
-        index_copy_, attention reads `step.span` keys with the later ones masked. cos, sin
-        (1, Dr/2) of that position. The same numbers as `forward` at start_pos = pos."""
+        index_copy_, attention reads `step.span` keys with the later ones masked; the rotation
+        is `step.freqs` (cos, sin are the layer signature's, unused). The same numbers as
+        `forward` at start_pos = pos."""
         B = x.shape[0]
         H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
-        C, L = self.kv_lora_rank, step.span
-        freqs = step.freqs  # (1, Dr/2)
-        kv = self.wkv_a(x)  # (B, 1, C + Dr)
-        k_pe = kv[..., C:].unsqueeze(2)  # (B, 1, 1, Dr)
-        _rotate_(k_pe, freqs)
-        kv = self.kv_norm(kv[..., :C])  # (B, 1, C)
-        if self.q_lora_rank == 0:
-            q = self.wq(x)
-        else:
-            q = self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(B, 1, H, self.qk_head_dim)  # (B, 1, H, Dqk)
-        _rotate_(q[..., Dn:], freqs)
+        L = step.span
+        kv, k_pe = self._latent(x, step.freqs)  # (B, 1, C), (B, 1, 1, Dr)
+        q, _ = self._query(x, step.freqs)  # (B, 1, H, Dqk)
         if self.attn_impl == "naive":
             c = self.cache.tensors
             kvb = self.wkv_b(kv).view(B, 1, H, Dn + Dv)

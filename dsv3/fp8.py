@@ -11,8 +11,8 @@ bf16 reads 2. Two paths read each fp8 byte once instead:
   dequantisation does). The same kernel runs the routed experts grouped: pairs sorted by
   expert, each expert's rows padded to whole row blocks (`moe_layout`), a row block naming its
   expert, so an expert that got no pairs is never read. Sync-free: it can be captured in a
-  CUDA graph. It also takes bf16 weights (no scale): the MoE measures it against grouped
-  matmuls for bf16 experts (`dsv3.moe`). Tiles are autotuned per shape on first use.
+  CUDA graph. It also takes bf16 weights (no scale; `dsv3.moe.dispatch_triton`). Tiles are
+  autotuned per shape on first use.
 - `scaled_mm` (dense Linears, sm90 with cuBLASLt >= 12.9): the activations quantised to fp8 per
   1x128 block, then `torch._scaled_mm` with DeepSeek's block scaling, at the fp8 matrix rate.
   cuBLASLt wants M a multiple of 4 (rows are padded) and the weight scale's K blocks padded to
@@ -35,14 +35,15 @@ import torch.nn.functional as F
 
 from . import tuning
 from .config import BLOCK_SIZE
+from .layers import dequantize
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on CPU tensors (tests)
+INTERPRET_BK = int(os.environ.get("DSV3_TEST_BK", "128"))  # the interpreter's K tile (tests)
 # Relative Frobenius difference a fast path may have from the dequantised product: bf16
 # rounding for the weight-only kernel; the scaled_mm path also rounds the activations to fp8
 # (3 mantissa bits, as the reference's act_quant does): ~2.5% measured on an H200.
-INTERPRET_BK = int(os.environ.get("DSV3_TEST_BK", "128"))  # the interpreter's K tile (tests)
 AGREE = {"triton": 2e-2, "scaled_mm": 5e-2}
 
 try:  # Triton comes with CUDA builds of torch; CPU-only installs lack it (and need none of this)
@@ -369,9 +370,9 @@ def linear_impl(
     rows = x.numel() // x.shape[-1]
     g = torch.Generator(device=x.device).manual_seed(0)
     xr = torch.randn(rows, x.shape[-1], generator=g, device=x.device).to(x.dtype)
-    ref = F.linear(xr, _dequant(weight, scale, x.dtype))
+    ref = F.linear(xr, dequantize(weight, scale, x.dtype))
     cands: dict[str, Callable[[], object]] = {
-        "dequant": lambda: F.linear(xr, _dequant(weight, scale, x.dtype))
+        "dequant": lambda: F.linear(xr, dequantize(weight, scale, x.dtype))
     }
     tries: dict[str, Callable[[], torch.Tensor]] = {}
     if triton_ok(x.device):
@@ -392,24 +393,14 @@ def linear_impl(
 REJECTED: dict[str, str] = {}  # fast paths that failed their check, and why (benchmarks print it)
 
 
-def _dequant(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    from .layers import dequantize
-
-    return dequantize(weight, scale, dtype)
-
-
 def linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    mm_scale: torch.Tensor | None = None,
-    impl: str | None = None,
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, mm_scale: torch.Tensor | None
 ) -> torch.Tensor:
     """x (..., K) times the fp8 weight (N, K) with block scales on CUDA, by the measured path
-    (`linear_impl`; `impl` forces one)."""
-    impl = impl or linear_impl(x, weight, scale, mm_scale)
+    (`linear_impl`)."""
+    impl = linear_impl(x, weight, scale, mm_scale)
     if impl == "triton":
         return w8_matmul(x, weight, scale)
     if impl == "scaled_mm":
         return scaled_mm_linear(x, weight, mm_scale)
-    return F.linear(x, _dequant(weight, scale, x.dtype))
+    return F.linear(x, dequantize(weight, scale, x.dtype))

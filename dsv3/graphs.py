@@ -50,7 +50,7 @@ class Entry:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]
     output: torch.Tensor
-    buffers: tuple[int, ...]  # the cache buffers the graph writes (data pointers)
+    versions: tuple[int, ...]  # of the cache buffers the graph writes (`KVCache.version`)
     marks: list[tuple[nn.Module, str, object]] = field(default_factory=list)
 
 
@@ -130,7 +130,7 @@ class CudaGraphs:
             self._cache_list = [c for b in self._model_ref.layers for c in b.attn.caches]
         return self._cache_list
 
-    def _buffers(self) -> tuple[int, ...]:
+    def _versions(self) -> tuple[int, ...]:
         """The identity of the cache buffers: graphs captured on them are valid while it holds."""
         return tuple(c.version for c in self._caches())
 
@@ -139,11 +139,11 @@ class CudaGraphs:
         this replaces are dropped (they would write to freed memory)."""
         cap_b, cap_t = self._caches()[0].capacity
         span = min(span, self._model_ref.args.max_seq_len)
-        if batch <= cap_b and span <= cap_t and self._reserved == self._buffers():
+        if batch <= cap_b and span <= cap_t and self._reserved == self._versions():
             return  # every layer was sized together and nothing replaced them since
-        before = self._buffers()
+        before = self._versions()
         self._model_ref.reserve_cache(batch, span)
-        self._reserved = self._buffers()
+        self._reserved = self._versions()
         if self._reserved != before:
             self.clear()
 
@@ -160,16 +160,14 @@ class CudaGraphs:
         B = tokens.shape[0]
         span = span_for(start_pos + 1, m.args.max_seq_len)
         self.reserve(B, span)
-        key = ("decode", B, span, self._marks_key())
-        entry = self._entry(key)
+
+        def inputs():
+            pos = torch.tensor([start_pos], dtype=torch.long, device=m.device)
+            return {"tokens": tokens.clone(), "pos": pos}
+
+        entry = self._entry(("decode", B, span), inputs, lambda i: _step(m, i, span))
         if entry is None:
-            inputs = {
-                "tokens": tokens.clone(),
-                "pos": torch.tensor([start_pos], dtype=torch.long, device=m.device),
-            }
-            entry = self._capture("decode", key, inputs, lambda i: _step(m, i, span))
-            if entry is None:
-                return None
+            return None
         entry.inputs["tokens"].copy_(tokens)
         entry.inputs["pos"].fill_(start_pos)
         return self._replay(entry)
@@ -185,56 +183,60 @@ class CudaGraphs:
             return None
         # The span a decode after this prefill will read: no reallocation at the first step.
         self.reserve(B, span_for(S + 1, m.args.max_seq_len))
-        key = ("prefill", B, S, all_logits, full, self._marks_key())
-        entry = self._entry(key)
+        key = ("prefill", B, S, all_logits, full)
+        entry = self._entry(
+            key,
+            lambda: {"tokens": tokens.clone()},
+            lambda i: m._forward(i["tokens"], 0, all_logits, full),
+        )
         if entry is None:
-            inputs = {"tokens": tokens.clone()}
-
-            def fn(i):
-                return m._forward(i["tokens"], 0, all_logits, full)
-
-            entry = self._capture("prefill", key, inputs, fn)
-            if entry is None:
-                return None
+            return None
         entry.inputs["tokens"].copy_(tokens)
         return self._replay(entry)
 
-    def _entry(self, key: tuple) -> Entry | None:
+    def _entry(self, key: tuple, inputs, fn) -> Entry | None:
+        """The graph for `key` (its kind, shapes and flags; the instrumentation that is on is
+        added), captured now from `fn(inputs())` (`inputs` makes its static inputs) if there is
+        none on the current cache buffers; None if capturing failed (run eagerly)."""
+        key = (*key, self._marks_key())
         entry = self.entries.get(key)
-        if entry is None:
-            return None
-        if entry.buffers != self._buffers():
-            del self.entries[key]
-            return None
-        self.entries.move_to_end(key)
-        return entry
+        if entry is not None and entry.versions == self._versions():
+            self.entries.move_to_end(key)
+            return entry
+        self.entries.pop(key, None)
+        return self._capture(key[0], key, inputs(), fn)
 
     def _capture(self, kind: str, key: tuple, inputs: dict, fn) -> Entry | None:
-        m = self._model_ref
-        dev = m.device
         try:
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUPS):  # lazy tables, measured kernel choices, autotuning
-                    fn(inputs)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn(inputs)
+            graph, out = self._record(fn, inputs)
         except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
             self.failed.add(kind)
             self.note = f"{kind} graph capture failed, running eagerly: {type(e).__name__}: {e}"
             self.note = self.note[:300]
-            torch.cuda.synchronize(dev)
+            torch.cuda.synchronize(self._model_ref.device)
             return None
-        entry = Entry(graph, inputs, out, self._buffers(), self._marks())
+        entry = Entry(graph, inputs, out, self._versions(), self._marks())
         self.last = entry
         self.entries[key] = entry
         while len(self.entries) > MAX_GRAPHS:
             self.entries.popitem(last=False)
         self.captures += 1
         return entry
+
+    def _record(self, fn, inputs: dict) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture `fn(inputs)` in a CUDA graph after WARMUPS eager runs on a side stream ->
+        (graph, its output tensor)."""
+        dev = self._model_ref.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUPS):  # lazy tables, measured kernel choices, autotuning
+                fn(inputs)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(inputs)
+        return graph, out
 
     def _replay(self, entry: Entry) -> torch.Tensor:
         entry.graph.replay()
@@ -244,10 +246,7 @@ class CudaGraphs:
             self.last = entry
         self.replays += 1
         self.note = None
-        out = entry.output
-        if isinstance(out, tuple):
-            return out
-        return out.clone()
+        return entry.output.clone()
 
     def _marks(self) -> list[tuple[nn.Module, str, object]]:
         """The instrumentation tensors the captured forward left on modules (graph memory)."""

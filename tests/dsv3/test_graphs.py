@@ -155,3 +155,84 @@ def test_triton_experts_off_a_gpu_say_so():
     m = Transformer(ARGS, dtype="fp32", moe_impl="triton")
     with pytest.raises(ValueError, match="moe_impl='triton' needs a CUDA GPU"):
         m(torch.randint(0, ARGS.vocab_size, (1, 8)))
+
+
+class _ReplayOnCPU:
+    """Stands in for a captured CUDA graph on the CPU. A replay writes into the tensors the
+    capture made (the output, and the router's `last_*` tensors it left on modules) and
+    changes no module attribute, as a graph replay does: it runs the captured function again,
+    copies the results into those tensors and puts the attributes back as they were."""
+
+    def __init__(self, graphs, fn, inputs, out):
+        self.fn, self.inputs, self.out = fn, inputs, out
+        self.marks = [(mod, name, value) for mod, name, value in graphs._marks()]
+
+    def replay(self):
+        before = [(mod, name, mod.__dict__.get(name)) for mod, name, _ in self.marks]
+        self.out.copy_(self.fn(self.inputs))
+        for mod, name, static in self.marks:
+            static.copy_(getattr(mod, name))
+        for mod, name, value in before:
+            mod.__dict__[name] = value
+
+
+def _simulated_graphs(m: Transformer) -> None:
+    """Route `m`'s forwards through dsv3.graphs' bookkeeping with CPU stand-ins for capture."""
+
+    def record(fn, inputs):
+        out = fn(inputs)
+        return _ReplayOnCPU(m.graphs, fn, inputs, out), out
+
+    m.graphs.usable = lambda: True
+    m.graphs._record = record
+
+
+def test_graph_bookkeeping_replays_what_eager_computes():
+    """Through forward, as the app runs it: graphs per (batch, span) and per prefill shape are
+    captured once and replayed after; a second run captures nothing; passing a span (positions
+    255 -> 256) grows the static cache and drops the graphs of the old buffers; the router's
+    instrumentation after a replay is the replayed forward's; the logits equal eager ones."""
+    torch.manual_seed(0)
+    m = Transformer(ARGS, dtype="fp32")
+    tok = torch.randint(0, ARGS.vocab_size, (2, 260))
+
+    def run(model, prefill=250, steps=10):
+        model.reset_cache()
+        outs = [model(tok[:, :prefill], full=True)]
+        counts = model.layers[1].ffn.last_counts.clone()
+        outs += [model(tok[:, p : p + 1], start_pos=p) for p in range(prefill, prefill + steps)]
+        return outs, counts
+
+    want, want_counts = run(m)
+    _simulated_graphs(m)
+    got, got_counts = run(m)
+    g = m.graphs
+    assert g.captures == 3  # the prefill, decode at span 256, decode at span 512 (from 256)
+    assert g.replays == 11 and g.note is None
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_counts, want_counts, rtol=0, atol=0)
+    capacity = m.layers[0].attn.cache.capacity
+    run(m)  # the graphs captured before the cache grew are captured again, on the new buffers
+    assert g.captures == 5
+    got3, counts3 = run(m)  # and from then on the static cache stays and nothing is captured
+    assert g.captures == 5 and m.layers[0].attn.cache.capacity == capacity
+    torch.testing.assert_close(got3[-1], want[-1], rtol=1e-5, atol=1e-5)
+    # the prefill's replay put its routing back on the modules (decode graphs had replaced it)
+    torch.testing.assert_close(counts3, want_counts, rtol=0, atol=0)
+    # an eager forward (too many tokens for a graph) that reallocates the cache: graphs on the
+    # old buffers are never replayed, they are captured again
+    m(torch.randint(0, ARGS.vocab_size, (5, 900)))
+    got4, _ = run(m)
+    assert g.captures == 8
+    torch.testing.assert_close(got4[-1], want[-1], rtol=1e-5, atol=1e-5)
+    m.free_cache()
+    assert not g.entries and m.cache_bytes() == 0
+
+
+def test_a_model_built_under_inference_mode_runs():
+    """Kept float32 / dequantised weights of inference tensors (no version counter)."""
+    with torch.inference_mode():
+        m = Transformer(ARGS, dtype="bf16")
+        out = m(torch.randint(0, ARGS.vocab_size, (1, 8)))
+    assert out.isfinite().all()
