@@ -404,7 +404,9 @@ class GroupedExperts(KeepsDerived):
             return dispatch(x_TD.index_select(0, token_N), counts_E, w1, w2, w3)
         if not isinstance(counts_E, torch.Tensor):  # expert parallel: this rank's counts
             counts_E = torch.tensor(counts_E, device=x_TD.device)
-        expert_N = idx_TK.flatten().index_select(0, order_N) - self.first  # local expert ids
+        expert_N = idx_TK.flatten().index_select(0, order_N)
+        if self.first:  # expert parallel: this rank's experts are numbered from `first`
+            expert_N = expert_N - self.first
         w = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
         return fp8.experts_w8(x_TD.contiguous(), token_N, expert_N, counts_E, w)
 
