@@ -97,6 +97,114 @@ def check_graph_decode(args: ModelArgs, cpu: Transformer) -> list:
     return rows
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_fused(args: ModelArgs, cpu: Transformer) -> list:
+    """The fused decode kernels (dsv3.fused) against their torch twins: the router (routings
+    of V3, Kimi K2, the seed demo, groups without bias), the few-token MoE (fp32, bf16, fp8;
+    with and without shared experts) and a whole decode step (mla_step + the rest); float32
+    where the twins must agree to rounding, bf16 where routing may flip on a near tie."""
+    from dsv3 import fused
+    from dsv3.layers import quantize_fp8
+    from dsv3.moe import MoE
+    from dsv3.routing import Gate
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    routings = [  # (E, K, groups, kept, score, bias)
+        (64, 6, 1, 1, "softmax", False), (256, 8, 8, 4, "sigmoid", True),
+        (384, 8, 1, 1, "sigmoid", True), (24, 3, 3, 2, "softmax", False),
+    ]  # fmt: skip
+    for E, K, G, KG, func, bias in routings:
+        a = ModelArgs(dim=64, n_routed_experts=E, n_activated_experts=K, n_expert_groups=G,
+                      n_limited_groups=KG, score_func=func, gate_bias=bias, route_scale=2.5)  # fmt: skip
+        gate = Gate(a.for_layer(a.n_layers - 1), dtype=torch.float32, device=DEV)
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * 0.3)
+        if gate.bias is not None:
+            gate.bias.copy_(torch.randn(E, generator=g) * 0.1)
+        x = torch.randn(7, 64, generator=g).to(DEV)
+        got = []
+        for keep in (False, True):  # keep_scores=True takes the torch twin
+            gate.keep_scores = keep
+            c = torch.zeros(E, dtype=torch.long, device=DEV)
+            w, i = gate(x, c)
+            order = i.argsort(-1)
+            got.append((i.gather(1, order), w.gather(1, order), c))
+        same = torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][2], got[1][2])
+        rel = _rel(got[0][1], got[1][1])
+        rows.append((f"fused router, {E} experts top-{K}, {G} groups, {func}, bias {bias}",
+                     f"same ids and counts {same}, weights rel {rel:.1e}", same and rel < 1e-5))  # fmt: skip
+
+    cases = [  # (compute dtype, weight dtype, shared, I, D, tokens)
+        (torch.float32, None, 2, 128, 256, 3), (torch.float32, None, 0, 96, 160, 8),
+        (torch.bfloat16, None, 2, 1408 // 4, 512, 1), (torch.bfloat16, "fp8", 2, 256, 512, 8),
+        (torch.bfloat16, "fp8", 1, 384, 256, 2),
+    ]  # fmt: skip
+    for dt, wd, S, I, D, T in cases:
+        a = ModelArgs(dim=D, moe_inter_dim=I, n_routed_experts=16, n_activated_experts=6,
+                      n_shared_experts=S, score_func="softmax")  # fmt: skip
+        moe = MoE(a.for_layer(a.n_layers - 1), torch.float8_e4m3fn if wd else dt, DEV)
+        sd = {}
+        for k, t in moe.state_dict().items():
+            if k.endswith("scale"):
+                continue
+            w = torch.randn(t.shape, generator=g) / t.shape[-1] ** 0.5
+            if t.dtype == torch.float8_e4m3fn:
+                q, sc = quantize_fp8(w)
+                (
+                    sd[k],
+                    sd[k[: -len("weight")] + "scale" if k.endswith("weight") else k + "_scale"],
+                ) = q, sc
+            else:
+                sd[k] = w.to(t.dtype)
+        moe.load_state_dict(sd)
+        x = torch.randn(T, 1, D, generator=g).to(DEV, dt)
+        used = fused.moe_small_ok(moe.experts, moe.shared_experts, x.view(T, D), T * 6)
+        y = moe(x)
+        moe.impl = "loop"  # the torch twin (fp8: dequantised per call)
+        ref = moe(x)
+        rel = _rel(y, ref)
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        rows.append((f"fused MoE, {T} tokens, {wd or dt} weights, {S} shared, I {I}, D {D}",
+                     f"used {used}, rel {rel:.1e}", used and rel < tol))  # fmt: skip
+
+    for dt, ql in (("fp32", 0), ("fp32", 64), ("bf16", 64)):
+        a = args.replace(q_lora_rank=ql)
+        torch.manual_seed(0)
+        m = _cuda_copy(Transformer(a, device="cpu"), dt)
+        tok = torch.randint(0, a.vocab_size, (2, 20), generator=g).to(DEV)
+        outs = []
+        for on in (True, False):
+            fused.ENABLED = on
+            try:
+                with torch.inference_mode():
+                    m.reset_cache()
+                    m(tok)
+                    m.graphs.reserve(2, 32)
+                    lg = [_static_logits(m, p, torch.randint(0, a.vocab_size, (2, 1), generator=
+                          torch.Generator().manual_seed(p)).to(DEV)) for p in range(20, 23)]  # fmt: skip
+                    cache = torch.cat([b.attn.cache.packed[:2, :23].flatten() for b in m.layers])
+                    outs.append((torch.stack(lg), cache))
+            finally:
+                fused.ENABLED = True
+        rl, rc = _rel(outs[0][0], outs[1][0]), _rel(outs[0][1], outs[1][1])
+        tol = 1e-4 if dt == "fp32" else 5e-2
+        rows.append((f"fused decode step vs torch twin ({dt}, q_lora {ql}), 3 steps",
+                     f"logits rel {rl:.1e}, cache rel {rc:.1e}", rl < tol and rc < tol))  # fmt: skip
+    rows.append(("fused kernels that failed to run", str(fused.FAILED) or "none", not fused.FAILED))
+    return rows
+
+
+def _static_logits(m: Transformer, pos: int, tokens: torch.Tensor) -> torch.Tensor:
+    """One decode step through the static-step code (what a CUDA graph captures), eagerly."""
+    from dsv3 import graphs
+
+    return graphs._step(m, {"pos": torch.tensor([pos], device=DEV), "tokens": tokens}, 32).float()
+
+
 def check_fp8_kernels(args: ModelArgs, cpu: Transformer) -> list:
     """The fp8 kernels against the dequantised product, shapes of V3 and of the seed demo."""
     from dsv3 import fp8
@@ -227,7 +335,13 @@ def dry_run() -> int:
     args = ModelArgs(**TINY)
     torch.manual_seed(0)
     cpu = Transformer(args, device="cpu")
-    for check in (check_graph_decode, check_fp8_kernels, check_fp8_model, check_app_path):
+    for check in (
+        check_fused,
+        check_graph_decode,
+        check_fp8_kernels,
+        check_fp8_model,
+        check_app_path,
+    ):
         try:
             for row in check(args, cpu):
                 print(row)
@@ -312,7 +426,13 @@ def main() -> int:
     else:
         rows.append(("bf16 grouped_mm vs loop (CUDA)", "grouped_mm not supported here", True))
 
-    for check in (check_graph_decode, check_fp8_kernels, check_fp8_model, check_app_path):
+    for check in (
+        check_fused,
+        check_graph_decode,
+        check_fp8_kernels,
+        check_fp8_model,
+        check_app_path,
+    ):
         try:
             rows.extend(check(args, cpu))
         except Exception as e:  # noqa: BLE001 - report and go on: one run checks everything

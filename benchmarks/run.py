@@ -814,6 +814,13 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
         rows.add("bf16 expert dispatch chosen (pairs bucket, E, D, I)", str(picked)[:300])
         if fp8.REJECTED:
             rows.add("fp8 fast paths rejected", str(fp8.REJECTED)[:300])
+        from dsv3 import fused
+
+        rows.add(
+            "fused decode kernels (dsv3.fused)",
+            "failed here, torch twins ran" if fused.FAILED else "in use",
+            note=str(fused.FAILED)[:300],
+        )
     ours = build_ours(peer, device=dev, dtype="bf16")
     try:
         hf = build_hf(

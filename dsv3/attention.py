@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import tuning
+from . import fused, tuning
 from .config import LayerArgs
 from .layers import LayerNorm, Linear, RMSNorm, compute_dtype
 
@@ -310,6 +310,11 @@ class MLA(nn.Module):
         H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         C = self.kv_lora_rank
         freqs = torch.complex(cos, sin)  # (S, Dr/2)
+        if S == 1:
+            q = self._fused_step(x, start_pos, freqs)
+            if q is not None:
+                lat = self.cache.packed[:B, :end_pos]
+                return self._absorbed(q, lat, self.wkv_b.dense_weight(x.dtype), None)
         kv, k_pe = self._latent(x, freqs)
         self.cache.ensure(B, end_pos, x, keep=start_pos > 0)
         c = self.cache.tensors
@@ -359,6 +364,32 @@ class MLA(nn.Module):
             bias = _causal_bias(Sq, T, q_pos, x.device, x.dtype)[:, None]  # (Sq, 1, T)
         return self._absorbed(q, lat, wkv_b, bias)
 
+    def _fused_step(
+        self, x: torch.Tensor, pos: torch.Tensor | int, freqs: torch.Tensor
+    ) -> torch.Tensor | None:
+        """One new position per row (x (B, 1, D)) at pos (a device tensor (1,) whose cache
+        room is reserved, or an int: room made here), absorbed cache: the latent's RMSNorm,
+        both rotations and the cache write in one kernel
+        (`dsv3.fused.mla_step`; `_latent` and `_query` are its twin) -> the rotated queries
+        (B, 1, H, Dqk), or None where the kernel cannot run. Eager decode and the graphed step
+        share it, so the two give the same numbers."""
+        if (
+            self.attn_impl == "naive"
+            or self.indexer is not None
+            or not fused.available(x.device, "mla_step")
+        ):
+            return None
+        B = x.shape[0]
+        if isinstance(pos, int):
+            self.cache.ensure(B, pos + 1, x, keep=pos > 0)
+            pos = torch.full((1,), pos, dtype=torch.long, device=x.device)
+        kv_a = self.wkv_a(x)  # (B, 1, C + Dr)
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, 1, self.n_heads, self.qk_head_dim)
+        n, buf = self.kv_norm, self.cache.packed[:B]  # buf (B, T_cap, C + Dr)
+        args = (kv_a, q, n.weight, n.eps, freqs, pos, buf, self.qk_nope_head_dim)
+        return fused.attempt("mla_step", fused.mla_step, *args)
+
     def _latent(self, x: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, S, D) -> what the cache takes: the normed kv latent (B, S, C) and the rotated
         shared rope key (B, S, 1, Dr). freqs (S, Dr/2) complex."""
@@ -404,7 +435,10 @@ class MLA(nn.Module):
         scores.mul_(self.softmax_scale)
         if bias is not None:
             scores = scores.view(B, Sq, H, T).add_(bias)
-        p = scores.view(B, Sq * H, T).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        if scores.is_cuda:  # CUDA softmax accumulates low precision in float32 by itself
+            p = scores.view(B, Sq * H, T).softmax(dim=-1)
+        else:
+            p = scores.view(B, Sq * H, T).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
         o = torch.bmm(p, lat[..., :C]).view(B * Sq, H, C).transpose(0, 1)  # (H, B*Sq, C)
         o = torch.bmm(o, wkv_b[:, Dn:].transpose(1, 2))  # (H, B*Sq, Dv)
         return self.wo(o.transpose(0, 1).reshape(B, Sq, H * Dv))
@@ -420,6 +454,10 @@ class MLA(nn.Module):
         B = x.shape[0]
         H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         L = step.span
+        q = self._fused_step(x, step.pos, step.freqs)
+        if q is not None:
+            buf = self.cache.packed[:B, :L]
+            return self._absorbed(q, buf, self.wkv_b.dense_weight(x.dtype), step.bias)
         kv, k_pe = self._latent(x, step.freqs)  # (B, 1, C), (B, 1, 1, Dr)
         q, _ = self._query(x, step.freqs)  # (B, 1, H, Dqk)
         if self.attn_impl == "naive":

@@ -336,15 +336,6 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, mm_scale: torch.Tens
 
 
 # ---------------------------------------------------------------- the measured choice
-def _sync_timed(fn: Callable[[], object]) -> Callable[[], object]:
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
 def _agrees(got: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
     got, ref = got.float(), ref.float()
     if not bool(torch.isfinite(got).all()):
@@ -387,7 +378,7 @@ def linear_impl(
                 REJECTED[name] = "disagrees with the dequantised product"
         except Exception as e:  # noqa: BLE001 - an unsupported path is simply not a candidate
             REJECTED[name] = f"{type(e).__name__}: {str(e)[:200]}"
-    return tuning.choose(key, {n: _sync_timed(f) for n, f in cands.items()})
+    return tuning.choose(key, cands, tuning.gpu_measure)
 
 
 REJECTED: dict[str, str] = {}  # fast paths that failed their check, and why (benchmarks print it)

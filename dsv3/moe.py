@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import tuning
+from . import fused, tuning
 from .config import LayerArgs
 from .layers import FP8, MLP, KeepsDerived, compute_dtype, dequantize, linear, scale_shape
 from .routing import Gate
@@ -496,20 +496,31 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)  # (B*S, D)
-        weights_TK, idx_TK = self.gate(x_TD)
-        # scatter_add rather than bincount: bincount has no meta kernel.
         counts_E = torch.zeros(self.n_routed_experts, dtype=torch.long, device=x.device)
-        counts_E.scatter_add_(0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten()))
+        weights_TK, idx_TK = self.gate(x_TD, counts_E)
         self.last_counts, self.last_weights, self.last_indices = counts_E, weights_TK, idx_TK
+        local = self.experts.n_experts == self.n_routed_experts
         if x.device.type == "meta":
             y_TD = torch.empty_like(x_TD)
+        elif (
+            self.impl == "auto"
+            and local
+            and fused.moe_small_ok(self.experts, self.shared_experts, x_TD, idx_TK.numel())
+            and (y_TD := self._fused(x_TD, weights_TK, idx_TK)) is not None
+        ):
+            return y_TD.view(shape)  # routed and shared experts together
         else:
             # On a GPU with all experts here, the grouped path takes the counts as a tensor:
             # no host sync per layer. Otherwise (CPU, expert parallel) a list.
-            local = self.experts.n_experts == self.n_routed_experts
             on_host = x.device.type == "cpu" or not local
             counts = counts_E.tolist() if on_host else counts_E
             y_TD = self.experts(x_TD, weights_TK, idx_TK, counts, self.impl)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view(shape)
+
+    def _fused(self, x_TD, weights_TK, idx_TK) -> torch.Tensor | None:
+        """A few tokens on CUDA (decoding): routed and shared experts in two kernels
+        (`dsv3.fused.moe_small`), or None if they cannot run here."""
+        args = (x_TD, weights_TK, idx_TK, self.experts, self.shared_experts)
+        return fused.attempt("moe_small", fused.moe_small, *args)

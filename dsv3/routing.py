@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import fused
 from .config import LayerArgs
 from .layers import KeepsDerived, linear
 
@@ -52,10 +53,25 @@ class Gate(KeepsDerived):
         w = self.weight
         return w if w.dtype == torch.float32 else self.derived("w32", (w,), w.float)
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x_TD: torch.Tensor, counts_E: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, D) -> weights (T, K) in x's dtype, expert indices (T, K) int64 (in no
-        particular order within a token: everything downstream sums over them)."""
+        particular order within a token: everything downstream sums over them). With
+        `counts_E` (E,) int64, each pick is added to it (tokens per expert).
+
+        On CUDA everything after the matmul is one kernel (`dsv3.fused.route`) unless the
+        scores are kept for the views; the torch code below is its twin (and the CPU path)."""
         logits_TE = linear(x_TD.float(), self._weight32())
+        if not self.keep_scores and fused.available(x_TD.device, "route"):
+            softmax = self.score_func == "softmax"
+            got = fused.attempt(
+                "route", fused.route, logits_TE, self.bias, self.n_groups, self.topk_groups,
+                self.topk, softmax, self.route_scale, x_TD.dtype,
+                _counts(counts_E, self.n_experts, x_TD.device),
+            )  # fmt: skip
+            if got is not None:
+                return got
         if self.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:
@@ -83,7 +99,13 @@ class Gate(KeepsDerived):
         if self.score_func == "sigmoid":
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         weights_TK = weights_TK * self.route_scale
+        if counts_E is not None:  # scatter_add rather than bincount: bincount has no meta kernel
+            counts_E.scatter_add_(0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten()))
         return weights_TK.to(x_TD.dtype), idx_TK
+
+
+def _counts(counts_E: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    return counts_E if counts_E is not None else torch.zeros(n, dtype=torch.long, device=device)
 
 
 def _top2_sum(x: torch.Tensor) -> torch.Tensor:

@@ -175,3 +175,19 @@ def test_attention_kernel_choice_agrees(monkeypatch, start_pos, mode):
     assert got == "blocked" if mode == "rule" else got in ("blocked", "flash")
     assert len(tuning.choices("attn")) == (mode == "measured")
     assert blocked_or_flash(q, k, v, 0.3, start_pos) == got
+
+
+def test_choose_takes_a_timer():
+    """GPU kernels are timed by `gpu_measure` (device time, not the host's launches): whatever
+    timer is given decides, once, and its times are kept."""
+    seen = []
+
+    def timer(cands):
+        seen.append(sorted(cands))
+        return {"slow": 2e-3, "fast": 1e-3}
+
+    cands = {"slow": lambda: None, "fast": lambda: None}
+    assert tuning.choose(("timer", 1), cands, timer) == "fast"
+    assert tuning.choose(("timer", 1), cands, timer) == "fast"
+    assert seen == [["fast", "slow"]]
+    assert tuning.choices("timer")[0][2] == {"slow": 2e-3, "fast": 1e-3}

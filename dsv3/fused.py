@@ -1,0 +1,443 @@
+"""Fused Triton kernels for decoding on CUDA, where a step is bound by the number of kernels
+rather than by bytes (benchmarks/gpu_profile.py: ~65 kernels per layer, ~2.4 us each, against
+~45 us of weight reads per layer at batch 1 on an H200).
+
+- `route`: the whole router after its matmul in one kernel per token (softmax or sigmoid,
+  bias, group scores and the kept groups, top-k, weights, renormalisation, route_scale, and the
+  per-expert counts), where `dsv3.routing.Gate` runs ~20 small kernels.
+- `moe_small`: the routed experts and the shared experts of a few tokens in two kernels. The
+  shared experts (width S*I) are S more "experts" of width I with weight 1: SwiGLU is
+  elementwise along its hidden dim, so splitting that dim into S chunks changes nothing but
+  the order of the final sum. `_up` computes silu(x W1^T) * (x W3^T) for every (token, expert)
+  pair, reading only the weights of the experts each token picked; `_down` multiplies by W2,
+  weights each pair and sums a token's pairs, all in float32 with one rounding at the end.
+  Weights may be fp8 with 128x128 block scales (each fp8 byte is read once and scaled in
+  registers) or in the activations' dtype. The grouped path (sort, layout, grouped matmuls,
+  combine: ~25 kernels) stays for prefill.
+- `mla_step`: the decode step's latent and rotary work in one kernel: the kv latent's RMSNorm,
+  the rotation of the shared rope key and of every head's rope query, and the write of the new
+  latent into the static cache at the device position (`attention.StaticStep`).
+
+Each has a torch twin with the same contract (the modules' own code) and gpu_check compares
+them; in Triton's CPU interpreter (TRITON_INTERPRET=1) they run on CPU tensors (the dry run).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .fp8 import INTERPRET, triton
+
+if triton is not None:
+    import triton.language as tl
+
+FP8 = torch.float8_e4m3fn
+SMALL_PAIRS = 64  # routed (token, expert) pairs up to which the MoE takes `moe_small`
+# DSV3_FUSED=0 keeps the torch twins everywhere (gpu_check compares the two).
+ENABLED = os.environ.get("DSV3_FUSED", "1") != "0"
+
+
+# Kernels that failed on this machine (kind -> why): their torch twins run instead.
+FAILED: dict[str, str] = {}
+
+
+def available(device: torch.device, kind: str | None = None) -> bool:
+    """CUDA with Triton (or Triton's CPU interpreter on CPU tensors, for the dry run), and
+    kernel `kind` has not failed here."""
+    if triton is None or not ENABLED or kind in FAILED:
+        return False
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+def attempt(kind: str, fn, *args):
+    """fn(*args), or None after recording why it failed (a kernel that does not compile on
+    this GPU or Triton): the caller then runs the torch twin, and never tries `kind` again."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - any failure means: use the twin
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        FAILED[kind] = f"{type(e).__name__}: {e}"[:300]
+        return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _route_kernel(
+        logits_ptr,  # (T, E) float32
+        bias_ptr,  # (E,) float32 (unused without HAS_BIAS)
+        w_out_ptr,  # (T, K) weights, the activations' dtype
+        i_out_ptr,  # (T, K) int64 expert ids
+        counts_ptr,  # (E,) int64, added to
+        E,
+        EG,  # experts per group (E when there are no groups)
+        G,
+        route_scale,
+        KG: tl.constexpr,  # groups kept
+        K: tl.constexpr,
+        SOFTMAX: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        GROUPED: tl.constexpr,  # G > 1
+        EP: tl.constexpr,  # E padded to a power of two
+        GP: tl.constexpr,  # G padded
+        KP: tl.constexpr,  # K padded
+    ):
+        t = tl.program_id(0)
+        e = tl.arange(0, EP)
+        ok = e < E
+        s = tl.load(logits_ptr + t.to(tl.int64) * E + e, mask=ok, other=float("-inf"))
+        if SOFTMAX:
+            p = tl.where(ok, tl.exp(s - tl.max(s, axis=0)), 0.0)
+            score = p / tl.sum(p, axis=0)
+        else:
+            score = 1.0 / (1.0 + tl.exp(-s))
+        choice = score
+        if HAS_BIAS:
+            choice = score + tl.load(bias_ptr + e, mask=ok, other=0.0)
+        choice = tl.where(ok, choice, float("-inf"))
+        if GROUPED:
+            # (GP, EP) membership: row g marks group g's experts
+            g = tl.arange(0, GP)
+            member = (e[None, :] // EG == g[:, None]) & ok[None, :]
+            in_g = tl.where(member, choice[None, :], float("-inf"))
+            best = tl.max(in_g, axis=1)  # (GP,)
+            if HAS_BIAS:  # a group's score: its best two (ties count twice, as topk's)
+                at = tl.argmax(in_g, axis=1)
+                best += tl.max(tl.where(e[None, :] == at[:, None], float("-inf"), in_g), axis=1)
+            best = tl.where(g < G, best, float("-inf"))
+            keep = g < 0
+            for _ in tl.static_range(KG):
+                gi = tl.argmax(best, axis=0)
+                keep = keep | (g == gi)
+                best = tl.where(g == gi, float("-inf"), best)
+            kept = tl.max(tl.where(member & keep[:, None], 1, 0), axis=0) > 0  # (EP,)
+            choice = tl.where(kept, choice, float("-inf"))
+        kk = tl.arange(0, KP)
+        w = tl.zeros([KP], dtype=tl.float32)
+        ids = tl.zeros([KP], dtype=tl.int64)
+        for k in tl.static_range(K):  # unrolled: K is small
+            at = tl.argmax(choice, axis=0)
+            hit = e == at
+            w_k = tl.sum(tl.where(hit, score, 0.0), axis=0)
+            w = tl.where(kk == k, w_k, w)
+            ids = tl.where(kk == k, at.to(tl.int64), ids)
+            choice = tl.where(hit, float("-inf"), choice)
+        if not SOFTMAX:
+            w = w / tl.sum(w, axis=0)
+        w = w * route_scale
+        k_ok = kk < K
+        tl.store(w_out_ptr + t * K + kk, w.to(w_out_ptr.dtype.element_ty), mask=k_ok)
+        tl.store(i_out_ptr + t * K + kk, ids, mask=k_ok)
+        tl.atomic_add(counts_ptr + ids, tl.full([KP], 1, tl.int64), mask=k_ok)
+
+    @triton.jit
+    def _up_kernel(
+        x_ptr,  # (T, D) activations
+        idx_ptr,  # (T, K) int64
+        w1_ptr,  # (E, I, D) routed
+        w3_ptr,
+        s1_ptr,  # (E, I/128, D/128) float32 scales (fp8) or any tensor
+        s3_ptr,
+        sw1_ptr,  # (S*I, D) shared experts
+        sw3_ptr,
+        ss1_ptr,  # (S*I/128, D/128)
+        ss3_ptr,
+        h_ptr,  # (T*K + T*S, I) out: pairs first, then each token's S shared chunks
+        T,
+        K,
+        S,
+        I,
+        D,
+        stride_x,
+        HAS_SCALE: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+    ):
+        r = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        NK = T * K
+        IB = (I + 127) // 128  # scale rows per expert
+        KS = (D + 127) // 128  # scale columns
+        if r < NK:
+            t = r // K
+            e = tl.load(idx_ptr + r)
+            p1 = w1_ptr + e * I * D
+            p3 = w3_ptr + e * I * D
+            q1 = s1_ptr + e * IB * KS
+            q3 = s3_ptr + e * IB * KS
+        else:
+            c = (r - NK) % S
+            t = (r - NK) // S
+            c64 = c.to(tl.int64)
+            p1 = sw1_ptr + c64 * I * D
+            p3 = sw3_ptr + c64 * I * D
+            q1 = ss1_ptr + c64 * IB * KS
+            q3 = ss3_ptr + c64 * IB * KS
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < I
+        nb = (pid_n * BN) // 128  # BN divides 128: the tile's rows share one scale row
+        x_row = x_ptr + t.to(tl.int64) * stride_x
+        acc1 = tl.zeros([BN], dtype=tl.float32)
+        acc3 = tl.zeros([BN], dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < D
+            xv = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+            x1 = xv
+            x3 = xv
+            if HAS_SCALE:
+                x1 = xv * tl.load(q1 + nb * KS + k // 128, mask=k_ok, other=0.0)
+                x3 = xv * tl.load(q3 + nb * KS + k // 128, mask=k_ok, other=0.0)
+            m = n_ok[:, None] & k_ok[None, :]
+            off = rn[:, None] * D + k[None, :]
+            a = tl.load(p1 + off, mask=m, other=0.0).to(tl.float32)
+            acc1 += tl.sum(a * x1[None, :], axis=1)
+            b = tl.load(p3 + off, mask=m, other=0.0).to(tl.float32)
+            acc3 += tl.sum(b * x3[None, :], axis=1)
+        h = acc1 / (1.0 + tl.exp(-acc1)) * acc3
+        tl.store(h_ptr + r.to(tl.int64) * I + rn, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _down_kernel(
+        h_ptr,  # (T*K + T*S, I) from _up_kernel
+        idx_ptr,  # (T, K) int64
+        wt_ptr,  # (T, K) routing weights
+        w2_ptr,  # (E, D, I)
+        s2_ptr,  # (E, D/128, I/128)
+        sw2_ptr,  # (D, S*I) shared
+        ss2_ptr,  # (D/128, S*I/128)
+        y_ptr,  # (T, D) out
+        T,
+        K,
+        S,
+        I,
+        D,
+        HAS_SCALE: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < D
+        nb = (pid_n * BN) // 128
+        KI = (I + 127) // 128  # scale columns of one expert
+        DB = (D + 127) // 128
+        acc = tl.zeros([BN], dtype=tl.float32)
+        for jj in range(0, K + S):
+            routed = jj < K
+            gw = tl.load(wt_ptr + t * K + jj, mask=routed, other=1.0).to(tl.float32)
+            if routed:
+                e = tl.load(idx_ptr + t * K + jj)
+                wb = w2_ptr + e * D * I
+                w_row = I
+                sb = s2_ptr + e * DB * KI + nb * KI
+                h_row = h_ptr + (t * K + jj).to(tl.int64) * I
+            else:
+                c = (jj - K).to(tl.int64)
+                wb = sw2_ptr + c * I
+                w_row = S * I
+                sb = ss2_ptr + nb * (S * KI) + c * KI
+                h_row = h_ptr + (T * K + t * S + jj - K).to(tl.int64) * I
+            part = tl.zeros([BN], dtype=tl.float32)
+            for k0 in range(0, I, BK):
+                k = k0 + tl.arange(0, BK)
+                k_ok = k < I
+                hv = tl.load(h_row + k, mask=k_ok, other=0.0).to(tl.float32)
+                if HAS_SCALE:
+                    hv = hv * tl.load(sb + k // 128, mask=k_ok, other=0.0)
+                wv = tl.load(
+                    wb + rn[:, None].to(tl.int64) * w_row + k[None, :],
+                    mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                part += tl.sum(wv * hv[None, :], axis=1)
+            acc += gw * part
+        tl.store(y_ptr + t.to(tl.int64) * D + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _mla_step_kernel(
+        kv_ptr,  # (B, C + R) the wkv_a output of the step
+        q_ptr,  # (B, H, Dq) queries, the last R of each head rotated in place
+        norm_ptr,  # (C,) kv_norm weight
+        fr_ptr,  # (R/2, 2) float32 cos, sin of the position
+        pos_ptr,  # (1,) int64 position
+        cache_ptr,  # (B, T_cap, C + R) packed latent cache
+        stride_kv,
+        stride_qb,
+        stride_qh,
+        stride_cb,
+        stride_ct,
+        H,
+        C,
+        eps,
+        DN: tl.constexpr,  # q's non-rotated dims per head
+        R: tl.constexpr,
+        CP: tl.constexpr,  # C padded
+        HP: tl.constexpr,  # H padded
+    ):
+        b = tl.program_id(0)
+        pos = tl.load(pos_ptr)
+        row = cache_ptr + b.to(tl.int64) * stride_cb + pos * stride_ct
+        # the kv latent's RMSNorm (float32, as F.rms_norm computes it)
+        c = tl.arange(0, CP)
+        c_ok = c < C
+        x = tl.load(kv_ptr + b * stride_kv + c, mask=c_ok, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
+        w = tl.load(norm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(row + c, (x * rstd * w).to(cache_ptr.dtype.element_ty), mask=c_ok)
+        # rotate interleaved pairs (x0, x1) by (cos, sin): the key's and every head's query's
+        i = tl.arange(0, R // 2)
+        cos = tl.load(fr_ptr + 2 * i)
+        sin = tl.load(fr_ptr + 2 * i + 1)
+        k_at = kv_ptr + b * stride_kv + C + 2 * i
+        k0 = tl.load(k_at).to(tl.float32)
+        k1 = tl.load(k_at + 1).to(tl.float32)
+        tl.store(row + C + 2 * i, (k0 * cos - k1 * sin).to(cache_ptr.dtype.element_ty))
+        tl.store(row + C + 2 * i + 1, (k0 * sin + k1 * cos).to(cache_ptr.dtype.element_ty))
+        h = tl.arange(0, HP)
+        h_ok = h < H
+        q_at = q_ptr + b * stride_qb + h[:, None] * stride_qh + DN + 2 * i[None, :]
+        q0 = tl.load(q_at, mask=h_ok[:, None], other=0.0).to(tl.float32)
+        q1 = tl.load(q_at + 1, mask=h_ok[:, None], other=0.0).to(tl.float32)
+        dt = q_ptr.dtype.element_ty
+        tl.store(q_at, (q0 * cos[None, :] - q1 * sin[None, :]).to(dt), mask=h_ok[:, None])
+        tl.store(q_at + 1, (q0 * sin[None, :] + q1 * cos[None, :]).to(dt), mask=h_ok[:, None])
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def route(
+    logits_TE: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_groups: int,
+    topk_groups: int,
+    topk: int,
+    softmax: bool,
+    route_scale: float,
+    dtype: torch.dtype,
+    counts_E: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router after its matmul (`Gate.forward`'s contract) in one kernel: logits (T, E)
+    float32 -> weights (T, K) in `dtype`, expert ids (T, K) int64; adds each pick to counts_E
+    (E,) int64."""
+    T, E = logits_TE.shape
+    logits_TE = logits_TE.contiguous()
+    w = torch.empty(T, topk, dtype=dtype, device=logits_TE.device)
+    idx = torch.empty(T, topk, dtype=torch.int64, device=logits_TE.device)
+    if T == 0:
+        return w, idx
+    eg = E // n_groups
+    _route_kernel[(T,)](
+        logits_TE, bias if bias is not None else logits_TE, w, idx, counts_E, E, eg, n_groups,
+        float(route_scale), KG=topk_groups, K=topk, SOFTMAX=softmax, HAS_BIAS=bias is not None,
+        GROUPED=n_groups > 1, EP=_pow2(E), GP=_pow2(n_groups), KP=_pow2(topk), num_warps=1 if E <= 64 else 4,
+    )  # fmt: skip
+    return w, idx
+
+
+# (BN, BK, warps) tried per shape on first use. A few tokens' products are bound by how many
+# weight bytes are in flight: narrow row tiles give more programs, long K tiles longer loads.
+_UP = [(16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 128, 4), (8, 512, 4)]
+_DOWN = [(8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 128, 4)]
+
+if triton is not None and not INTERPRET:
+
+    def _configs(tiles):
+        return [
+            triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=2) for bn, bk, w in tiles
+        ]
+
+    _up_tuned = triton.autotune(_configs(_UP), key=["T", "K", "S", "I", "D", "HAS_SCALE"])(
+        _up_kernel
+    )
+    _down_tuned = triton.autotune(_configs(_DOWN), key=["T", "K", "S", "I", "D", "HAS_SCALE"])(
+        _down_kernel
+    )
+else:
+    _up_tuned = _down_tuned = None
+
+
+def moe_small_ok(experts, shared, x: torch.Tensor, n_pairs: int) -> bool:
+    """Can `moe_small` run this MoE (all experts on this rank, a shared width that splits into
+    whole experts, fp8 blocks that do not straddle experts), and is it few pairs?"""
+    if n_pairs > SMALL_PAIRS or not available(x.device, "moe_small"):
+        return False
+    I, D = experts.inter_dim, experts.dim  # noqa: E741 - the legend's I
+    fp8 = experts.w1.dtype == FP8
+    if not fp8 and experts.w1.dtype != x.dtype:
+        return False
+    if shared is not None:
+        if shared.w1.weight.shape[0] % I or shared.w1.weight.dtype != experts.w1.dtype:
+            return False
+    return not fp8 or (I % 128 == 0 and D % 128 == 0)
+
+
+def moe_small(
+    x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor, experts, shared
+) -> torch.Tensor:
+    """Routed experts (`GroupedExperts`) plus shared experts (an `MLP`, or None) of a few tokens
+    -> (T, D) in x's dtype: `MoE.forward`'s result, in two kernels."""
+    T, D = x_TD.shape
+    K = idx_TK.shape[1]
+    I = experts.inter_dim  # noqa: E741
+    x_TD = x_TD.contiguous()
+    idx_TK = idx_TK.contiguous()
+    w1, w2, w3 = experts.w1, experts.w2, experts.w3
+    fp8 = w1.dtype == FP8
+    if fp8:
+        s1, s2, s3 = experts.w1_scale, experts.w2_scale, experts.w3_scale
+    else:
+        s1 = s2 = s3 = x_TD
+    if shared is not None:
+        S = shared.w1.weight.shape[0] // I
+        sw1, sw2, sw3 = shared.w1.weight, shared.w2.weight, shared.w3.weight
+        ss1, ss2, ss3 = (
+            (shared.w1.scale, shared.w2.scale, shared.w3.scale) if fp8 else (x_TD, x_TD, x_TD)
+        )
+    else:
+        S = 0
+        sw1, sw2, sw3, ss1, ss2, ss3 = w1, w2, w3, s1, s2, s3
+    R = T * (K + S)
+    h = torch.empty(R, I, dtype=x_TD.dtype, device=x_TD.device)
+    y = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
+    up = (x_TD, idx_TK, w1, w3, s1, s3, sw1, sw3, ss1, ss3, h, T, K, S, I, D, x_TD.stride(0))
+    down = (h, idx_TK, weights_TK.contiguous(), w2, s2, sw2, ss2, y, T, K, S, I, D)
+    if _up_tuned is None:  # Triton's CPU interpreter: one fixed tile
+        _up_kernel[(R, triton.cdiv(I, 64))](*up, HAS_SCALE=fp8, BN=64, BK=128)
+        _down_kernel[(T, triton.cdiv(D, 64))](*down, HAS_SCALE=fp8, BN=64, BK=128)
+    else:
+        _up_tuned[lambda m: (R, triton.cdiv(I, m["BN"]))](*up, HAS_SCALE=fp8)
+        _down_tuned[lambda m: (T, triton.cdiv(D, m["BN"]))](*down, HAS_SCALE=fp8)
+    return y
+
+
+def mla_step(
+    kv: torch.Tensor,
+    q: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    freqs: torch.Tensor,
+    pos: torch.Tensor,
+    cache: torch.Tensor,
+    n_nope: int,
+) -> torch.Tensor:
+    """kv (B, 1, C + R) the step's wkv_a output, q (B, 1, H, Dn + R): writes RMSNorm(kv[:C])
+    and the rotated kv[C:] into cache (B, T_cap, C + R) at position `pos` (1,) and rotates q's
+    last R dims of every head in place (and returns it). freqs (1, R/2) complex: the position's rotation."""
+    B, _, CR = kv.shape
+    H = q.shape[2]
+    R = q.shape[3] - n_nope
+    C = CR - R
+    fr = torch.view_as_real(freqs.reshape(-1)).contiguous()  # (R/2, 2): cos, sin
+    _mla_step_kernel[(B,)](
+        kv, q, norm_weight, fr, pos, cache, kv.stride(0), q.stride(0), q.stride(2),
+        cache.stride(0), cache.stride(1), H, C, float(eps), DN=n_nope, R=R, CP=_pow2(C),
+        HP=_pow2(H), num_warps=4,
+    )  # fmt: skip
+    return q
