@@ -74,18 +74,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     on an Intel Xeon the former, 2-5x), so it is measured once per shape class (`dsv3.tuning`;
     with DSV3_DISPATCH=rule the latter, as tuned on the EPYC). One row already runs as a
     matrix-vector product; many rows favour the usual form."""
+    # This wrapper runs ~60 times per decode step: its own cost matters on a slow core (the
+    # cached choice is looked up before anything else is asked of the environment).
     rows = x.numel() // max(x.shape[-1], 1)
-    if x.device.type != "cpu" or not 1 < rows <= SKINNY_ROWS or weight.dim() != 2:
+    if not 1 < rows <= SKINNY_ROWS or x.device.type != "cpu" or weight.dim() != 2:
+        return F.linear(x, weight, bias)
+    key = ("linear", 1 << (rows - 1).bit_length(), *weight.shape, weight.dtype,
+           torch.get_num_threads())  # fmt: skip
+    form = tuning.cached(key)
+    if form == "linear":
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])
-    if tuning.measured():
-        key = ("linear", 1 << (rows - 1).bit_length(), *weight.shape, weight.dtype,
-               torch.get_num_threads())  # fmt: skip
-        form = tuning.cached(key)
-        if form is None:
-            form = tuning.choose(
-                key, {"linear": lambda: F.linear(x2, weight), "skinny": lambda: _skinny(x2, weight)}
-            )
+    if form is None and tuning.measured():
+        form = tuning.choose(
+            key, {"linear": lambda: F.linear(x2, weight), "skinny": lambda: _skinny(x2, weight)}
+        )
         if form == "linear":
             return F.linear(x, weight, bias)
     y = _skinny(x2, weight)
@@ -192,6 +195,11 @@ class RMSNorm(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32 == self.weight.dtype:
+            # The same float32 operations as F.rms_norm (bit-equal results), ~5x faster on a
+            # (4, 512, 512) CPU input: torch's CPU rms_norm squares through a slow pow().
+            r = x.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+            return (x * r).mul_(self.weight)
         return F.rms_norm(x, (self.dim,), self.weight, self.eps)
 
 

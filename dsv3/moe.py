@@ -20,7 +20,16 @@ from torch import nn
 
 from . import fused, tuning
 from .config import LayerArgs
-from .layers import FP8, MLP, KeepsDerived, compute_dtype, dequantize, linear, scale_shape
+from .layers import (
+    FP8,
+    MLP,
+    SKINNY_ROWS,
+    KeepsDerived,
+    compute_dtype,
+    dequantize,
+    linear,
+    scale_shape,
+)
 from .routing import Gate
 
 
@@ -46,7 +55,10 @@ def dispatch_loop(
             continue
         h = x_ND[start : start + n]
         h_nI = F.silu(linear(h, w1_EID[e]), inplace=True).mul_(linear(h, w3_EID[e]))
-        out_ND[start : start + n] = linear(h_nI, w2_EDI[e])
+        if n > SKINNY_ROWS:  # straight into the output rows: no (n, D) temporary and copy
+            torch.mm(h_nI, w2_EDI[e].t(), out=out_ND[start : start + n])
+        else:  # few rows: `linear` picks the faster form on CPU
+            out_ND[start : start + n] = linear(h_nI, w2_EDI[e])
         start += n
     return out_ND
 
