@@ -22,7 +22,8 @@ from collections.abc import Callable, Hashable
 
 MODES = ("measured", "rule")
 PROBE_BUDGET_S = 0.02  # time one class's probe may spend after its warm-up round
-PROBE_ROUNDS = 3  # timed rounds at most (fewer when the budget runs out, at least one)
+PROBE_ROUNDS = 7  # timed rounds at most (fewer when the budget runs out, at least one): a
+# probe of sub-millisecond candidates on a shared machine needs several to see through noise
 
 _LOCK = threading.RLock()  # re-entrant: a candidate may probe an inner class on its warm-up
 _CHOICES: dict[Hashable, str] = {}
