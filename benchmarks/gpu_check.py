@@ -328,6 +328,10 @@ def check_app_path(args: ModelArgs, cpu: Transformer) -> list:
     ]
 
 
+# The checks added with graphs, fp8 and the fused kernels (`--dry-run` runs them on the CPU).
+NEW_CHECKS = (check_fused, check_graph_decode, check_fp8_kernels, check_fp8_model, check_app_path)
+
+
 def dry_run() -> int:
     """The new checks on the CPU (fp8 kernels need Triton's interpreter: TRITON_INTERPRET=1)."""
     global DEV
@@ -335,13 +339,7 @@ def dry_run() -> int:
     args = ModelArgs(**TINY)
     torch.manual_seed(0)
     cpu = Transformer(args, device="cpu")
-    for check in (
-        check_fused,
-        check_graph_decode,
-        check_fp8_kernels,
-        check_fp8_model,
-        check_app_path,
-    ):
+    for check in NEW_CHECKS:
         try:
             for row in check(args, cpu):
                 print(row)
@@ -426,13 +424,7 @@ def main() -> int:
     else:
         rows.append(("bf16 grouped_mm vs loop (CUDA)", "grouped_mm not supported here", True))
 
-    for check in (
-        check_fused,
-        check_graph_decode,
-        check_fp8_kernels,
-        check_fp8_model,
-        check_app_path,
-    ):
+    for check in NEW_CHECKS:
         try:
             rows.extend(check(args, cpu))
         except Exception as e:  # noqa: BLE001 - report and go on: one run checks everything
