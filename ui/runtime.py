@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dsv3 import ModelArgs, Transformer, memory
+from dsv3 import ModelArgs, Transformer, fused, memory
 
 try:  # optional: only present on Hugging Face Spaces
     import spaces  # type: ignore[import-not-found]
@@ -205,14 +205,16 @@ def _how(graphs, before: tuple[int, int]) -> str:
     """How the forwards since `before` (graphs' (captures, replays)) ran: eager, from CUDA
     graphs captured during them (their time includes the capture), or replayed."""
     caps, reps = graphs.captures - before[0], graphs.replays - before[1]
+    # Fused decode kernels that failed to run on this GPU (their torch twins ran instead)
+    failed = f"; fused kernels not used here: {', '.join(fused.FAILED)}" if fused.FAILED else ""
     if not reps:
-        return "eager" + (f" ({graphs.note})" if graphs.note else "")
+        return "eager" + (f" ({graphs.note})" if graphs.note else "") + failed
     if caps:
         return (
             f"CUDA graphs, {caps} captured in this run (the time includes the capture; the "
-            "next run of this shape replays)"
+            "next run of this shape replays)" + failed
         )
-    return "replayed CUDA graphs"
+    return "replayed CUDA graphs" + failed
 
 
 def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[str, Any]:

@@ -236,3 +236,15 @@ def test_a_model_built_under_inference_mode_runs():
         m = Transformer(ARGS, dtype="bf16")
         out = m(torch.randint(0, ARGS.vocab_size, (1, 8)))
     assert out.isfinite().all()
+
+
+def test_app_run_says_when_fused_kernels_did_not_run(monkeypatch):
+    """A GPU where a fused kernel failed runs its torch twin; the Run line says so."""
+    from dsv3 import fused
+    from ui import runtime
+
+    monkeypatch.setattr(fused, "FAILED", {"route": "CompilationError: ..."})
+    torch.manual_seed(0)
+    m = Transformer(ARGS, dtype="fp32")
+    r = runtime.run(m, torch.randint(0, ARGS.vocab_size, (1, 8)), decode_steps=2)
+    assert r["decode_how"] == "eager; fused kernels not used here: route"
