@@ -15,7 +15,8 @@ from 0), dim (model width), q_latent (q_lora_rank), latent (kv_lora_rank), rope
 (qk_rope_head_dim), nope (qk_nope_head_dim), head_dim (nope + rope), v_dim (v_head_dim),
 heads, inter (dense MLP width), tokens (batch * seq, flattened for routing), experts, groups,
 kept_groups, topk, pairs (tokens * topk routed pairs), expert_inter (moe_inter_dim),
-shared_inter (n_shared_experts * moe_inter_dim), vocab.
+shared_inter (n_shared_experts * moe_inter_dim), vocab; on DSA layers index_heads,
+index_dim (the lightning indexer's) and kept (min(index_topk, ctx) keys per query).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ STEPS = {
     "top-k": "route",
     "experts w1, w3": "experts",
     "experts w2": "experts",
+    **dict.fromkeys(("index k", "index k cache"), "index keys"),
+    **dict.fromkeys(("index weights", "index scores", "kept"), "index select"),
 }
 
 
@@ -172,7 +175,37 @@ def _attention(la: LayerArgs, B: int, S: int, path: str) -> list[dict[str, Any]]
             ),
         ]
     m.append(_module("attention", "wo", "Linear heads x v_dim -> dim", bs + [("dim", la.dim)]))
+    if la.attn_kind == "dsa":  # the indexer decides which keys the scores above keep
+        at = next(i for i, mod in enumerate(m) if mod["name"] == "scores")
+        m[at:at] = _indexer(la, B, S)
+        m[at + len(_INDEXER_STEPS)]["op"] += ", keys the indexer dropped masked"
     return m
+
+
+_INDEXER_STEPS = ("index q", "index k", "index k cache", "index weights", "index scores", "kept")
+
+
+def _indexer(la: LayerArgs, B: int, S: int) -> list[dict[str, Any]]:
+    """The lightning indexer of a DSA layer (`attention.Indexer`), for a prefill from 0."""
+    Hi, Di, T = la.index_n_heads, la.index_head_dim, S
+    bs, bt = [("batch", B), ("seq", S)], [("batch", B), ("ctx", T)]
+    ops = (
+        "Linear q_latent -> index_heads x index_dim, rope dims rotated (half split)",
+        "Linear dim -> index_dim, LayerNorm, rope dims rotated: one key per token",
+        "index keys of every position, shared by the index heads",
+        "Linear dim -> index_heads: each head's weight",
+        "sum over heads of weight x relu(q k^T / sqrt(index_dim)), future at -inf",
+        f"the index_topk ({la.index_topk}) best-scored earlier positions per query",
+    )
+    axes = (
+        bs + [("index_heads", Hi), ("index_dim", Di)],
+        bs + [("index_dim", Di)],
+        bt + [("index_dim", Di)],
+        bs + [("index_heads", Hi)],
+        bs + [("ctx", T)],
+        bs + [("kept", min(la.index_topk, T))],
+    )
+    return [_module("attention", n, o, a) for n, o, a in zip(_INDEXER_STEPS, ops, axes)]
 
 
 def _ffn(la: LayerArgs, B: int, S: int) -> list[dict[str, Any]]:
@@ -277,6 +310,9 @@ def _axis_sizes(la: LayerArgs, B: int, S: int) -> dict[str, int]:
         "pairs": T * K,
         "expert_inter": la.moe_inter_dim,
         "shared_inter": la.n_shared_experts * la.moe_inter_dim,
+        "index_heads": la.index_n_heads,
+        "index_dim": la.index_head_dim,
+        "kept": min(la.index_topk, S),
     }
 
 
@@ -295,6 +331,11 @@ def _summary(la: LayerArgs, path: str) -> str:
         f"(nope {la.qk_nope_head_dim} + rope {la.qk_rope_head_dim}), v_dim {la.v_head_dim}, "
         f"{q}, latent {la.kv_lora_rank}"
     )
+    if la.attn_kind == "dsa":
+        attn += (
+            f", DSA indexer {la.index_n_heads} heads x {la.index_head_dim} keeps "
+            f"{la.index_topk} keys"
+        )
     if la.ffn == "dense":
         return f"{attn}; dense MLP inter {la.inter_dim}"
     groups = (

@@ -238,3 +238,45 @@ def test_preset_count_and_transformers_meta_build():
     # transformers' DeepseekV32 built on meta from the same config: same count (router
     # selection biases are buffers there, parameters here).
     assert hf_param_count(build_hf(args, device="meta")) == V32_TOTAL
+
+
+def test_architecture_view_shows_the_indexer_as_it_runs():
+    """The architecture view of a DSA layer lists the indexer's steps with the shapes a real
+    prefill produces (hooks on its Linears and the kept-keys mask), and plain MLA layers none."""
+    from dsv3.architecture import architecture
+
+    cfg = {**DSA, "layer_config": {1: {"attn_kind": "mla"}}}
+    model = _build(cfg)
+    B, S = 2, 20
+    seen = {}
+    for i, block in enumerate(model.layers):
+        ix = block.attn.indexer
+        for name, mod in (("index q", ix and ix.wq_b), ("index k", ix and ix.wk),
+                          ("index weights", ix and ix.weights_proj)):  # fmt: skip
+            if mod is not None:
+                mod.register_forward_hook(
+                    lambda m, a, out, key=(i, name): seen.__setitem__(key, tuple(out.shape))
+                )
+    record_indexer(model)
+    model(_tokens(model.args, S), full=True)
+    rows = architecture(model.args, batch=B, seq=S)
+    layers = [r for r in rows if r["kind"] == "layers"]
+    checked = 0
+    for group in layers:
+        mods = {m["name"]: m for m in group["modules"]}
+        for i in range(group["first"], group["last"] + 1):
+            ix = model.layers[i].attn.indexer
+            assert ("kept" in mods) == (ix is not None)
+            if ix is None:
+                continue
+            Hi, Di = ix.n_heads, ix.head_dim
+            assert mods["index q"]["shape"] == [B, S, Hi, Di]
+            assert seen[(i, "index q")] == (B, S, Hi * Di)  # viewed as (B, S, Hi, Di)
+            assert tuple(mods["index k"]["shape"]) == seen[(i, "index k")]
+            assert tuple(mods["index weights"]["shape"]) == seen[(i, "index weights")]
+            # every query keeps at most index_topk keys; the last ones exactly that many
+            assert mods["kept"]["shape"] == [B, S, int(ix.last_kept.sum(-1).max())]
+            names = [m["name"] for m in group["modules"]]
+            assert names.index("kept") + 1 == names.index("scores")
+            checked += 1
+    assert checked == model.args.n_layers - 1  # every layer but the MLA override
