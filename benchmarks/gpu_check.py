@@ -162,8 +162,8 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
                 sd[k] = w.to(t.dtype)
         moe.load_state_dict(sd)
         x = torch.randn(T, 1, D, generator=g).to(DEV, dt)
+        y = moe(x)  # then: did the kernel run (a failure falls back and is remembered)?
         used = fused.moe_small_ok(moe.experts, moe.shared_experts, x.view(T, D), T * 6)
-        y = moe(x)
         moe.impl = "loop"  # the torch twin (fp8: dequantised per call)
         ref = moe(x)
         rel = _rel(y, ref)
