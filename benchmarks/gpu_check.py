@@ -205,14 +205,21 @@ def _static_logits(m: Transformer, pos: int, tokens: torch.Tensor) -> torch.Tens
     return graphs._step(m, {"pos": torch.tensor([pos], device=DEV), "tokens": tokens}, 32).float()
 
 
-def check_fp8_kernels(args: ModelArgs, cpu: Transformer) -> list:
-    """The fp8 kernels against the dequantised product, shapes of V3 and of the seed demo."""
+FP8_LINEARS = ((1, 2048, 7168), (3, 1536, 2048), (256, 3072, 1536), (7, 200, 300))  # M, N, K
+FP8_EXPERTS = (64, 2048, 1408, 6, (2, 256))  # E, D, I, top-k, token counts: the seed demo's
+
+
+def check_fp8_kernels(
+    args: ModelArgs, cpu: Transformer, linears=FP8_LINEARS, experts=FP8_EXPERTS
+) -> list:
+    """The fp8 kernels against the dequantised product, shapes of V3 and of the seed demo
+    (smaller ones for Triton's CPU interpreter: tests/dsv3/test_fused_interpreter.py)."""
     from dsv3 import fp8
     from dsv3.layers import dequantize, quantize_fp8
 
     rows = []
     g = torch.Generator(device=DEV).manual_seed(1)
-    for M, N, K in ((1, 2048, 7168), (3, 1536, 2048), (256, 3072, 1536), (7, 200, 300)):
+    for M, N, K in linears:
         w, s = quantize_fp8(torch.randn(N, K, device=DEV, generator=g) / K**0.5)
         x = torch.randn(M, K, device=DEV, generator=g).bfloat16()
         ref = x.float() @ dequantize(w, s, torch.float32).t()
@@ -228,8 +235,7 @@ def check_fp8_kernels(args: ModelArgs, cpu: Transformer) -> list:
             except Exception as e:  # noqa: BLE001
                 res += f", scaled_mm {type(e).__name__}: {str(e)[:120]}"
         rows.append((f"fp8 linear {M}x{K} @ {N}x{K}^T", res, ok))
-    # grouped experts: 64 experts of (1408, 2048), 2 and 256 tokens, top-6
-    E, D, I, K = 64, 2048, 1408, 6
+    E, D, I, K, token_counts = experts  # noqa: E741 - the legend's I
     ws = {}
     for name, (o, i) in {"w1": (I, D), "w3": (I, D), "w2": (D, I)}.items():
         q, sc = zip(
@@ -239,7 +245,7 @@ def check_fp8_kernels(args: ModelArgs, cpu: Transformer) -> list:
     from dsv3.moe import dispatch_loop
 
     deq = {n: dequantize(*ws[n], torch.bfloat16) for n in ws}
-    for T in (2, 256):
+    for T in token_counts:
         x = torch.randn(T, D, device=DEV, generator=g).bfloat16()
         idx = torch.rand(T, E, device=DEV, generator=g).topk(K, -1).indices
         order = idx.flatten().argsort(stable=True)

@@ -1,6 +1,7 @@
-"""The fused Triton kernels (dsv3.fused) themselves, run on the CPU by Triton's interpreter
-(TRITON_INTERPRET=1) against their torch twins: the same comparisons benchmarks/gpu_check.py
-makes on a GPU (`check_fused`). Runs where Triton is installed (requirements-dev pins it);
+"""The Triton kernels themselves (dsv3.fused, and dsv3.fp8's weight-only fp8 kernel), run on
+the CPU by Triton's interpreter (TRITON_INTERPRET=1) against their torch twins and the
+dequantised product: the comparisons benchmarks/gpu_check.py makes on a GPU (`check_fused`,
+`check_fp8_kernels`, on smaller shapes). Runs where Triton is installed (requirements-dev pins it);
 the interpreter setting must be made before Triton and dsv3's kernels are imported, so the
 checks run in a subprocess."""
 
@@ -41,12 +42,16 @@ from dsv3 import ModelArgs, Transformer
 gc.DEV = "cpu"
 args = ModelArgs(**gc.TINY)
 torch.manual_seed(0)
-rows = gc.check_fused(args, Transformer(args, device="cpu"))
+cpu = Transformer(args, device="cpu")
+rows = gc.check_fused(args, cpu)
+# the fp8 weight-only kernel, dense and grouped (dsv3.fp8), on shapes the interpreter runs fast
+small = ((1, 256, 384), (3, 200, 300), (20, 128, 256))
+rows += gc.check_fp8_kernels(args, cpu, linears=small, experts=(8, 256, 128, 2, (3, 24)))
 print(json.dumps(rows))
 """
 
 
-def test_fused_kernels_match_their_twins_in_the_interpreter():
+def test_triton_kernels_match_their_twins_in_the_interpreter():
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     run = subprocess.run(
@@ -59,6 +64,8 @@ def test_fused_kernels_match_their_twins_in_the_interpreter():
     assert sum("router" in n for n in names) == 4
     assert sum("fused MoE" in n for n in names) == 5
     assert sum("decode step" in n for n in names) == 3
+    assert sum(n.startswith("fp8 linear") for n in names) == 3
+    assert sum(n.startswith("fp8 grouped experts") for n in names) == 2
     bad = [(name, got) for name, got, ok in rows if not ok]
     assert not bad, bad
     assert all("used True" in got for name, got, _ in rows if "fused MoE" in name)
