@@ -811,14 +811,12 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
                 note="ratio = fp8 time / bf16 time",
             )
     if dev.type == "cuda":
-        from dsv3 import fp8, tuning
+        from dsv3 import fp8, fused, tuning
 
         picked = [(k[1:4], c) for k, c, _ in tuning.choices("fp8_linear")]
-        rows.add("bf16 expert dispatch chosen (pairs bucket, E, D, I)", str(picked)[:300])
+        rows.add("fp8 Linear paths chosen (rows bucket, N, K)", str(picked)[:300])
         if fp8.REJECTED:
             rows.add("fp8 fast paths rejected", str(fp8.REJECTED)[:300])
-        from dsv3 import fused
-
         rows.add(
             "fused decode kernels (dsv3.fused)",
             "failed here, torch twins ran" if fused.FAILED else "in use",

@@ -314,7 +314,7 @@ class MLA(nn.Module):
             q = self._fused_step(x, start_pos, freqs)
             if q is not None:
                 lat = self.cache.packed[:B, :end_pos]
-                return self._absorbed(q, lat, self.wkv_b.dense_weight(x.dtype), None)
+                return self._absorbed(q, lat, self._wkv_b(x), None)
         kv, k_pe = self._latent(x, freqs)
         self.cache.ensure(B, end_pos, x, keep=start_pos > 0)
         c = self.cache.tensors
@@ -341,12 +341,7 @@ class MLA(nn.Module):
         lat = self.cache.packed[:B, :end_pos]  # (B, T, C + Dr): kv | pe
         lat[:, start_pos:, :C] = kv
         lat[:, start_pos:, C:] = k_pe.squeeze(2)
-        # (H * (Dn + Dv), C); an fp8 wkv_b on CUDA is dequantised once, not every step
-        wkv_b = (
-            self.wkv_b.dense_weight(x.dtype)
-            if x.device.type == "cuda"
-            else self.wkv_b.effective_weight(x.dtype)
-        )
+        wkv_b = self._wkv_b(x)
         if Sq > 1 and not self.absorbed_prefill:
             # Expand the cached latent into per-head keys/values: cheaper than absorbing at S ~ T.
             T = end_pos
@@ -363,6 +358,14 @@ class MLA(nn.Module):
         elif Sq > 1:
             bias = _causal_bias(Sq, T, q_pos, x.device, x.dtype)[:, None]  # (Sq, 1, T)
         return self._absorbed(q, lat, wkv_b, bias)
+
+    def _wkv_b(self, x: torch.Tensor) -> torch.Tensor:
+        """wkv_b's weight (H * (Dn + Dv), C) in x's dtype, whole (the absorbed form and the
+        latent's expansion use it so): an fp8 one on CUDA is dequantised once and kept, on CPU
+        per call (no second copy of the weight in host memory)."""
+        if x.device.type == "cuda":
+            return self.wkv_b.dense_weight(x.dtype)
+        return self.wkv_b.effective_weight(x.dtype)
 
     def _fused_step(
         self, x: torch.Tensor, pos: torch.Tensor | int, freqs: torch.Tensor
@@ -454,25 +457,22 @@ class MLA(nn.Module):
         B = x.shape[0]
         H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         L = step.span
-        q = self._fused_step(x, step.pos, step.freqs)
-        if q is not None:
-            buf = self.cache.packed[:B, :L]
-            return self._absorbed(q, buf, self.wkv_b.dense_weight(x.dtype), step.bias)
-        kv, k_pe = self._latent(x, step.freqs)  # (B, 1, C), (B, 1, 1, Dr)
-        q, _ = self._query(x, step.freqs)  # (B, 1, H, Dqk)
-        if self.attn_impl == "naive":
-            c = self.cache.tensors
-            kvb = self.wkv_b(kv).view(B, 1, H, Dn + Dv)
-            k_new = torch.cat([kvb[..., :Dn], k_pe.expand(B, 1, H, Dr)], dim=-1)  # (B,1,H,Dqk)
-            c["k"][:B].index_copy_(1, step.pos, k_new)
-            c["v"][:B].index_copy_(1, step.pos, kvb[..., Dn:].contiguous())
-            keep = step.bias == 0  # (L,) keys up to pos
-            o = _flash(q, c["k"][:B, :L], c["v"][:B, :L], self.softmax_scale, 0, keep)
-            return self.wo(o.flatten(2))
-        buf = self.cache.packed[:B]  # (B, T_cap, C + Dr)
-        buf.index_copy_(1, step.pos, torch.cat([kv, k_pe.squeeze(2)], dim=-1))
-        wkv_b = self.wkv_b.dense_weight(x.dtype)  # (H * (Dn + Dv), C)
-        return self._absorbed(q, buf[:, :L], wkv_b, step.bias)
+        q = self._fused_step(x, step.pos, step.freqs)  # writes the cache itself
+        if q is None:
+            kv, k_pe = self._latent(x, step.freqs)  # (B, 1, C), (B, 1, 1, Dr)
+            q, _ = self._query(x, step.freqs)  # (B, 1, H, Dqk)
+            if self.attn_impl == "naive":
+                c = self.cache.tensors
+                kvb = self.wkv_b(kv).view(B, 1, H, Dn + Dv)
+                k_new = torch.cat([kvb[..., :Dn], k_pe.expand(B, 1, H, Dr)], dim=-1)  # (B,1,H,Dqk)
+                c["k"][:B].index_copy_(1, step.pos, k_new)
+                c["v"][:B].index_copy_(1, step.pos, kvb[..., Dn:].contiguous())
+                keep = step.bias == 0  # (L,) keys up to pos
+                o = _flash(q, c["k"][:B, :L], c["v"][:B, :L], self.softmax_scale, 0, keep)
+                return self.wo(o.flatten(2))
+            # (B, T_cap, C + Dr): the new latent and rope key at pos
+            self.cache.packed[:B].index_copy_(1, step.pos, torch.cat([kv, k_pe.squeeze(2)], -1))
+        return self._absorbed(q, self.cache.packed[:B, :L], self._wkv_b(x), step.bias)
 
     def _sdpa(
         self,

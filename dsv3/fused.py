@@ -365,8 +365,9 @@ else:
 
 
 def moe_small_ok(experts, shared, x: torch.Tensor, n_pairs: int) -> bool:
-    """Can `moe_small` run this MoE (all experts on this rank, a shared width that splits into
-    whole experts, fp8 blocks that do not straddle experts), and is it few pairs?"""
+    """Can `moe_small` run these experts (weights in x's dtype or fp8, a shared width that
+    splits into whole experts, fp8 blocks that do not straddle experts), and is it few pairs?
+    The caller checks that every expert is on this rank."""
     if n_pairs > SMALL_PAIRS or not available(x.device, "moe_small"):
         return False
     I, D = experts.inter_dim, experts.dim  # noqa: E741 - the legend's I
@@ -430,7 +431,8 @@ def mla_step(
 ) -> torch.Tensor:
     """kv (B, 1, C + R) the step's wkv_a output, q (B, 1, H, Dn + R): writes RMSNorm(kv[:C])
     and the rotated kv[C:] into cache (B, T_cap, C + R) at position `pos` (1,) and rotates q's
-    last R dims of every head in place (and returns it). freqs (1, R/2) complex: the position's rotation."""
+    last R dims of every head in place (and returns it). freqs (1, R/2) complex: the
+    position's rotation."""
     B, _, CR = kv.shape
     H = q.shape[2]
     R = q.shape[3] - n_nope
