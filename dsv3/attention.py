@@ -138,10 +138,11 @@ def _rotate_(x: torch.Tensor, freqs: torch.Tensor) -> None:
         and x.storage_offset() % 2 == 0
         and all(s % 2 == 0 for s in x.stride()[:-1])
     ):
-        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(freqs[None, :, None])
+        # freqs (S, 1, R/2) broadcasts over batch and heads: one call, not three (x[None, :, None])
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(freqs.unsqueeze(1))
     else:  # bf16 (no complex bf16 on CPU) or odd offsets: compute in float32, write back
         z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-        x.copy_(torch.view_as_real(z * freqs[None, :, None]).flatten(-2))
+        x.copy_(torch.view_as_real(z * freqs.unsqueeze(1)).flatten(-2))
 
 
 def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -309,7 +310,7 @@ class MLA(nn.Module):
         end_pos = start_pos + S
         H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         C = self.kv_lora_rank
-        freqs = torch.complex(cos, sin)  # (S, Dr/2)
+        freqs = _complex(cos, sin)  # (S, Dr/2)
         if S == 1:
             q = self._fused_step(x, start_pos, freqs)
             if q is not None:
@@ -339,8 +340,7 @@ class MLA(nn.Module):
             return self.wo(o.flatten(2))
 
         lat = self.cache.packed[:B, :end_pos]  # (B, T, C + Dr): kv | pe
-        lat[:, start_pos:, :C] = kv
-        lat[:, start_pos:, C:] = k_pe.squeeze(2)
+        lat[:, start_pos:] = torch.cat([kv, k_pe.squeeze(2)], -1)  # one write, not two
         wkv_b = self._wkv_b(x)
         if Sq > 1 and not self.absorbed_prefill:
             # Expand the cached latent into per-head keys/values: cheaper than absorbing at S ~ T.
@@ -415,6 +415,19 @@ class MLA(nn.Module):
         _rotate_(q[..., self.qk_nope_head_dim :], freqs)
         return q, qr
 
+    def _absorb_views(self, wkv_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_b (H * (Dn + Dv), C) -> W_uk (H, Dn, C) and W_uv^T (H, C, Dv), views, kept while
+        the weight and its storage stay the same: each view is a call of its own, and calls,
+        not FLOPs, bound a small model's decode step on CPU. (An fp8 weight dequantised per
+        call on CPU is a new tensor each time: its views are made each time.)"""
+        got = self.__dict__.get("_absorb")
+        if got is None or got[0] is not wkv_b or got[1] != wkv_b.data_ptr():
+            H, Dn = self.n_heads, self.qk_nope_head_dim
+            w = wkv_b.view(H, Dn + self.v_head_dim, -1)
+            got = (wkv_b, wkv_b.data_ptr(), (w[:, :Dn], w[:, Dn:].transpose(1, 2)))
+            self.__dict__["_absorb"] = got
+        return got[2]
+
     def _absorbed(self, q, lat, wkv_b, bias) -> torch.Tensor:
         """Attention of q (B, Sq, H, Dqk) over the latent cache lat (B, T, C + Dr), with wkv_b
         folded into the query and the output, and an additive `bias` broadcast against the
@@ -430,20 +443,20 @@ class MLA(nn.Module):
             self.v_head_dim,
             self.kv_lora_rank,
         )
-        wkv_b = wkv_b.view(H, Dn + Dv, C)
+        w_uk, w_uv_t = self._absorb_views(wkv_b)  # (H, Dn, C), (H, C, Dv)
         q_nope = q[..., :Dn].reshape(B * Sq, H, Dn).transpose(0, 1)  # (H, B*Sq, Dn)
-        q_abs = torch.bmm(q_nope, wkv_b[:, :Dn]).transpose(0, 1)  # (B*Sq, H, C)
+        q_abs = torch.bmm(q_nope, w_uk).transpose(0, 1)  # (B*Sq, H, C)
         qc = torch.cat([q_abs, q[..., Dn:].reshape(B * Sq, H, Dr)], dim=-1)  # (B*Sq, H, C+Dr)
         scores = torch.bmm(qc.view(B, Sq * H, C + Dr), lat.transpose(1, 2))  # (B, Sq*H, T)
         scores.mul_(self.softmax_scale)
         if bias is not None:
             scores = scores.view(B, Sq, H, T).add_(bias)
-        if scores.is_cuda:  # CUDA softmax accumulates low precision in float32 by itself
-            p = scores.view(B, Sq * H, T).softmax(dim=-1)
+        if scores.is_cuda or q.dtype == torch.float32:
+            p = scores.view(B, Sq * H, T).softmax(dim=-1)  # CUDA accumulates in float32 itself
         else:
             p = scores.view(B, Sq * H, T).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
         o = torch.bmm(p, lat[..., :C]).view(B * Sq, H, C).transpose(0, 1)  # (H, B*Sq, C)
-        o = torch.bmm(o, wkv_b[:, Dn:].transpose(1, 2))  # (H, B*Sq, Dv)
+        o = torch.bmm(o, w_uv_t)  # (H, B*Sq, Dv)
         return self.wo(o.transpose(0, 1).reshape(B, Sq, H * Dv))
 
     def _static_step(
@@ -601,6 +614,19 @@ def _blocked_causal(
             scores = torch.baddbmm(bias_ST[a:b, :keys], q_h[:, a:b], kT, alpha=scale)
             o_h[:, a:b] = torch.bmm(scores.softmax(dim=-1), v_h[:, :keys])
     return o
+
+
+_COMPLEX: list = [None]  # (cos, sin, cos + i sin) of the last forward, as one entry
+
+
+def _complex(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos + i sin, made once per forward rather than per layer: every layer gets the same cos
+    and sin objects (the kept references stop their ids from being reused; one entry, read
+    and replaced whole, so concurrent forwards cannot mix two)."""
+    got = _COMPLEX[0]
+    if got is None or got[0] is not cos or got[1] is not sin:
+        got = _COMPLEX[0] = (cos, sin, torch.complex(cos, sin))
+    return got[2]
 
 
 def _causal_bias(S: int, T: int, start_pos: int, device, dtype=torch.float32) -> torch.Tensor:

@@ -9,7 +9,9 @@ implementations with one signature: `dispatch_loop` (a matmul per expert that re
 `dispatch_grouped` (`torch._grouped_mm` over all experts at once), `dispatch_padded` (every
 expert's rows zero-padded to the largest count, then batched matmuls) and `dispatch_gathered`
 (the active experts' weights copied into one batch); `dispatch` picks, on CPU by measuring
-them once per shape class (`measured_impl`, `dsv3.tuning`).
+them once per shape class (`measured_impl`, `dsv3.tuning`). Where the loop wins on CPU with a
+few pairs (decoding), `GroupedExperts._few_pairs` runs it planned on the host, without the
+device-side sort and combine around it.
 """
 
 from __future__ import annotations
@@ -372,6 +374,18 @@ class GroupedExperts(KeepsDerived):
     def forward(self, x_TD, weights_TK, idx_TK, counts_E: list[int] | torch.Tensor, impl="auto"):
         """Routed experts' weighted sum per token (T, D)."""
         T, K = idx_TK.shape
+        if x_TD.device.type == "cpu" and T * K <= FEW_PAIRS and impl in ("auto", "loop"):
+            if impl == "auto":  # the cached choice first: fp8 weights dequantise only to probe
+                counts, N = counts_E, T * K
+                if len(counts) != self.n_experts:  # expert parallel: this rank's experts
+                    counts = counts[self.first : self.first + self.n_experts]
+                    N = sum(counts)
+                key = dispatch_class(N, len(counts), self.w1, x_TD)
+                impl = tuning.cached(key) or _auto_impl(
+                    x_TD, N, counts, *_expert_weights(self, x_TD.dtype)
+                )
+            if impl == "loop":
+                return self._few_pairs(x_TD, weights_TK, idx_TK)
         order_N = idx_TK.flatten().argsort(stable=True)  # pairs sorted by expert
         if len(counts_E) != self.n_experts:  # expert parallel: keep this rank's experts' pairs
             lo = sum(counts_E[: self.first])
@@ -403,6 +417,47 @@ class GroupedExperts(KeepsDerived):
                 return y_TKD.sum(1)
             return y_TKD.sum(1, dtype=torch.float32).to(x_TD.dtype)
         return _combine(x_TD, token_N, y_ND)
+
+    def _few_pairs(self, x_TD, weights_TK, idx_TK) -> torch.Tensor:
+        """The loop dispatch for a few (token, expert) pairs on CPU (decoding), planned on the
+        host: which tokens each expert takes comes from the routing as lists, and each expert's
+        output is added into its tokens' rows scaled by the routing weight, summed in float32.
+        The same matmuls as `dispatch_loop` without the device-side sort, gather, weighting and
+        combine around them: at a few pairs each of those ~15 calls costs more than its work.
+        fp8 experts are dequantised one expert at a time, only those that got pairs."""
+        T, D = x_TD.shape
+        plan: dict[int, list[tuple[int, float]]] = {}  # expert -> [(token, routing weight)]
+        for t, (es, ws) in enumerate(zip(idx_TK.tolist(), weights_TK.tolist())):
+            for e, w in zip(es, ws):
+                if 0 <= e - self.first < self.n_experts:  # expert parallel: this rank's only
+                    plan.setdefault(e - self.first, []).append((t, w))
+        out_TD = torch.zeros(T, D, dtype=torch.float32)
+        experts = self._per_expert(x_TD.dtype)
+        for e in sorted(plan):
+            pairs = plan[e]
+            if len(pairs) == 1:
+                h = x_TD[pairs[0][0] : pairs[0][0] + 1]
+            else:
+                h = x_TD.index_select(0, torch.tensor([t for t, _ in pairs]))
+            w1, w2, w3 = experts(e)
+            y = linear(F.silu(linear(h, w1), inplace=True).mul_(linear(h, w3)), w2)  # (n, D)
+            for j, (t, w) in enumerate(pairs):
+                out_TD[t : t + 1].add_(y[j : j + 1], alpha=w)
+        return out_TD if x_TD.dtype == torch.float32 else out_TD.to(x_TD.dtype)
+
+    def _per_expert(self, dtype: torch.dtype):
+        """e -> expert e's (w1, w2, w3) in `dtype`: views of the stacks, kept between calls (a
+        view costs a call of its own), or fp8 ones dequantised on request."""
+        names = ("w1", "w2", "w3")
+        if self.w1.dtype == FP8:
+            scales = [getattr(self, f"{n}_scale") for n in names]
+            return lambda e: tuple(
+                dequantize(getattr(self, n)[e], s[e], dtype) for n, s in zip(names, scales)
+            )
+        views = self.derived(
+            "per_expert", (self.w1, self.w2, self.w3), lambda: list(zip(self.w1, self.w2, self.w3))
+        )
+        return views.__getitem__
 
     def _fp8_cuda(self, x_TD, idx_TK, order_N, token_N, counts_E) -> torch.Tensor:
         """fp8 experts on CUDA -> the expert outputs (N, D) of the sorted pairs: the grouped
@@ -457,6 +512,7 @@ def stack_experts(sd: dict[str, torch.Tensor], prefix: str, experts: range) -> N
             sd[prefix + target] = torch.stack([sd.pop(k) for k in keys])
 
 
+FEW_PAIRS = 32  # CPU pairs up to which the loop dispatch is planned on the host (`_few_pairs`)
 SMALL_COMBINE = 1 << 16  # expert outputs (elements) up to which the combine skips index_add_
 
 

@@ -53,6 +53,14 @@ class Gate(KeepsDerived):
         w = self.weight
         return w if w.dtype == torch.float32 else self.derived("w32", (w,), w.float)
 
+    def _arange(self, n: int, device: torch.device) -> torch.Tensor:
+        """arange(n) on `device`, kept (a decode step would make it again in every layer)."""
+        kept = self.__dict__.setdefault("_aranges", {})
+        got = kept.get((n, device))
+        if got is None:
+            got = kept[(n, device)] = torch.arange(n, device=device)
+        return got
+
     def forward(
         self, x_TD: torch.Tensor, counts_E: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,15 +92,17 @@ class Gate(KeepsDerived):
             grouped_TGe = choice_TE.view(T, G, -1)  # e = E // G experts per group
             if self.bias is None:
                 group_TG = grouped_TGe.amax(dim=-1)
+            elif T <= FEW_TOKENS:  # a few rows: fewer calls (the values equal _top2_sum's)
+                group_TG = grouped_TGe.topk(2, dim=-1)[0].sum(dim=-1)
             else:
                 group_TG = _top2_sum(grouped_TGe)
             keep_TG = group_TG.topk(self.topk_groups, dim=-1)[1]  # (T, kg) kept groups
             # Top-k among the kept groups' experts only: a topk over kg*e candidates instead of
             # all E with the rest masked (CPU topk costs about linearly in the row length).
             e = grouped_TGe.shape[-1]
-            cand_TC = grouped_TGe.gather(1, keep_TG[..., None].expand(-1, -1, e)).flatten(1)
-            pick_TK = cand_TC.topk(self.topk, dim=-1)[1]  # (T, K) positions among candidates
-            idx_TK = keep_TG.gather(1, pick_TK // e) * e + pick_TK % e
+            cand_TC = (keep_TG[..., None] * e + self._arange(e, x_TD.device)).flatten(1)  # ids
+            pick_TK = choice_TE.gather(1, cand_TC).topk(self.topk, dim=-1)[1]  # (T, K)
+            idx_TK = cand_TC.gather(1, pick_TK)
         else:
             idx_TK = choice_TE.topk(self.topk, dim=-1)[1]
         weights_TK = scores_TE.gather(1, idx_TK)
@@ -100,8 +110,12 @@ class Gate(KeepsDerived):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         weights_TK = weights_TK * self.route_scale
         if counts_E is not None:  # scatter_add rather than bincount: bincount has no meta kernel
-            counts_E.scatter_add_(0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten()))
+            flat = idx_TK.flatten()
+            counts_E.scatter_add_(0, flat, torch.ones_like(flat))
         return weights_TK.to(x_TD.dtype), idx_TK
+
+
+FEW_TOKENS = 64  # rows up to which the group scores take topk (fewer calls than _top2_sum)
 
 
 def _counts(counts_E: torch.Tensor | None, n: int, device) -> torch.Tensor:

@@ -10,8 +10,14 @@ import torch.nn.functional as F
 
 from dsv3 import ModelArgs, Transformer, count_params, estimate
 from dsv3.attention import _rotate_
-from dsv3.layers import SKINNY_ROWS, linear
-from dsv3.moe import dispatch, dispatch_grouped, dispatch_loop, grouped_mm_supported
+from dsv3.layers import FP8, SKINNY_ROWS, linear, quantize_fp8
+from dsv3.moe import (
+    GroupedExperts,
+    dispatch,
+    dispatch_grouped,
+    dispatch_loop,
+    grouped_mm_supported,
+)
 from tests.conftest import clone_model
 
 
@@ -46,6 +52,45 @@ def test_auto_dispatch_equals_loop(n_pairs):
         for c in (counts, counts_t):
             got = dispatch_grouped(x, c, w1, w2, w3)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_few_pairs_on_host_equal_the_sorted_dispatch(dtype, tokens):
+    """A decode step's few pairs, planned on the host (`_few_pairs`, CPU), against the sorted
+    dispatch written out by hand: tokens sharing an expert, a rank holding experts 4..11 of 16
+    (expert parallel), fp8 experts dequantised one at a time."""
+    torch.manual_seed(tokens)
+    E, D, I, K = 16, 64, 32, 3
+    wdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8}[dtype]
+    xdtype = torch.float32 if dtype == "fp8" else wdtype
+    for first, n_local in ((0, E), (4, 8)):
+        ex = GroupedExperts(n_local, D, I, dtype=wdtype, first=first)
+        for name in ("w1", "w2", "w3"):
+            w = torch.randn_like(getattr(ex, name), dtype=torch.float32) * 0.1
+            if dtype == "fp8":
+                q, scale = quantize_fp8(w)
+                getattr(ex, name).data, getattr(ex, f"{name}_scale").data = q, scale
+            else:
+                getattr(ex, name).data = w.to(wdtype)
+        x = torch.randn(tokens, D, dtype=xdtype)
+        idx = torch.stack([torch.randperm(E)[:K] for _ in range(tokens)])
+        idx[:, 0] = 5  # every token shares expert 5 (several rows for one expert)
+        weights = torch.rand(tokens, K).to(xdtype)
+        counts = torch.bincount(idx.flatten(), minlength=E).tolist()
+        got = ex(x, weights, idx, counts, impl="loop")
+        want = torch.zeros(tokens, D, dtype=torch.float32)
+        w1, w2, w3 = (ex.effective(n, xdtype).float() for n in ("w1", "w2", "w3"))
+        for t in range(tokens):
+            for k in range(K):
+                e = int(idx[t, k]) - first
+                if 0 <= e < n_local:
+                    h = x[t].float()
+                    y = (F.silu(w1[e] @ h) * (w3[e] @ h)) @ w2[e].T
+                    want[t] += float(weights[t, k]) * y
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype != "bf16" else dict(rtol=2e-2, atol=2e-2)
+        assert got.dtype == xdtype
+        torch.testing.assert_close(got.float(), want, **tol)
 
 
 def test_grouped_mm_support_checks_alignment():
