@@ -375,17 +375,33 @@ class GroupedExperts(KeepsDerived):
         """Routed experts' weighted sum per token (T, D)."""
         T, K = idx_TK.shape
         if x_TD.device.type == "cpu" and T * K <= FEW_PAIRS and impl in ("auto", "loop"):
-            if impl == "auto":  # the cached choice first: fp8 weights dequantise only to probe
-                counts, N = counts_E, T * K
-                if len(counts) != self.n_experts:  # expert parallel: this rank's experts
-                    counts = counts[self.first : self.first + self.n_experts]
-                    N = sum(counts)
-                key = dispatch_class(N, len(counts), self.w1, x_TD)
-                impl = tuning.cached(key) or _auto_impl(
-                    x_TD, N, counts, *_expert_weights(self, x_TD.dtype)
-                )
-            if impl == "loop":
+            if impl == "loop" or self._pairs_or_sorted(x_TD, weights_TK, idx_TK, counts_E):
                 return self._few_pairs(x_TD, weights_TK, idx_TK)
+        return self._sorted(x_TD, weights_TK, idx_TK, counts_E, impl)
+
+    def _pairs_or_sorted(self, x_TD, weights_TK, idx_TK, counts_E) -> bool:
+        """Whether `_few_pairs` beats the sorted dispatch (`_sorted`, with the dispatch `auto`
+        picks) for this shape class: measured on its first use on these inputs, then cached
+        (`dsv3.tuning`). DSV3_DISPATCH=rule: always."""
+        N = idx_TK.numel()
+        _, I, D = self.w1.shape
+        key = ("moe-pairs", (N - 1).bit_length(), idx_TK.shape[1], self.n_experts, D, I,
+               x_TD.dtype, torch.get_num_threads())  # fmt: skip
+        got = tuning.cached(key)
+        if got is None and not tuning.measured():
+            return True
+        got = got or tuning.choose(
+            key,
+            {
+                "pairs": lambda: self._few_pairs(x_TD, weights_TK, idx_TK),
+                "sorted": lambda: self._sorted(x_TD, weights_TK, idx_TK, counts_E, "auto"),
+            },
+        )
+        return got == "pairs"
+
+    def _sorted(self, x_TD, weights_TK, idx_TK, counts_E, impl: str) -> torch.Tensor:
+        """The pairs sorted by expert, the dispatch `impl` on them, each token's outputs summed."""
+        T, K = idx_TK.shape
         order_N = idx_TK.flatten().argsort(stable=True)  # pairs sorted by expert
         if len(counts_E) != self.n_experts:  # expert parallel: keep this rank's experts' pairs
             lo = sum(counts_E[: self.first])
@@ -419,31 +435,34 @@ class GroupedExperts(KeepsDerived):
         return _combine(x_TD, token_N, y_ND)
 
     def _few_pairs(self, x_TD, weights_TK, idx_TK) -> torch.Tensor:
-        """The loop dispatch for a few (token, expert) pairs on CPU (decoding), planned on the
-        host: which tokens each expert takes comes from the routing as lists, and each expert's
-        output is added into its tokens' rows scaled by the routing weight, summed in float32.
-        The same matmuls as `dispatch_loop` without the device-side sort, gather, weighting and
-        combine around them: at a few pairs each of those ~15 calls costs more than its work.
-        fp8 experts are dequantised one expert at a time, only those that got pairs."""
-        T, D = x_TD.shape
-        plan: dict[int, list[tuple[int, float]]] = {}  # expert -> [(token, routing weight)]
-        for t, (es, ws) in enumerate(zip(idx_TK.tolist(), weights_TK.tolist())):
-            for e, w in zip(es, ws):
-                if 0 <= e - self.first < self.n_experts:  # expert parallel: this rank's only
-                    plan.setdefault(e - self.first, []).append((t, w))
-        out_TD = torch.zeros(T, D, dtype=torch.float32)
-        experts = self._per_expert(x_TD.dtype)
-        for e in sorted(plan):
-            pairs = plan[e]
-            if len(pairs) == 1:
-                h = x_TD[pairs[0][0] : pairs[0][0] + 1]
-            else:
-                h = x_TD.index_select(0, torch.tensor([t for t, _ in pairs]))
-            w1, w2, w3 = experts(e)
-            y = linear(F.silu(linear(h, w1), inplace=True).mul_(linear(h, w3)), w2)  # (n, D)
-            for j, (t, w) in enumerate(pairs):
-                out_TD[t : t + 1].add_(y[j : j + 1], alpha=w)
-        return out_TD if x_TD.dtype == torch.float32 else out_TD.to(x_TD.dtype)
+        """The loop dispatch for a few (token, expert) pairs on CPU (decoding), one
+        matrix-vector product per pair and projection, each written straight into its row of
+        a (pairs, width) buffer; silu * up for all pairs at once; then every token's weighted
+        sum of its K outputs as one batched (1, K) x (K, D) product. Which experts the pairs
+        use comes to the host as a list, so there is no device-side sort, gather or combine:
+        at a few pairs each of those ~15 calls, and the loop's calls per expert, cost more than
+        their arithmetic (a pair whose expert another token also picked reads the weights again,
+        from cache). fp8 experts are dequantised one at a time, only those that got pairs."""
+        T, K = idx_TK.shape
+        D, I = self.dim, self.inter_dim  # noqa: E741 - the expert width, as in the legend
+        N = T * K
+        h_2NI = x_TD.new_empty(2, N, I)  # w1 x | w3 x of every pair, (t, k) order
+        h1_rows, h3_rows = (h.unbind(0) for h in h_2NI.unbind(0))
+        local = [e - self.first for e in idx_TK.flatten().tolist()]
+        every = all(0 <= e < self.n_experts for e in local)
+        y_ND = x_TD.new_empty(N, D) if every else x_TD.new_zeros(N, D)  # others' pairs: 0
+        x_rows, y_rows, experts = x_TD.unbind(0), y_ND.unbind(0), self._per_expert(x_TD.dtype)
+        for n, e in enumerate(local):
+            if 0 <= e < self.n_experts:
+                w1, _, w3 = experts(e)
+                torch.mv(w1, x_rows[n // K], out=h1_rows[n])
+                torch.mv(w3, x_rows[n // K], out=h3_rows[n])
+        F.silu(h_2NI[0], inplace=True).mul_(h_2NI[1])
+        for n, e in enumerate(local):
+            if 0 <= e < self.n_experts:
+                torch.mv(experts(e)[1], h1_rows[n], out=y_rows[n])
+        # (T, 1, K) x (T, K, D): each token's weighted sum, accumulated in float32
+        return torch.bmm(weights_TK.unsqueeze(1), y_ND.view(T, K, D)).squeeze(1)
 
     def _per_expert(self, dtype: torch.dtype):
         """e -> expert e's (w1, w2, w3) in `dtype`: views of the stacks, kept between calls (a
