@@ -461,18 +461,29 @@ class GroupedExperts(KeepsDerived):
         for n, e in enumerate(local):
             if 0 <= e < self.n_experts:
                 torch.mv(experts(e)[1], h1_rows[n], out=y_rows[n])
-        # (T, 1, K) x (T, K, D): each token's weighted sum, accumulated in float32
-        return torch.bmm(weights_TK.unsqueeze(1), y_ND.view(T, K, D)).squeeze(1)
+        # (T, 1, K) x (T, K, D): each token's weighted sum, in float32 (one rounding for bf16)
+        if x_TD.dtype == torch.float32:
+            return torch.bmm(weights_TK.unsqueeze(1), y_ND.view(T, K, D)).squeeze(1)
+        w_T1K, y_TKD = weights_TK.float().unsqueeze(1), y_ND.float().view(T, K, D)
+        return torch.bmm(w_T1K, y_TKD).squeeze(1).to(x_TD.dtype)
 
     def _per_expert(self, dtype: torch.dtype):
         """e -> expert e's (w1, w2, w3) in `dtype`: views of the stacks, kept between calls (a
-        view costs a call of its own), or fp8 ones dequantised on request."""
+        view costs a call of its own), or fp8 ones dequantised on first request (one call's
+        worth: every expert a forward touches, once)."""
         names = ("w1", "w2", "w3")
         if self.w1.dtype == FP8:
-            scales = [getattr(self, f"{n}_scale") for n in names]
-            return lambda e: tuple(
-                dequantize(getattr(self, n)[e], s[e], dtype) for n, s in zip(names, scales)
-            )
+            made: dict[int, tuple] = {}  # this call's dequantised experts
+
+            def dequantised(e: int) -> tuple:
+                if e not in made:
+                    made[e] = tuple(
+                        dequantize(getattr(self, n)[e], getattr(self, f"{n}_scale")[e], dtype)
+                        for n in names
+                    )
+                return made[e]
+
+            return dequantised
         views = self.derived(
             "per_expert", (self.w1, self.w2, self.w3), lambda: list(zip(self.w1, self.w2, self.w3))
         )
