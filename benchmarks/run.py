@@ -461,6 +461,7 @@ def section_moe(rows: Rows, opts) -> None:
     print("moe: the dispatch `auto` measured and chose vs padded / grouped / loop", flush=True)
     from dsv3 import tuning
     from dsv3.moe import (
+        FEW_PAIRS,
         default_run,
         dispatch_class,
         dispatch_grouped,
@@ -534,6 +535,37 @@ def section_moe(rows: Rows, opts) -> None:
                 t["padded, one batch"] / t["padded"],
                 note=f"one batch pads {padded_rows(counts, len(counts)) / len(x_ND):.2f}x",
             )
+        if T * K <= FEW_PAIRS:
+            _few_pairs_row(rows, opts, moe.experts, x, weights, idx, counts, what)
+
+
+def _few_pairs_row(rows: Rows, opts, ex, x, weights, idx, counts, what: str) -> None:
+    """The routed experts of a decode step as the model runs them on CPU: the pairs planned on
+    the host (`GroupedExperts._few_pairs`) vs sorted on the device around the dispatch `auto`
+    picks (`_sorted`), whole (routing weights and the per-token sum included)."""
+    from dsv3 import tuning
+
+    with torch.inference_mode():
+        fns = {
+            "pairs": partial(ex._few_pairs, x, weights, idx),
+            "sorted": partial(ex._sorted, x, weights, idx, counts, "auto"),
+        }
+        diff = (fns["pairs"]() - fns["sorted"]()).abs().max().item()
+        ex(x, weights, idx, counts)  # the model's own choice, measured on first use
+        chosen = next((c for k, c, _ in tuning.choices("moe-pairs")), "rule: pairs")
+        times = interleaved(fns, opts.rounds * 10)
+    t = {k: best(v) for k, v in times.items()}
+    ratio = t["sorted"] / t["pairs"]
+    rows.add(
+        f"MoE routed experts, {what}: pairs planned on the host vs sorted on the device "
+        f"(`auto` chose {chosen})",
+        ms(t["pairs"]),
+        f"sorted {ms(t['sorted'])}",
+        ratio,
+        "agree",
+        diff < 1e-5,
+        f"max diff {diff:.1e}",
+    )
 
 
 # ---------------------------------------------------------------------------- FLOP/s
