@@ -54,12 +54,14 @@ class Gate(KeepsDerived):
         return w if w.dtype == torch.float32 else self.derived("w32", (w,), w.float)
 
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
-        """arange(n) on `device`, kept (a decode step would make it again in every layer)."""
+        """arange(n) on `device`; on CPU kept (a decode step there is bound by its calls). Not
+        kept on a GPU: one made while a CUDA graph is captured holds nothing until a replay."""
+        if device.type != "cpu":
+            return torch.arange(n, device=device)
         kept = self.__dict__.setdefault("_aranges", {})
-        got = kept.get((n, device))
-        if got is None:
-            got = kept[(n, device)] = torch.arange(n, device=device)
-        return got
+        if n not in kept:
+            kept[n] = torch.arange(n)
+        return kept[n]
 
     def forward(
         self, x_TD: torch.Tensor, counts_E: torch.Tensor | None = None
