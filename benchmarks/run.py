@@ -550,18 +550,21 @@ def _few_pairs_row(rows: Rows, opts, ex, x, weights, idx, counts, what: str) -> 
             "pairs": partial(ex._few_pairs, x, weights, idx),
             "sorted": partial(ex._sorted, x, weights, idx, counts, "auto"),
         }
-        diff = (fns["pairs"]() - fns["sorted"]()).abs().max().item()
+        if ex._gather_ok(counts):
+            fns["pairs, gathered"] = partial(ex._few_pairs_gathered, x, weights, idx)
+        want = fns["sorted"]()
+        diff = max((fn() - want).abs().max().item() for fn in fns.values())
         ex(x, weights, idx, counts)  # the model's own choice, measured on first use
         chosen = next((c for k, c, _ in tuning.choices("moe-pairs")), "rule: pairs")
         times = interleaved(fns, opts.rounds * 10)
     t = {k: best(v) for k, v in times.items()}
-    ratio = t["sorted"] / t["pairs"]
+    host = min((k for k in t if k != "sorted"), key=t.__getitem__)
     rows.add(
-        f"MoE routed experts, {what}: pairs planned on the host vs sorted on the device "
-        f"(`auto` chose {chosen})",
-        ms(t["pairs"]),
-        f"sorted {ms(t['sorted'])}",
-        ratio,
+        f"MoE routed experts, {what}: pairs planned on the host ({host}) vs sorted on the "
+        f"device (`auto` chose {chosen})",
+        ms(t[host]),
+        ", ".join(f"{k} {ms(v)}" for k, v in t.items() if k != host),
+        t["sorted"] / t[host],
         "agree",
         diff < 1e-5,
         f"max diff {diff:.1e}",

@@ -375,29 +375,43 @@ class GroupedExperts(KeepsDerived):
         """Routed experts' weighted sum per token (T, D)."""
         T, K = idx_TK.shape
         if x_TD.device.type == "cpu" and T * K <= FEW_PAIRS and impl in ("auto", "loop"):
-            if impl == "loop" or self._pairs_or_sorted(x_TD, weights_TK, idx_TK, counts_E):
+            how = (
+                "pairs"
+                if impl == "loop"
+                else self._few_or_sorted(x_TD, weights_TK, idx_TK, counts_E)
+            )
+            if how == "pairs":
                 return self._few_pairs(x_TD, weights_TK, idx_TK)
+            if how == "pairs, gathered" and self._gather_ok(counts_E):
+                return self._few_pairs_gathered(x_TD, weights_TK, idx_TK)
         return self._sorted(x_TD, weights_TK, idx_TK, counts_E, impl)
 
-    def _pairs_or_sorted(self, x_TD, weights_TK, idx_TK, counts_E) -> bool:
-        """Whether `_few_pairs` beats the sorted dispatch (`_sorted`, with the dispatch `auto`
-        picks) for this shape class: measured on its first use on these inputs, then cached
-        (`dsv3.tuning`). DSV3_DISPATCH=rule: always."""
+    def _few_or_sorted(self, x_TD, weights_TK, idx_TK, counts_E) -> str:
+        """ "pairs" (`_few_pairs`), "pairs, gathered" (`_few_pairs_gathered`) or "sorted" (the
+        sorted dispatch `_sorted`, with the dispatch `auto` picks), the fastest for this shape
+        class: measured on its first use on these inputs, then cached (`dsv3.tuning`).
+        DSV3_DISPATCH=rule: "pairs"."""
         N = idx_TK.numel()
         _, I, D = self.w1.shape
         key = ("moe-pairs", (N - 1).bit_length(), idx_TK.shape[1], self.n_experts, D, I,
                x_TD.dtype, torch.get_num_threads())  # fmt: skip
         got = tuning.cached(key)
-        if got is None and not tuning.measured():
-            return True
-        got = got or tuning.choose(
-            key,
-            {
-                "pairs": lambda: self._few_pairs(x_TD, weights_TK, idx_TK),
-                "sorted": lambda: self._sorted(x_TD, weights_TK, idx_TK, counts_E, "auto"),
-            },
-        )
-        return got == "pairs"
+        if got is not None:
+            return got
+        if not tuning.measured():
+            return "pairs"
+        cands = {
+            "pairs": lambda: self._few_pairs(x_TD, weights_TK, idx_TK),
+            "sorted": lambda: self._sorted(x_TD, weights_TK, idx_TK, counts_E, "auto"),
+        }
+        if self._gather_ok(counts_E):
+            cands["pairs, gathered"] = lambda: self._few_pairs_gathered(x_TD, weights_TK, idx_TK)
+        return tuning.choose(key, cands)
+
+    def _gather_ok(self, counts_E) -> bool:
+        """`_few_pairs_gathered` runs here: weights that are not fp8, every expert on this rank
+        (counts_E has one entry per expert of the model)."""
+        return self.w1.dtype != FP8 and len(counts_E) == self.n_experts
 
     def _sorted(self, x_TD, weights_TK, idx_TK, counts_E, impl: str) -> torch.Tensor:
         """The pairs sorted by expert, the dispatch `impl` on them, each token's outputs summed."""
@@ -461,11 +475,31 @@ class GroupedExperts(KeepsDerived):
         for n, e in enumerate(local):
             if 0 <= e < self.n_experts:
                 torch.mv(experts(e)[1], h1_rows[n], out=y_rows[n])
-        # (T, 1, K) x (T, K, D): each token's weighted sum, in float32 (one rounding for bf16)
+        return self._token_sums(x_TD, weights_TK, y_ND)
+
+    @staticmethod
+    def _token_sums(x_TD, weights_TK, y_ND) -> torch.Tensor:
+        """Pairs' outputs y (T*K, D) in (t, k) order -> each token's weighted sum (T, D): one
+        (T, 1, K) x (T, K, D) product, in float32 (one rounding for bf16)."""
+        T, K = weights_TK.shape
         if x_TD.dtype == torch.float32:
-            return torch.bmm(weights_TK.unsqueeze(1), y_ND.view(T, K, D)).squeeze(1)
-        w_T1K, y_TKD = weights_TK.float().unsqueeze(1), y_ND.float().view(T, K, D)
+            return torch.bmm(weights_TK.unsqueeze(1), y_ND.view(T, K, -1)).squeeze(1)
+        w_T1K, y_TKD = weights_TK.float().unsqueeze(1), y_ND.float().view(T, K, -1)
         return torch.bmm(w_T1K, y_TKD).squeeze(1).to(x_TD.dtype)
+
+    def _few_pairs_gathered(self, x_TD, weights_TK, idx_TK) -> torch.Tensor:
+        """`_few_pairs` with each projection one batched product over the pairs: the pairs'
+        expert weights are gathered (copied) into (pairs, out, in) stacks first. For many small
+        experts the copy can cost less than a call per pair; measured (`_few_or_sorted`)."""
+        T, K = idx_TK.shape
+        N, D = T * K, self.dim
+        e_N = idx_TK.flatten()
+        x_N1D = x_TD[:, None].expand(T, K, D).reshape(N, 1, D)  # each pair's token row
+        h_N1I = torch.bmm(x_N1D, self.w1.index_select(0, e_N).transpose(1, 2))
+        h3_N1I = torch.bmm(x_N1D, self.w3.index_select(0, e_N).transpose(1, 2))
+        h_N1I = F.silu(h_N1I, inplace=True).mul_(h3_N1I)
+        y_ND = torch.bmm(h_N1I, self.w2.index_select(0, e_N).transpose(1, 2)).view(N, D)
+        return self._token_sums(x_TD, weights_TK, y_ND)
 
     def _per_expert(self, dtype: torch.dtype):
         """e -> expert e's (w1, w2, w3) in `dtype`: views of the stacks, kept between calls (a
