@@ -9,9 +9,10 @@ implementations with one signature: `dispatch_loop` (a matmul per expert that re
 `dispatch_grouped` (`torch._grouped_mm` over all experts at once), `dispatch_padded` (every
 expert's rows zero-padded to the largest count, then batched matmuls) and `dispatch_gathered`
 (the active experts' weights copied into one batch); `dispatch` picks, on CPU by measuring
-them once per shape class (`measured_impl`, `dsv3.tuning`). Where the loop wins on CPU with a
-few pairs (decoding), `GroupedExperts._few_pairs` runs it planned on the host, without the
-device-side sort and combine around it.
+them once per shape class (`measured_impl`, `dsv3.tuning`). A few pairs on CPU (decoding) may
+skip the sort altogether: which experts they use comes to the host as a list, and
+`GroupedExperts._few_pairs` (a product per pair) or `_few_pairs_gathered` (the pairs' expert
+weights copied into one batch) runs them, when measured faster than the sorted dispatch.
 """
 
 from __future__ import annotations
