@@ -171,6 +171,32 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
         rows.append((f"fused MoE, {T} tokens, {wd or dt} weights, {S} shared, I {I}, D {D}",
                      f"used {used}, rel {rel:.1e}", used and rel < tol))  # fmt: skip
 
+    # The absorbed attention core (mla_attend) against its twin: heads not a multiple of the
+    # tile, key counts not a multiple of a split, a static step's mask (keys after pos at
+    # -inf, whole splits of them), float32 and bf16.
+    from types import SimpleNamespace
+
+    from dsv3.attention import MLA
+
+    attend = [  # (batch, heads, C, R, keys, masked after, dtype)
+        (1, 16, 512, 64, 257, None, torch.float32), (2, 20, 128, 16, 97, 60, torch.float32),
+        (3, 8, 64, 8, 40, 5, torch.bfloat16), (1, 32, 256, 32, 129, None, torch.bfloat16),
+    ]  # fmt: skip
+    for B, H, C, R, T, pos, dt in attend:
+        qa, qp = (torch.randn(B, H, n, generator=g).to(DEV, dt) for n in (C, R))
+        lat = torch.randn(B, T + 3, C + R, generator=g).to(DEV, dt)[:, :T]  # a cache's slice
+        bias = None
+        if pos is not None:
+            bias = torch.zeros(T, dtype=dt, device=DEV)
+            bias[pos + 1 :] = float("-inf")
+        scale = (C + R) ** -0.5
+        ref = MLA._attend_torch(SimpleNamespace(softmax_scale=scale), qa, qp, lat, bias, 1)
+        got = fused.mla_attend(qa, qp, lat, bias, scale)
+        rel = _rel(got, ref)
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        rows.append((f"fused attention core, batch {B}, {H} heads, C {C}, {T} keys, mask "
+                     f"{pos is not None}, {dt}", f"rel {rel:.1e}", rel < tol))  # fmt: skip
+
     for dt, ql in (("fp32", 0), ("fp32", 64), ("bf16", 64)):
         a = args.replace(q_lora_rank=ql)
         torch.manual_seed(0)

@@ -436,28 +436,51 @@ class MLA(nn.Module):
         q_nope . (W_uk kv) == (q_nope W_uk) . kv, and the output folds W_uv. Per-head bmm over
         (H, B*Sq, .) views: the einsum equivalents cost more in overhead at Sq = 1."""
         B, Sq, H, _ = q.shape
-        T = lat.shape[1]
-        Dn, Dr, Dv, C = (
-            self.qk_nope_head_dim,
-            self.qk_rope_head_dim,
-            self.v_head_dim,
-            self.kv_lora_rank,
-        )
+        Dn, Dr, Dv = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         w_uk, w_uv_t = self._absorb_views(wkv_b)  # (H, Dn, C), (H, C, Dv)
         q_nope = q[..., :Dn].reshape(B * Sq, H, Dn).transpose(0, 1)  # (H, B*Sq, Dn)
         q_abs = torch.bmm(q_nope, w_uk).transpose(0, 1)  # (B*Sq, H, C)
-        qc = torch.cat([q_abs, q[..., Dn:].reshape(B * Sq, H, Dr)], dim=-1)  # (B*Sq, H, C+Dr)
-        scores = torch.bmm(qc.view(B, Sq * H, C + Dr), lat.transpose(1, 2))  # (B, Sq*H, T)
+        q_pe = q[..., Dn:].reshape(B * Sq, H, Dr)
+        o = self._attend(q_abs, q_pe, lat, bias, Sq).transpose(0, 1)  # (H, B*Sq, C)
+        o = torch.bmm(o, w_uv_t)  # (H, B*Sq, Dv)
+        return self.wo(o.transpose(0, 1).reshape(B, Sq, H * Dv))
+
+    def _attend(self, q_abs, q_pe, lat, bias, Sq: int) -> torch.Tensor:
+        """softmax(scale * (q_abs kv^T + q_pe pe^T) + bias) kv over the latent cache lat
+        (B, T, C + Dr), for q_abs (B*Sq, H, C), q_pe (B*Sq, H, Dr) -> (B*Sq, H, C). One query
+        per row on a GPU where it measured faster: `fused.mla_attend`; else the torch twin."""
+        B, T = lat.shape[:2]
+        if (
+            Sq == 1
+            and (bias is None or bias.dim() == 1)
+            and fused.available(lat.device, "mla_attend")
+        ):
+            scale = self.softmax_scale
+            H, C = q_abs.shape[1:]
+            key = ("mla-attend", B, H, C, q_pe.shape[-1], 1 << (T - 1).bit_length(),
+                   q_abs.dtype, bias is not None)  # fmt: skip
+            kernel = lambda: fused.mla_attend(q_abs, q_pe, lat, bias, scale)  # noqa: E731
+            twin = lambda: self._attend_torch(q_abs, q_pe, lat, bias, Sq)  # noqa: E731
+            if fused.prefer("mla_attend", key, lat.device, kernel, twin):
+                got = fused.attempt("mla_attend", kernel)
+                if got is not None:
+                    return got
+        return self._attend_torch(q_abs, q_pe, lat, bias, Sq)
+
+    def _attend_torch(self, q_abs, q_pe, lat, bias, Sq: int) -> torch.Tensor:
+        """`_attend` in torch: the scores (B, Sq*H, T) in memory, softmax in float32."""
+        B, T = lat.shape[:2]
+        H, C = q_abs.shape[1:]
+        qc = torch.cat([q_abs, q_pe], dim=-1)  # (B*Sq, H, C + Dr)
+        scores = torch.bmm(qc.view(B, Sq * H, -1), lat.transpose(1, 2))  # (B, Sq*H, T)
         scores.mul_(self.softmax_scale)
         if bias is not None:
             scores = scores.view(B, Sq, H, T).add_(bias)
-        if scores.is_cuda or q.dtype == torch.float32:
+        if scores.is_cuda or q_abs.dtype == torch.float32:
             p = scores.view(B, Sq * H, T).softmax(dim=-1)  # CUDA accumulates in float32 itself
         else:
-            p = scores.view(B, Sq * H, T).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        o = torch.bmm(p, lat[..., :C]).view(B * Sq, H, C).transpose(0, 1)  # (H, B*Sq, C)
-        o = torch.bmm(o, w_uv_t)  # (H, B*Sq, Dv)
-        return self.wo(o.transpose(0, 1).reshape(B, Sq, H * Dv))
+            p = scores.view(B, Sq * H, T).softmax(dim=-1, dtype=torch.float32).to(q_abs.dtype)
+        return torch.bmm(p, lat[..., :C]).view(B * Sq, H, C)
 
     def _static_step(
         self, x: torch.Tensor, step: StaticStep, cos: torch.Tensor, sin: torch.Tensor

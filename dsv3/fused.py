@@ -17,6 +17,10 @@ per layer of ~2.4 us each against ~45 us of weight reads; with these, ~25).
 - `mla_step`: the decode step's latent and rotary work in one kernel: the kv latent's RMSNorm,
   the rotation of the shared rope key and of every head's rope query, and the write of the new
   latent into the static cache at the device position (`attention.StaticStep`).
+- `mla_attend`: a decode step's absorbed attention core (scores against the latent cache,
+  scale, mask, softmax, the weighted sum of latents) as a flash-decoding kernel split over the
+  keys plus a combine, where the twin runs five kernels. Unlike the others it is used only
+  where it measured faster than its twin on this GPU (`prefer`); it has not run on a GPU yet.
 
 Each has a torch twin with the same contract (the modules' own code) and gpu_check compares
 them; in Triton's CPU interpreter (TRITON_INTERPRET=1) they run on CPU tensors (the dry run).
@@ -28,6 +32,7 @@ import os
 
 import torch
 
+from . import tuning
 from .fp8 import INTERPRET, triton
 
 if triton is not None:
@@ -49,6 +54,26 @@ def available(device: torch.device, kind: str | None = None) -> bool:
     if triton is None or not ENABLED or kind in FAILED:
         return False
     return device.type == "cuda" or (INTERPRET and device.type == "cpu")
+
+
+def prefer(kind: str, key: tuple, device: torch.device, kernel, twin) -> bool:
+    """Whether kernel `kind` should run instead of its torch twin for this shape class (`key`):
+    on CUDA the faster by GPU time, measured once (`tuning.gpu_measure`) and cached; while a
+    CUDA graph is being captured only a choice already made counts (else the twin). In Triton's
+    interpreter always the kernel (the dry run checks it against the twin). A kernel that
+    fails while measured is recorded as failed, as in `attempt`."""
+    if device.type != "cuda":
+        return True
+    got = tuning.cached(key)
+    if got is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            got = tuning.choose(key, {"kernel": kernel, "torch": twin}, timer=tuning.gpu_measure)
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run: the twin
+            FAILED[kind] = f"{type(e).__name__}: {e}"[:300]
+            return False
+    return got == "kernel"
 
 
 def attempt(kind: str, fn, *args):
@@ -444,3 +469,142 @@ def mla_step(
         HP=_pow2(H), num_warps=4,
     )  # fmt: skip
     return q
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_split_kernel(
+        qa_ptr,  # (B, H, C) q_nope absorbed into the latent space
+        qp_ptr,  # (B, H, R) rotated rope query
+        lat_ptr,  # (B, T_cap, C + R) the latent cache: kv | pe
+        bias_ptr,  # (T,) additive score bias (unused without HAS_BIAS)
+        acc_ptr,  # (B, NS, H, C) float32: each split's unnormalised output
+        ml_ptr,  # (B, NS, H, 2) float32: each split's running max and sum
+        H,
+        T,
+        C,
+        R,
+        TS,  # keys per split
+        sqa_b,
+        sqa_h,
+        sqp_b,
+        sqp_h,
+        sl_b,
+        sl_t,
+        scale,
+        HAS_BIAS: tl.constexpr,
+        BH: tl.constexpr,
+        BT: tl.constexpr,
+        CP: tl.constexpr,
+        RP: tl.constexpr,
+    ):
+        b, hb, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        NS = tl.num_programs(2)
+        offs_h = hb * BH + tl.arange(0, BH)
+        offs_c = tl.arange(0, CP)
+        offs_r = tl.arange(0, RP)
+        mh, mc, mr = offs_h < H, offs_c < C, offs_r < R
+        qa = tl.load(
+            qa_ptr + b * sqa_b + offs_h[:, None] * sqa_h + offs_c[None, :],
+            mask=mh[:, None] & mc[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        qp = tl.load(
+            qp_ptr + b * sqp_b + offs_h[:, None] * sqp_h + offs_r[None, :],
+            mask=mh[:, None] & mr[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        m_i = tl.full([BH], float("-inf"), tl.float32)
+        l_i = tl.zeros([BH], tl.float32)
+        acc = tl.zeros([BH, CP], tl.float32)
+        start = s * TS
+        end = tl.minimum(start + TS, T)
+        for t0 in range(start, end, BT):
+            offs_t = t0 + tl.arange(0, BT)
+            mt = offs_t < end
+            row = lat_ptr + b * sl_b + offs_t[:, None] * sl_t
+            kv = tl.load(row + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
+            pe = tl.load(row + C + offs_r[None, :], mask=mt[:, None] & mr[None, :], other=0.0)
+            kv, pe = kv.to(tl.float32), pe.to(tl.float32)
+            # float32 products throughout (not TF32): a decode step's attention is bound by
+            # reading the cache, not by the multiplies
+            sc = tl.dot(qa, tl.trans(kv), input_precision="ieee")
+            sc += tl.dot(qp, tl.trans(pe), input_precision="ieee")
+            sc = sc * scale
+            if HAS_BIAS:
+                sc += tl.load(bias_ptr + offs_t, mask=mt, other=0.0).to(tl.float32)[None, :]
+            sc = tl.where(mt[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key so far masked
+            p = tl.exp(sc - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p, kv, input_precision="ieee")
+            m_i = m_new
+        part = (b * NS + s) * H + offs_h
+        tl.store(acc_ptr + part[:, None] * C + offs_c[None, :], acc, mask=mh[:, None] & mc[None, :])
+        tl.store(ml_ptr + part * 2, m_i, mask=mh)
+        tl.store(ml_ptr + part * 2 + 1, l_i, mask=mh)
+
+    @triton.jit
+    def _attend_combine_kernel(
+        acc_ptr, ml_ptr, out_ptr, H, C, NS, so_b, so_h, NSP: tl.constexpr, CP: tl.constexpr
+    ):
+        b, h = tl.program_id(0), tl.program_id(1)
+        offs_s = tl.arange(0, NSP)
+        offs_c = tl.arange(0, CP)
+        ms, mc = offs_s < NS, offs_c < C
+        part = (b * NS + offs_s) * H + h
+        m = tl.load(ml_ptr + part * 2, mask=ms, other=float("-inf"))
+        lsum = tl.load(ml_ptr + part * 2 + 1, mask=ms, other=0.0)
+        top = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))  # splits with no key: 0
+        total = tl.sum(lsum * w, 0)
+        acc = tl.load(acc_ptr + part[:, None] * C + offs_c[None, :], mask=ms[:, None] & mc[None, :])
+        o = tl.sum(acc * w[:, None], 0) / total
+        tl.store(out_ptr + b * so_b + h * so_h + offs_c, o.to(out_ptr.dtype.element_ty), mask=mc)
+
+
+ATTEND_BH, ATTEND_BT = 16, 32  # heads and keys per tile of `mla_attend`
+
+
+def mla_attend(
+    q_abs: torch.Tensor,
+    q_pe: torch.Tensor,
+    lat: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Absorbed MLA attention of one new query per row (decoding): q_abs (B, H, C) (q_nope
+    times W_uk), q_pe (B, H, R), over the latent cache lat (B, T, C + R) -> (B, H, C) in
+    q_abs's dtype: softmax(scale * (q_abs kv^T + q_pe pe^T) + bias) kv, with `bias` (T,)
+    additive (the static step's mask) or None. The keys are split so that the GPU's SMs share
+    even one row's work (flash decoding); each split keeps a running max and sum, and a second
+    kernel combines them in float32. `MLA._attend_torch` is its twin (cat, two bmm, scale,
+    softmax: five kernels and the scores in memory)."""
+    B, H, C = q_abs.shape
+    R, T = q_pe.shape[-1], lat.shape[1]
+    BH, BT = ATTEND_BH, ATTEND_BT
+    hblocks = triton.cdiv(H, BH)
+    if q_abs.is_cuda:
+        sms = torch.cuda.get_device_properties(q_abs.device).multi_processor_count
+    else:  # the interpreter
+        sms = 2
+    ns = max(1, min(triton.cdiv(T, BT), 2 * sms // (B * hblocks)))
+    ts = triton.cdiv(triton.cdiv(T, ns), BT) * BT  # keys per split, whole tiles
+    ns = triton.cdiv(T, ts)
+    acc = torch.empty(B, ns, H, C, dtype=torch.float32, device=q_abs.device)
+    ml = torch.empty(B, ns, H, 2, dtype=torch.float32, device=q_abs.device)
+    out = torch.empty(B, H, C, dtype=q_abs.dtype, device=q_abs.device)
+    _attend_split_kernel[(B, hblocks, ns)](
+        q_abs, q_pe, lat, bias if bias is not None else lat, acc, ml, H, T, C, R, ts,
+        q_abs.stride(0), q_abs.stride(1), q_pe.stride(0), q_pe.stride(1), lat.stride(0),
+        lat.stride(1), float(scale), HAS_BIAS=bias is not None, BH=BH, BT=BT,
+        CP=max(16, _pow2(C)), RP=max(16, _pow2(R)), num_warps=4,
+    )  # fmt: skip
+    _attend_combine_kernel[(B, H)](
+        acc, ml, out, H, C, ns, out.stride(0), out.stride(1), NSP=max(2, _pow2(ns)),
+        CP=_pow2(C), num_warps=4,
+    )  # fmt: skip
+    return out

@@ -64,6 +64,7 @@ def test_triton_kernels_match_their_twins_in_the_interpreter():
     assert sum("router" in n for n in names) == 4
     assert sum("fused MoE" in n for n in names) == 5
     assert sum("decode step" in n for n in names) == 3
+    assert sum("attention core" in n for n in names) == 4
     assert sum(n.startswith("fp8 linear") for n in names) == 3
     assert sum(n.startswith("fp8 grouped experts") for n in names) == 2
     bad = [(name, got) for name, got, ok in rows if not ok]
