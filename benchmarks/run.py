@@ -909,6 +909,16 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
             "failed here, torch twins ran" if fused.FAILED else "in use",
             note=str(fused.FAILED)[:300],
         )
+        attend = [  # (batch, heads, keys bucket, dtype, mask): choice {candidate: us}
+            (f"{k[1]}x{k[2]}h T<={k[5]} {str(k[6])[6:]}{' mask' if k[7] else ''}", c,
+             {n: round(v * 1e6, 1) for n, v in t.items()})
+            for k, c, t in tuning.choices("mla-attend")
+        ]  # fmt: skip
+        rows.add(
+            "absorbed attention core: fused.mla_attend vs its torch twin, by GPU time",
+            f"kernel chosen for {sum(c == 'kernel' for _, c, _ in attend)} of {len(attend)}",
+            note=str(attend)[:400],
+        )
     ours = build_ours(peer, device=dev, dtype="bf16")
     try:
         hf = build_hf(
