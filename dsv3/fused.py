@@ -566,7 +566,19 @@ if triton is not None:
         tl.store(out_ptr + b * so_b + h * so_h + offs_c, o.to(out_ptr.dtype.element_ty), mask=mc)
 
 
-ATTEND_BH, ATTEND_BT = 16, 32  # heads and keys per tile of `mla_attend`
+ATTEND_BH = 16  # heads per program of `mla_attend`
+ATTEND_TS = 64  # keys per split: a multiple of this (of every key tile tried)
+# (keys per tile, warps) tried per shape on first use: a (tile, C) block of the cache and the
+# (heads, C) accumulator share the registers
+_ATTEND = [(16, 4), (32, 4), (32, 8), (64, 8)]
+
+if triton is not None and not INTERPRET:
+    _attend_tuned = triton.autotune(
+        [triton.Config({"BT": bt}, num_warps=w, num_stages=2) for bt, w in _ATTEND],
+        key=["H", "C", "R", "HAS_BIAS"],  # not T: a decode's key count grows every step
+    )(_attend_split_kernel)
+else:
+    _attend_tuned = None
 
 
 def mla_attend(
@@ -585,24 +597,28 @@ def mla_attend(
     softmax: five kernels and the scores in memory)."""
     B, H, C = q_abs.shape
     R, T = q_pe.shape[-1], lat.shape[1]
-    BH, BT = ATTEND_BH, ATTEND_BT
+    BH, TS = ATTEND_BH, ATTEND_TS
     hblocks = triton.cdiv(H, BH)
     if q_abs.is_cuda:
         sms = torch.cuda.get_device_properties(q_abs.device).multi_processor_count
     else:  # the interpreter
         sms = 2
-    ns = max(1, min(triton.cdiv(T, BT), 2 * sms // (B * hblocks)))
-    ts = triton.cdiv(triton.cdiv(T, ns), BT) * BT  # keys per split, whole tiles
+    ns = max(1, min(triton.cdiv(T, TS), 2 * sms // (B * hblocks)))
+    ts = triton.cdiv(triton.cdiv(T, ns), TS) * TS  # keys per split, whole tiles
     ns = triton.cdiv(T, ts)
     acc = torch.empty(B, ns, H, C, dtype=torch.float32, device=q_abs.device)
     ml = torch.empty(B, ns, H, 2, dtype=torch.float32, device=q_abs.device)
     out = torch.empty(B, H, C, dtype=q_abs.dtype, device=q_abs.device)
-    _attend_split_kernel[(B, hblocks, ns)](
+    args = (
         q_abs, q_pe, lat, bias if bias is not None else lat, acc, ml, H, T, C, R, ts,
         q_abs.stride(0), q_abs.stride(1), q_pe.stride(0), q_pe.stride(1), lat.stride(0),
-        lat.stride(1), float(scale), HAS_BIAS=bias is not None, BH=BH, BT=BT,
-        CP=max(16, _pow2(C)), RP=max(16, _pow2(R)), num_warps=4,
+        lat.stride(1), float(scale),
     )  # fmt: skip
+    kw = dict(HAS_BIAS=bias is not None, BH=BH, CP=max(16, _pow2(C)), RP=max(16, _pow2(R)))
+    if _attend_tuned is None:  # Triton's CPU interpreter: one fixed tile
+        _attend_split_kernel[(B, hblocks, ns)](*args, **kw, BT=32, num_warps=4)
+    else:
+        _attend_tuned[(B, hblocks, ns)](*args, **kw)
     _attend_combine_kernel[(B, H)](
         acc, ml, out, H, C, ns, out.stride(0), out.stride(1), NSP=max(2, _pow2(ns)),
         CP=_pow2(C), num_warps=4,
