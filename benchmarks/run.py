@@ -34,8 +34,9 @@ Peers run in one process, interleaved round by round, so that load from elsewher
 machine hits them alike. Each figure is the best of its rounds (the least disturbed); ratios
 divide best by best. CPU decoding interleaves the peers 8 steps at a time and sums each chunk's
 best over the rounds (`interleaved_decode`): load comes in bursts shorter than a 64-step run,
-and a burst then spoils the chunk it hits, not a whole round. The reference is never copied into this repository: it is imported from the
-directory given, with a stub `kernel` module (its bf16 path calls no kernels).
+and a burst then spoils the chunk it hits, not a whole round. The reference is never copied
+into this repository: it is imported from the directory given, with a stub `kernel` module (its
+bf16 path calls no kernels).
 """
 
 from __future__ import annotations
@@ -350,27 +351,21 @@ def section_peers(rows: Rows, opts) -> None:
 
 def time_decode(model, tok: torch.Tensor, S: int, hf: bool = False) -> float:
     """Prefill tok[:, :S] (untimed), then time one-token steps with the KV cache up to the end
-    of `tok`. dsv3 and DeepSeek's reference take start_pos; transformers takes its cache."""
-    kw: dict = {}
-    if hf:
-        from transformers import DynamicCache
-
-        kw = dict(cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-    elif hasattr(model, "reset_cache"):
-        model.reset_cache()
-    model(tok[:, :S], **kw)
+    of `tok`, as one span with one device sync at its end (a GPU queues the steps)."""
+    d = Decoder(model, tok, S, hf)
+    d.start()
     _sync(tok.device)
     t0 = time.perf_counter()
     for i in range(S, tok.shape[1]):
-        model(tok[:, i : i + 1], **(kw or {"start_pos": i}))
+        d.run(i)
     _sync(tok.device)
     return time.perf_counter() - t0
 
 
 class Decoder:
-    """One model's decoding, a step at a time: `start()` prefills tok[:, :S] (untimed),
-    `step(i)` runs the one-token step at position i and returns its time. dsv3 and DeepSeek's
-    reference take start_pos; transformers (hf) takes its cache."""
+    """One model's decoding, a step at a time: `start()` prefills tok[:, :S], `run(i)` runs
+    the one-token step at position i, `step(i)` runs it and returns its time (CPU: no device
+    sync). dsv3 and DeepSeek's reference take start_pos; transformers (hf) takes its cache."""
 
     def __init__(self, model, tok: torch.Tensor, S: int, hf: bool = False):
         self.model, self.tok, self.S, self.hf = model, tok, S, hf
@@ -386,9 +381,12 @@ class Decoder:
             self.model.reset_cache()
         self.model(self.tok[:, : self.S], **self.kw)
 
+    def run(self, i: int) -> None:
+        self.model(self.tok[:, i : i + 1], **(self.kw or {"start_pos": i}))
+
     def step(self, i: int) -> float:
         t0 = time.perf_counter()
-        self.model(self.tok[:, i : i + 1], **(self.kw or {"start_pos": i}))
+        self.run(i)
         return time.perf_counter() - t0
 
 
@@ -541,8 +539,9 @@ def section_moe(rows: Rows, opts) -> None:
 
 def _few_pairs_row(rows: Rows, opts, ex, x, weights, idx, counts, what: str) -> None:
     """The routed experts of a decode step as the model runs them on CPU: the pairs planned on
-    the host (`GroupedExperts._few_pairs`) vs sorted on the device around the dispatch `auto`
-    picks (`_sorted`), whole (routing weights and the per-token sum included)."""
+    the host (`GroupedExperts._few_pairs`, and `_few_pairs_gathered` where it applies) vs
+    sorted on the device around the dispatch `auto` picks (`_sorted`), whole (routing weights
+    and the per-token sum included)."""
     from dsv3 import tuning
 
     with torch.inference_mode():

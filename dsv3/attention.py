@@ -420,13 +420,13 @@ class MLA(nn.Module):
         the weight and its storage stay the same: each view is a call of its own, and calls,
         not FLOPs, bound a small model's decode step on CPU. (An fp8 weight dequantised per
         call on CPU is a new tensor each time: its views are made each time.)"""
-        got = self.__dict__.get("_absorb")
-        if got is None or got[0] is not wkv_b or got[1] != wkv_b.data_ptr():
-            H, Dn = self.n_heads, self.qk_nope_head_dim
+        H, Dn = self.n_heads, self.qk_nope_head_dim
+
+        def views():
             w = wkv_b.view(H, Dn + self.v_head_dim, -1)
-            got = (wkv_b, wkv_b.data_ptr(), (w[:, :Dn], w[:, Dn:].transpose(1, 2)))
-            self.__dict__["_absorb"] = got
-        return got[2]
+            return w[:, :Dn], w[:, Dn:].transpose(1, 2)
+
+        return self.wkv_b.derived("absorb_views", (wkv_b,), views)
 
     def _absorbed(self, q, lat, wkv_b, bias) -> torch.Tensor:
         """Attention of q (B, Sq, H, Dqk) over the latent cache lat (B, T, C + Dr), with wkv_b

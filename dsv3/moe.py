@@ -392,10 +392,8 @@ class GroupedExperts(KeepsDerived):
         sorted dispatch `_sorted`, with the dispatch `auto` picks), the fastest for this shape
         class: measured on its first use on these inputs, then cached (`dsv3.tuning`).
         DSV3_DISPATCH=rule: "pairs"."""
-        N = idx_TK.numel()
-        _, I, D = self.w1.shape
-        key = ("moe-pairs", (N - 1).bit_length(), idx_TK.shape[1], self.n_experts, D, I,
-               x_TD.dtype, torch.get_num_threads())  # fmt: skip
+        shape = dispatch_class(idx_TK.numel(), self.n_experts, self.w1, x_TD)[1:]
+        key = ("moe-pairs", idx_TK.shape[1], *shape)
         got = tuning.cached(key)
         if got is not None:
             return got
@@ -463,30 +461,18 @@ class GroupedExperts(KeepsDerived):
         N = T * K
         h_2NI = x_TD.new_empty(2, N, I)  # w1 x | w3 x of every pair, (t, k) order
         h1_rows, h3_rows = (h.unbind(0) for h in h_2NI.unbind(0))
-        local = [e - self.first for e in idx_TK.flatten().tolist()]
-        every = all(0 <= e < self.n_experts for e in local)
-        y_ND = x_TD.new_empty(N, D) if every else x_TD.new_zeros(N, D)  # others' pairs: 0
+        ids = (e - self.first for e in idx_TK.flatten().tolist())
+        pairs = [(n, e) for n, e in enumerate(ids) if 0 <= e < self.n_experts]  # this rank's
+        y_ND = x_TD.new_empty(N, D) if len(pairs) == N else x_TD.new_zeros(N, D)  # others': 0
         x_rows, y_rows, experts = x_TD.unbind(0), y_ND.unbind(0), self._per_expert(x_TD.dtype)
-        for n, e in enumerate(local):
-            if 0 <= e < self.n_experts:
-                w1, _, w3 = experts(e)
-                torch.mv(w1, x_rows[n // K], out=h1_rows[n])
-                torch.mv(w3, x_rows[n // K], out=h3_rows[n])
+        for n, e in pairs:
+            w1, _, w3 = experts(e)
+            torch.mv(w1, x_rows[n // K], out=h1_rows[n])
+            torch.mv(w3, x_rows[n // K], out=h3_rows[n])
         F.silu(h_2NI[0], inplace=True).mul_(h_2NI[1])
-        for n, e in enumerate(local):
-            if 0 <= e < self.n_experts:
-                torch.mv(experts(e)[1], h1_rows[n], out=y_rows[n])
-        return self._token_sums(x_TD, weights_TK, y_ND)
-
-    @staticmethod
-    def _token_sums(x_TD, weights_TK, y_ND) -> torch.Tensor:
-        """Pairs' outputs y (T*K, D) in (t, k) order -> each token's weighted sum (T, D): one
-        (T, 1, K) x (T, K, D) product, in float32 (one rounding for bf16)."""
-        T, K = weights_TK.shape
-        if x_TD.dtype == torch.float32:
-            return torch.bmm(weights_TK.unsqueeze(1), y_ND.view(T, K, -1)).squeeze(1)
-        w_T1K, y_TKD = weights_TK.float().unsqueeze(1), y_ND.float().view(T, K, -1)
-        return torch.bmm(w_T1K, y_TKD).squeeze(1).to(x_TD.dtype)
+        for n, e in pairs:
+            torch.mv(experts(e)[1], h1_rows[n], out=y_rows[n])
+        return _token_sums(weights_TK, y_ND)
 
     def _few_pairs_gathered(self, x_TD, weights_TK, idx_TK) -> torch.Tensor:
         """`_few_pairs` with each projection one batched product over the pairs: the pairs'
@@ -500,7 +486,7 @@ class GroupedExperts(KeepsDerived):
         h3_N1I = torch.bmm(x_N1D, self.w3.index_select(0, e_N).transpose(1, 2))
         h_N1I = F.silu(h_N1I, inplace=True).mul_(h3_N1I)
         y_ND = torch.bmm(h_N1I, self.w2.index_select(0, e_N).transpose(1, 2)).view(N, D)
-        return self._token_sums(x_TD, weights_TK, y_ND)
+        return _token_sums(weights_TK, y_ND)
 
     def _per_expert(self, dtype: torch.dtype):
         """e -> expert e's (w1, w2, w3) in `dtype`: views of the stacks, kept between calls (a
@@ -578,6 +564,18 @@ def stack_experts(sd: dict[str, torch.Tensor], prefix: str, experts: range) -> N
 
 
 FEW_PAIRS = 32  # CPU pairs up to which the loop dispatch is planned on the host (`_few_pairs`)
+
+
+def _token_sums(weights_TK: torch.Tensor, y_ND: torch.Tensor) -> torch.Tensor:
+    """Pairs' outputs y (T*K, D) in (t, k) order -> each token's weighted sum (T, D), in y's
+    dtype: one (T, 1, K) x (T, K, D) product, in float32 (one rounding for bf16)."""
+    T, K = weights_TK.shape
+    if y_ND.dtype == torch.float32:
+        return torch.bmm(weights_TK.unsqueeze(1), y_ND.view(T, K, -1)).squeeze(1)
+    w_T1K, y_TKD = weights_TK.float().unsqueeze(1), y_ND.float().view(T, K, -1)
+    return torch.bmm(w_T1K, y_TKD).squeeze(1).to(y_ND.dtype)
+
+
 SMALL_COMBINE = 1 << 16  # expert outputs (elements) up to which the combine skips index_add_
 
 

@@ -58,10 +58,7 @@ class Gate(KeepsDerived):
         kept on a GPU: one made while a CUDA graph is captured holds nothing until a replay."""
         if device.type != "cpu":
             return torch.arange(n, device=device)
-        kept = self.__dict__.setdefault("_aranges", {})
-        if n not in kept:
-            kept[n] = torch.arange(n)
-        return kept[n]
+        return self.derived("arange", (), lambda: torch.arange(n), n)
 
     def forward(
         self, x_TD: torch.Tensor, counts_E: torch.Tensor | None = None
