@@ -70,6 +70,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--dtypes", default="bf16,fp8")
+    p.add_argument("--top", type=int, default=12, help="kernels listed per profile")
     ns = p.parse_args()
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA device; nothing measured.")
@@ -93,7 +94,7 @@ def profile_model(m: Transformer, args, ns, dtype: str) -> None:
             m.reset_cache()
             m(tok[:, :128])
             m.graphs.enabled = False
-            kernels(lambda last=last: m(last, start_pos=128), f"decode step B={B}, eager")
+            kernels(lambda last=last: m(last, start_pos=128), f"decode step B={B}, eager", ns.top)
             eager = host_time(lambda last=last: m(last, start_pos=128))
             m.graphs.enabled = True
             m(tok[:, 128:], start_pos=128)  # capture
@@ -107,7 +108,7 @@ def profile_model(m: Transformer, args, ns, dtype: str) -> None:
             )
         tok = torch.randint(0, args.vocab_size, (2, 128), device="cuda")
         m.graphs.enabled = False
-        kernels(lambda: m(tok, full=True), "prefill 2x128, eager")
+        kernels(lambda: m(tok, full=True), "prefill 2x128, eager", ns.top)
         m.graphs.enabled = True
         m(tok, full=True)
         entry = next(e for k, e in m.graphs.entries.items() if k[0] == "prefill")

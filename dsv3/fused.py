@@ -10,7 +10,10 @@ per layer of ~2.4 us each against ~45 us of weight reads; with these, ~25).
   elementwise along its hidden dim, so splitting that dim into S chunks changes nothing but
   the order of the final sum. `_up` computes silu(x W1^T) * (x W3^T) for every (token, expert)
   pair, reading only the weights of the experts each token picked; `_down` multiplies by W2,
-  weights each pair and sums a token's pairs, all in float32 with one rounding at the end.
+  weights each pair and sums a token's pairs, all in float32 with one rounding at the end
+  (whole: one program per (token, row tile) over all its pairs; split: one per (pair, row
+  tile), then a small kernel for the weighted sum; measured per shape class, since one
+  token's programs of the whole form are too few to keep the GPU's loads in flight).
   Weights may be fp8 with 128x128 block scales (each fp8 byte is read once and scaled in
   registers) or in the activations' dtype. The grouped path (sort, layout, grouped matmuls,
   combine: ~25 kernels) stays for prefill.
@@ -284,6 +287,78 @@ if triton is not None:
         tl.store(y_ptr + t.to(tl.int64) * D + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
+    def _down_part_kernel(
+        h_ptr,  # (T*K + T*S, I) from _up_kernel
+        idx_ptr,  # (T, K) int64
+        w2_ptr,  # (E, D, I)
+        s2_ptr,  # (E, D/128, I/128)
+        sw2_ptr,  # (D, S*I) shared
+        ss2_ptr,  # (D/128, S*I/128)
+        part_ptr,  # (T*K + T*S, D) float32 out: each pair's W2 product, unweighted
+        T,
+        K,
+        S,
+        I,
+        D,
+        HAS_SCALE: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+    ):
+        # `_down_kernel` split by pair: one program per (pair, row tile) as in `_up_kernel`,
+        # so that a single token's few pairs still spread over the SMs; `_down_sum_kernel`
+        # then weights and sums each token's pairs
+        r = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        NK = T * K
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < D
+        nb = (pid_n * BN) // 128
+        KI = (I + 127) // 128
+        DB = (D + 127) // 128
+        if r < NK:
+            e = tl.load(idx_ptr + r)
+            wb = w2_ptr + e * D * I
+            w_row = I
+            sb = s2_ptr + e * DB * KI + nb * KI
+        else:
+            c = ((r - NK) % S).to(tl.int64)
+            wb = sw2_ptr + c * I
+            w_row = S * I
+            sb = ss2_ptr + nb * (S * KI) + c * KI
+        h_row = h_ptr + r.to(tl.int64) * I
+        acc = tl.zeros([BN], dtype=tl.float32)
+        for k0 in range(0, I, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < I
+            hv = tl.load(h_row + k, mask=k_ok, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                hv = hv * tl.load(sb + k // 128, mask=k_ok, other=0.0)
+            wv = tl.load(
+                wb + rn[:, None].to(tl.int64) * w_row + k[None, :],
+                mask=n_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(wv * hv[None, :], axis=1)
+        tl.store(part_ptr + r.to(tl.int64) * D + rn, acc, mask=n_ok)
+
+    @triton.jit
+    def _down_sum_kernel(part_ptr, wt_ptr, y_ptr, T, K, S, D, BN: tl.constexpr):
+        # y[t] = sum_j weight[t, j] part[t*K + j] + sum_c part[T*K + t*S + c], in float32, in
+        # the order `_down_kernel` sums them
+        t = tl.program_id(0)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        n_ok = rn < D
+        acc = tl.zeros([BN], dtype=tl.float32)
+        for j in range(0, K):
+            gw = tl.load(wt_ptr + t * K + j).to(tl.float32)
+            pr = tl.load(part_ptr + (t * K + j).to(tl.int64) * D + rn, mask=n_ok, other=0.0)
+            acc += gw * pr
+        for c in range(0, S):
+            row = (T * K + t * S + c).to(tl.int64)
+            acc += tl.load(part_ptr + row * D + rn, mask=n_ok, other=0.0)
+        tl.store(y_ptr + t.to(tl.int64) * D + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
     def _mla_step_kernel(
         kv_ptr,  # (B, C + R) the wkv_a output of the step
         q_ptr,  # (B, H, Dq) queries, the last R of each head rotated in place
@@ -369,24 +444,38 @@ def route(
 
 # (BN, BK, warps) tried per shape on first use. A few tokens' products are bound by how many
 # weight bytes are in flight: narrow row tiles give more programs, long K tiles longer loads.
-_UP = [(16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 128, 4), (8, 512, 4)]
-_DOWN = [(8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 128, 4)]
+# (BN, BK, warps, stages) tried per shape on first use. A few tokens' products are bound by how
+# many weight bytes are in flight: narrow row tiles give more programs, long K tiles and more
+# stages longer loads in flight.
+_UP = [
+    (16, 256, 4, 2), (16, 512, 4, 2), (32, 256, 4, 2), (32, 512, 8, 2), (64, 128, 4, 2),
+    (8, 512, 4, 2), (16, 256, 4, 3), (32, 128, 4, 4), (16, 128, 4, 4), (32, 256, 8, 3),
+]  # fmt: skip
+_DOWN = [(8, 512, 4, 2), (16, 256, 4, 2), (16, 512, 4, 2), (32, 256, 4, 2), (32, 512, 8, 2),
+         (64, 128, 4, 2)]  # fmt: skip
+_DOWN_PART = [
+    (16, 256, 4, 2), (16, 512, 4, 2), (32, 256, 4, 2), (64, 128, 4, 2), (8, 512, 4, 2),
+    (16, 256, 4, 3), (32, 128, 4, 4), (16, 128, 4, 4),
+]  # fmt: skip
+DOWN_SUM_BN = 256
+# Which `_down` form a few tokens take: None measures both per shape class on first use
+# (`prefer`); "split" or "whole" forces one (gpu_check runs both against the twin).
+DOWN_FORM: str | None = None
 
 if triton is not None and not INTERPRET:
 
     def _configs(tiles):
         return [
-            triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=2) for bn, bk, w in tiles
+            triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in tiles
         ]
 
-    _up_tuned = triton.autotune(_configs(_UP), key=["T", "K", "S", "I", "D", "HAS_SCALE"])(
-        _up_kernel
-    )
-    _down_tuned = triton.autotune(_configs(_DOWN), key=["T", "K", "S", "I", "D", "HAS_SCALE"])(
-        _down_kernel
-    )
+    _KEY = ["T", "K", "S", "I", "D", "HAS_SCALE"]
+    _up_tuned = triton.autotune(_configs(_UP), key=_KEY)(_up_kernel)
+    _down_tuned = triton.autotune(_configs(_DOWN), key=_KEY)(_down_kernel)
+    _down_part_tuned = triton.autotune(_configs(_DOWN_PART), key=_KEY)(_down_part_kernel)
 else:
-    _up_tuned = _down_tuned = None
+    _up_tuned = _down_tuned = _down_part_tuned = None
 
 
 def moe_small_ok(experts, shared, x: torch.Tensor, n_pairs: int) -> bool:
@@ -432,16 +521,46 @@ def moe_small(
         sw1, sw2, sw3, ss1, ss2, ss3 = w1, w2, w3, s1, s2, s3
     R = T * (K + S)
     h = torch.empty(R, I, dtype=x_TD.dtype, device=x_TD.device)
-    y = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
     up = (x_TD, idx_TK, w1, w3, s1, s3, sw1, sw3, ss1, ss3, h, T, K, S, I, D, x_TD.stride(0))
-    down = (h, idx_TK, weights_TK.contiguous(), w2, s2, sw2, ss2, y, T, K, S, I, D)
     if _up_tuned is None:  # Triton's CPU interpreter: one fixed tile
         _up_kernel[(R, triton.cdiv(I, 64))](*up, HAS_SCALE=fp8, BN=64, BK=128)
-        _down_kernel[(T, triton.cdiv(D, 64))](*down, HAS_SCALE=fp8, BN=64, BK=128)
     else:
         _up_tuned[lambda m: (R, triton.cdiv(I, m["BN"]))](*up, HAS_SCALE=fp8)
-        _down_tuned[lambda m: (T, triton.cdiv(D, m["BN"]))](*down, HAS_SCALE=fp8)
-    return y
+    weights_TK = weights_TK.contiguous()
+
+    def whole() -> torch.Tensor:
+        y = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
+        down = (h, idx_TK, weights_TK, w2, s2, sw2, ss2, y, T, K, S, I, D)
+        if _down_tuned is None:
+            _down_kernel[(T, triton.cdiv(D, 64))](*down, HAS_SCALE=fp8, BN=64, BK=128)
+        else:
+            _down_tuned[lambda m: (T, triton.cdiv(D, m["BN"]))](*down, HAS_SCALE=fp8)
+        return y
+
+    def split() -> torch.Tensor:
+        part = torch.empty(R, D, dtype=torch.float32, device=x_TD.device)
+        y = torch.empty(T, D, dtype=x_TD.dtype, device=x_TD.device)
+        down = (h, idx_TK, w2, s2, sw2, ss2, part, T, K, S, I, D)
+        if _down_part_tuned is None:
+            _down_part_kernel[(R, triton.cdiv(D, 64))](*down, HAS_SCALE=fp8, BN=64, BK=128)
+        else:
+            _down_part_tuned[lambda m: (R, triton.cdiv(D, m["BN"]))](*down, HAS_SCALE=fp8)
+        _down_sum_kernel[(T, triton.cdiv(D, DOWN_SUM_BN))](
+            part, weights_TK, y, T, K, S, D, BN=DOWN_SUM_BN, num_warps=4
+        )
+        return y
+
+    form = DOWN_FORM
+    if "moe_down_split" in FAILED:
+        form = "whole"
+    elif form is None:  # measured once per shape class (a split form that fails: the whole)
+        key = ("moe-down", T, K, S, I, D, fp8, x_TD.dtype)
+        form = "split" if prefer("moe_down_split", key, x_TD.device, split, whole) else "whole"
+    if form == "split":
+        y = attempt("moe_down_split", split)
+        if y is not None:
+            return y
+    return whole()
 
 
 def mla_step(
@@ -494,6 +613,7 @@ if triton is not None:
         sl_t,
         scale,
         HAS_BIAS: tl.constexpr,
+        DOT16: tl.constexpr,  # a 16-bit cache: tensor-core products
         BH: tl.constexpr,
         BT: tl.constexpr,
         CP: tl.constexpr,
@@ -509,12 +629,14 @@ if triton is not None:
             qa_ptr + b * sqa_b + offs_h[:, None] * sqa_h + offs_c[None, :],
             mask=mh[:, None] & mc[None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
         qp = tl.load(
             qp_ptr + b * sqp_b + offs_h[:, None] * sqp_h + offs_r[None, :],
             mask=mh[:, None] & mr[None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
+        if not DOT16:
+            qa, qp = qa.to(tl.float32), qp.to(tl.float32)
         m_i = tl.full([BH], float("-inf"), tl.float32)
         l_i = tl.zeros([BH], tl.float32)
         acc = tl.zeros([BH, CP], tl.float32)
@@ -526,11 +648,16 @@ if triton is not None:
             row = lat_ptr + b * sl_b + offs_t[:, None] * sl_t
             kv = tl.load(row + offs_c[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
             pe = tl.load(row + C + offs_r[None, :], mask=mt[:, None] & mr[None, :], other=0.0)
-            kv, pe = kv.to(tl.float32), pe.to(tl.float32)
-            # float32 products throughout (not TF32): a decode step's attention is bound by
-            # reading the cache, not by the multiplies
-            sc = tl.dot(qa, tl.trans(kv), input_precision="ieee")
-            sc += tl.dot(qp, tl.trans(pe), input_precision="ieee")
+            if DOT16:
+                # a 16-bit cache: its products on the tensor cores, summed in float32 (the
+                # twin's bmm rounds its scores to 16 bits; this keeps them in float32)
+                sc = tl.dot(qa, tl.trans(kv))
+                sc += tl.dot(qp, tl.trans(pe))
+            else:
+                # float32 products (not TF32), as the twin's float32 bmm
+                kv, pe = kv.to(tl.float32), pe.to(tl.float32)
+                sc = tl.dot(qa, tl.trans(kv), input_precision="ieee")
+                sc += tl.dot(qp, tl.trans(pe), input_precision="ieee")
             sc = sc * scale
             if HAS_BIAS:
                 sc += tl.load(bias_ptr + offs_t, mask=mt, other=0.0).to(tl.float32)[None, :]
@@ -540,7 +667,11 @@ if triton is not None:
             p = tl.exp(sc - m_use[:, None])
             alpha = tl.exp(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, kv, input_precision="ieee")
+            if DOT16:
+                pv = tl.dot(p.to(kv.dtype), kv)  # as the twin's bmm of 16-bit probabilities
+            else:
+                pv = tl.dot(p, kv, input_precision="ieee")
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         part = (b * NS + s) * H + offs_h
         tl.store(acc_ptr + part[:, None] * C + offs_c[None, :], acc, mask=mh[:, None] & mc[None, :])
@@ -549,33 +680,59 @@ if triton is not None:
 
     @triton.jit
     def _attend_combine_kernel(
-        acc_ptr, ml_ptr, out_ptr, H, C, NS, so_b, so_h, NSP: tl.constexpr, CP: tl.constexpr
+        acc_ptr,
+        ml_ptr,
+        out_ptr,
+        H,
+        C,
+        NS,
+        so_b,
+        so_h,
+        NSP: tl.constexpr,
+        SB: tl.constexpr,
+        CP: tl.constexpr,
     ):
         b, h = tl.program_id(0), tl.program_id(1)
-        offs_s = tl.arange(0, NSP)
         offs_c = tl.arange(0, CP)
-        ms, mc = offs_s < NS, offs_c < C
-        part = (b * NS + offs_s) * H + h
-        m = tl.load(ml_ptr + part * 2, mask=ms, other=float("-inf"))
-        lsum = tl.load(ml_ptr + part * 2 + 1, mask=ms, other=0.0)
-        top = tl.max(m, 0)
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))  # splits with no key: 0
-        total = tl.sum(lsum * w, 0)
-        acc = tl.load(acc_ptr + part[:, None] * C + offs_c[None, :], mask=ms[:, None] & mc[None, :])
-        o = tl.sum(acc * w[:, None], 0) / total
+        mc = offs_c < C
+        # the largest split max first (all NS of them fit: one float each), then the splits
+        # SB at a time, so that a long cache's many splits need no more registers
+        offs_s = tl.arange(0, NSP)
+        m_all = tl.load(
+            ml_ptr + ((b * NS + offs_s) * H + h) * 2, mask=offs_s < NS, other=float("-inf")
+        )
+        top = tl.max(m_all, 0)
+        total = tl.zeros([SB], tl.float32)
+        o = tl.zeros([CP], tl.float32)
+        for s0 in range(0, NS, SB):
+            sb = s0 + tl.arange(0, SB)
+            ms = sb < NS
+            part = (b * NS + sb) * H + h
+            m = tl.load(ml_ptr + part * 2, mask=ms, other=float("-inf"))
+            lsum = tl.load(ml_ptr + part * 2 + 1, mask=ms, other=0.0)
+            w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))  # splits with no key: 0
+            total += lsum * w
+            a = tl.load(
+                acc_ptr + part[:, None] * C + offs_c[None, :],
+                mask=ms[:, None] & mc[None, :],
+                other=0.0,
+            )
+            o += tl.sum(a * w[:, None], 0)
+        o = o / tl.sum(total, 0)
         tl.store(out_ptr + b * so_b + h * so_h + offs_c, o.to(out_ptr.dtype.element_ty), mask=mc)
 
 
 ATTEND_BH = 16  # heads per program of `mla_attend`
-ATTEND_TS = 64  # keys per split: a multiple of this (of every key tile tried)
+ATTEND_TS = 16  # keys per split: a multiple of this
+ATTEND_SB = 16  # splits the combine reads at a time
 # (keys per tile, warps) tried per shape on first use: a (tile, C) block of the cache and the
-# (heads, C) accumulator share the registers
-_ATTEND = [(16, 4), (32, 4), (32, 8), (64, 8)]
+# (heads, C) accumulator share the registers. A tile longer than a split is masked at its end.
+_ATTEND = [(16, 4), (32, 4), (16, 8), (32, 8)]
 
 if triton is not None and not INTERPRET:
     _attend_tuned = triton.autotune(
         [triton.Config({"BT": bt}, num_warps=w, num_stages=2) for bt, w in _ATTEND],
-        key=["H", "C", "R", "HAS_BIAS"],  # not T: a decode's key count grows every step
+        key=["H", "C", "R", "HAS_BIAS", "DOT16"],  # not T: a decode's key count grows every step
     )(_attend_split_kernel)
 else:
     _attend_tuned = None
@@ -601,9 +758,10 @@ def mla_attend(
     hblocks = triton.cdiv(H, BH)
     if q_abs.is_cuda:
         sms = torch.cuda.get_device_properties(q_abs.device).multi_processor_count
-    else:  # the interpreter
-        sms = 2
-    ns = max(1, min(triton.cdiv(T, TS), 2 * sms // (B * hblocks)))
+    else:  # the interpreter: enough splits that the combine reads them in two chunks
+        sms = 32
+    # one wave of programs: a few rows of a short cache still spread over the SMs
+    ns = max(1, min(triton.cdiv(T, TS), sms // (B * hblocks)))
     ts = triton.cdiv(triton.cdiv(T, ns), TS) * TS  # keys per split, whole tiles
     ns = triton.cdiv(T, ts)
     acc = torch.empty(B, ns, H, C, dtype=torch.float32, device=q_abs.device)
@@ -614,13 +772,22 @@ def mla_attend(
         q_abs.stride(0), q_abs.stride(1), q_pe.stride(0), q_pe.stride(1), lat.stride(0),
         lat.stride(1), float(scale),
     )  # fmt: skip
-    kw = dict(HAS_BIAS=bias is not None, BH=BH, CP=max(16, _pow2(C)), RP=max(16, _pow2(R)))
+    # 16-bit products on the tensor cores; float32 ones in Triton's interpreter, whose 16-bit
+    # dot is wrong (3.6), and for a float32 cache
+    dot16 = (
+        lat.dtype in (torch.bfloat16, torch.float16)
+        and q_abs.dtype == q_pe.dtype == lat.dtype
+        and not INTERPRET
+    )
+    kw = dict(
+        HAS_BIAS=bias is not None, DOT16=dot16, BH=BH, CP=max(16, _pow2(C)), RP=max(16, _pow2(R))
+    )
     if _attend_tuned is None:  # Triton's CPU interpreter: one fixed tile
-        _attend_split_kernel[(B, hblocks, ns)](*args, **kw, BT=32, num_warps=4)
+        _attend_split_kernel[(B, hblocks, ns)](*args, **kw, BT=16, num_warps=4)
     else:
         _attend_tuned[(B, hblocks, ns)](*args, **kw)
     _attend_combine_kernel[(B, H)](
         acc, ml, out, H, C, ns, out.stride(0), out.stride(1), NSP=max(2, _pow2(ns)),
-        CP=_pow2(C), num_warps=4,
+        SB=ATTEND_SB, CP=_pow2(C), num_warps=4,
     )  # fmt: skip
     return out
