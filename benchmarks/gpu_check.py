@@ -14,6 +14,7 @@ import time
 import traceback
 
 import torch
+import torch.nn.functional as F
 
 from dsv3 import ModelArgs, Transformer, count_params
 from dsv3.moe import dispatch_grouped, dispatch_loop, grouped_mm_supported
@@ -247,6 +248,17 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
         tol = 1e-4 if dt == "fp32" else 5e-2
         rows.append((f"fused decode step vs torch twin ({dt}, q_lora {ql}), 3 steps",
                      f"logits rel {rl:.1e}, cache rel {rc:.1e}", rl < tol and rc < tol))  # fmt: skip
+    # A 16-bit Linear's few rows through the Triton kernel (`Linear._cuda`) against F.linear:
+    # rows below the kernel's 16-row block, N and K not multiples of its tiles.
+    from dsv3 import fp8
+
+    gl = torch.Generator().manual_seed(1)
+    for n, N, K in ((1, 3072, 1536), (3, 576, 2048), (8, 200, 300)):
+        x = torch.randn(n, K, generator=gl).to(DEV, torch.bfloat16)
+        w = (torch.randn(N, K, generator=gl) / K**0.5).to(DEV, torch.bfloat16)
+        rel = _rel(fp8.w8_matmul(x, w, None), F.linear(x, w))
+        rows.append((f"bf16 Linear kernel, {n} rows, {N}x{K}", f"rel {rel:.1e}", rel < 1e-2))
+
     rows.append(("fused kernels that failed to run", str(fused.FAILED) or "none", not fused.FAILED))
     return rows
 

@@ -918,6 +918,26 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
             f"kernel chosen for {sum(c == 'kernel' for _, c, _ in attend)} of {len(attend)}",
             note=str(attend)[:400],
         )
+        down = [  # (tokens, pairs, shared, I, D, fp8): form {form: us}
+            (k[1:7], "split" if c == "kernel" else "whole",
+             {("split" if n == "kernel" else "whole"): round(v * 1e6, 1) for n, v in t.items()})
+            for k, c, t in tuning.choices("moe-down")
+        ]  # fmt: skip
+        rows.add(
+            "few-token down projection: split by pair vs whole per token, by GPU time",
+            f"split chosen for {sum(c == 'split' for _, c, _ in down)} of {len(down)}",
+            note=str(down)[:400],
+        )
+        gemv = [  # (rows bucket, N, K): choice {candidate: us}
+            (k[1:4], "triton" if c == "kernel" else "cublas",
+             {("triton" if n == "kernel" else "cublas"): round(v * 1e6, 1) for n, v in t.items()})
+            for k, c, t in tuning.choices("gemv")
+        ]  # fmt: skip
+        rows.add(
+            "16-bit Linear, few rows: Triton kernel vs cuBLAS, by GPU time",
+            f"kernel chosen for {sum(c == 'triton' for _, c, _ in gemv)} of {len(gemv)}",
+            note=str(gemv)[:500],
+        )
     ours = build_ours(peer, device=dev, dtype="bf16")
     try:
         hf = build_hf(

@@ -141,7 +141,9 @@ def _rotate_(x: torch.Tensor, freqs: torch.Tensor) -> None:
         # freqs (S, 1, R/2) broadcasts over batch and heads: one call, not three (x[None, :, None])
         torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(freqs.unsqueeze(1))
     else:  # bf16 (no complex bf16 on CPU) or odd offsets: compute in float32, write back
-        z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+        # a fresh float32 copy: x.float() of a float32 x at an odd offset is x itself
+        xf = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        z = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
         x.copy_(torch.view_as_real(z * freqs.unsqueeze(1)).flatten(-2))
 
 

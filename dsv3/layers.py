@@ -60,6 +60,7 @@ def quantize_fp8(
     return q, scale
 
 
+GEMV_ROWS = 8  # CUDA inputs of up to this many rows may take the Triton kernel (`Linear._cuda`)
 SKINNY_ROWS = 32  # CPU inputs with 2..SKINNY_ROWS rows may take the (W x^T)^T form
 
 
@@ -161,9 +162,29 @@ class Linear(KeepsDerived):
         return self.derived("dense", sources, lambda: self.effective_weight(dtype), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale is not None and x.device.type == "cuda":
-            return self._fp8_cuda(x)
+        if x.device.type == "cuda":
+            return self._fp8_cuda(x) if self.scale is not None else self._cuda(x)
         return linear(x, self.effective_weight(x.dtype), self.bias)
+
+    def _cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """A 16-bit weight on CUDA: a decode step's few rows (up to GEMV_ROWS) through the
+        Triton kernel of `dsv3.fp8` (unscaled), where it measured faster by GPU time than
+        cuBLAS for this shape class (`fused.prefer`): there a matrix-vector product is bound
+        by how many of the weight's bytes are in flight, and the kernel's narrow tiles give
+        more programs reading at once; else `F.linear`."""
+        w = self.weight
+        rows = x.numel() // max(x.shape[-1], 1)
+        if 0 < rows <= GEMV_ROWS and self.bias is None and x.dtype == w.dtype != torch.float32:
+            from . import fp8, fused
+
+            if fused.available(x.device, "gemv") and fp8.triton_ok(x.device):
+                key = ("gemv", 1 << (rows - 1).bit_length(), *w.shape, w.dtype)
+                kernel = lambda: fp8.w8_matmul(x, w, None)  # noqa: E731
+                if fused.prefer("gemv", key, x.device, kernel, lambda: F.linear(x, w)):
+                    y = fused.attempt("gemv", kernel)
+                    if y is not None:
+                        return y
+        return F.linear(x, w, self.bias)
 
     def _fp8_cuda(self, x: torch.Tensor) -> torch.Tensor:
         """fp8 on CUDA: the measured fast path of `dsv3.fp8`, or, on GPUs without one, the

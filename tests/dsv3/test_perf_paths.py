@@ -140,13 +140,15 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.flatten(-2).to(dtype)
 
 
-@pytest.mark.parametrize("case", ["fast", "odd_offset", "bf16"])
+@pytest.mark.parametrize("case", ["fast", "odd_offset", "odd_offset_one_row", "bf16"])
 def test_inplace_rotary_equals_reference_formula(case):
     torch.manual_seed(0)
     B, S, H, R = 2, 5, 3, 8
+    if case == "odd_offset_one_row":  # one token's shared rope key after an odd latent width:
+        B, S, H = 1, 1, 1  # contiguous already, at an odd offset (kv_lora_rank 1)
     freqs = torch.rand(S, R // 2) * 3
     cos, sin = freqs.cos(), freqs.sin()
-    if case == "odd_offset":  # the rope dims start at an odd element offset: fallback path
+    if case.startswith("odd_offset"):  # the rope dims start at an odd element offset: fallback path
         x = torch.randn(B, S, H, R + 1)[..., 1:]
     elif case == "bf16":
         x = torch.randn(B, S, H, R).to(torch.bfloat16)
