@@ -86,6 +86,18 @@ def _greedy(m: Transformer, tok: torch.Tensor, steps: int):
     return torch.cat(ids, 1), logits.float()
 
 
+def _kept_rows_rel(ids_g, lg_g, ids_e, lg_e) -> tuple[int, float]:
+    """(rows whose greedy ids agree, relative difference of their last logits). The graph's
+    step reads a masked static span where eager reads the keys there are, so the split of the
+    attention's keys and some measured kernel choices differ: 16-bit roundings may differ,
+    and a near tie may then pick another greedy token. A row that did has another context
+    after it, so only the rows that kept the same ids are compared."""
+    kept = (ids_g == ids_e).all(1)
+    same = int(kept.sum())
+    a, b = lg_g[kept], lg_e[kept]
+    return same, ((a - b).norm() / b.norm()).item() if same else float("inf")
+
+
 def check_graph_decode(args: ModelArgs, cpu: Transformer) -> list:
     """Graph decode (static cache, device position) == eager decode, both cache layouts, bf16;
     crossing a span boundary (255 -> 256 keys) recaptures and stays right."""
@@ -102,14 +114,13 @@ def check_graph_decode(args: ModelArgs, cpu: Transformer) -> list:
         m.free_cache()
         ids_g, lg_g = _greedy(m, tok, 12)
         g = m.graphs
-        rel = ((lg_g - lg_e).norm() / lg_e.norm()).item()
-        same = int((ids_g == ids_e).all(1).sum())
+        same, rel = _kept_rows_rel(ids_g, lg_g, ids_e, lg_e)
         ok = g.replays >= 12 and g.note is None and rel < 2e-2 and same >= 2
         rows.append(
             (
                 f"bf16 graph decode vs eager ({impl}, batch 3, positions 250-261)",
                 f"replays {g.replays}, captures {g.captures}, rows with equal greedy ids {same}/3, "
-                f"last logits rel {rel:.1e}, note {g.note}",
+                f"their last logits rel {rel:.1e}, note {g.note}",
                 ok,
             )
         )
@@ -361,12 +372,13 @@ def check_fp8_model(args: ModelArgs, cpu: Transformer) -> list:
     ids_e, lg_e = _greedy(m8, tok, 8)
     m8.graphs.enabled = True
     ids_g, lg_g = _greedy(m8, tok, 8)
-    rel = ((lg_g - lg_e).norm() / lg_e.norm()).item()
+    same, rel = _kept_rows_rel(ids_g, lg_g, ids_e, lg_e)
     rows.append(
         (
             "fp8 graph decode vs eager",
-            f"replays {m8.graphs.replays}, note {m8.graphs.note}, rel {rel:.1e}",
-            m8.graphs.replays >= 8 and rel < 3e-2,
+            f"replays {m8.graphs.replays}, note {m8.graphs.note}, rows with equal greedy ids "
+            f"{same}/2, their last logits rel {rel:.1e}",
+            m8.graphs.replays >= 8 and same >= 1 and rel < 3e-2,
         )
     )
     chosen = [

@@ -22,8 +22,13 @@ per layer of ~2.4 us each against ~45 us of weight reads; with these, ~25).
   latent into the static cache at the device position (`attention.StaticStep`).
 - `mla_attend`: a decode step's absorbed attention core (scores against the latent cache,
   scale, mask, softmax, the weighted sum of latents) as a flash-decoding kernel split over the
-  keys plus a combine, where the twin runs five kernels. Unlike the others it is used only
-  where it measured faster than its twin on this GPU (`prefer`); it has not run on a GPU yet.
+  keys (one wave of 16-key splits, 16-bit products on the tensor cores) plus a combine, where
+  the twin runs five kernels: 7.8-8.9 against 14.4-18.8 us on an H200 at the seed demo's
+  decode shapes.
+
+Two more choices are measured per shape class on first use (`prefer`, by GPU time): the form
+of `moe_small`'s down projection, and whether a 16-bit Linear's few rows take `dsv3.fp8`'s
+Triton kernel instead of cuBLAS (`layers.Linear._cuda`).
 
 Each has a torch twin with the same contract (the modules' own code) and gpu_check compares
 them; in Triton's CPU interpreter (TRITON_INTERPRET=1) they run on CPU tensors (the dry run).
@@ -60,11 +65,11 @@ def available(device: torch.device, kind: str | None = None) -> bool:
 
 
 def prefer(kind: str, key: tuple, device: torch.device, kernel, twin) -> bool:
-    """Whether kernel `kind` should run instead of its torch twin for this shape class (`key`):
-    on CUDA the faster by GPU time, measured once (`tuning.gpu_measure`) and cached; while a
-    CUDA graph is being captured only a choice already made counts (else the twin). In Triton's
-    interpreter always the kernel (the dry run checks it against the twin). A kernel that
-    fails while measured is recorded as failed, as in `attempt`."""
+    """Whether `kernel` should run instead of `twin` (its torch twin, or another form) for this
+    shape class (`key`): on CUDA the faster by GPU time, measured once (`tuning.gpu_measure`)
+    and cached; while a CUDA graph is being captured only a choice already made counts (else
+    the twin). In Triton's interpreter always the kernel (the dry run checks it against the
+    twin). A kernel that fails while measured is recorded as failed, as in `attempt`."""
     if device.type != "cuda":
         return True
     got = tuning.cached(key)

@@ -111,11 +111,13 @@ def clear() -> None:
 def gpu_measure(candidates: dict[str, Callable[[], object]], reps: int = 8) -> dict[str, float]:
     """GPU time of each candidate, without the host's launch time: the stream first sleeps
     (`torch.cuda._sleep`) while `reps` calls are queued behind it, so CUDA events time the
-    kernels back to back, as a CUDA graph replays them. Best of three interleaved rounds."""
+    kernels back to back, as a CUDA graph replays them. Best of three interleaved rounds, after
+    two untimed ones (a Triton kernel's first calls may still compile or autotune)."""
     import torch
 
-    for fn in candidates.values():
-        fn()
+    for _ in range(2):
+        for fn in candidates.values():
+            fn()
     best = dict.fromkeys(candidates, float("inf"))
     for _ in range(3):
         for name, fn in candidates.items():
