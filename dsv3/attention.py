@@ -450,18 +450,25 @@ class MLA(nn.Module):
     def _attend(self, q_abs, q_pe, lat, bias, Sq: int) -> torch.Tensor:
         """softmax(scale * (q_abs kv^T + q_pe pe^T) + bias) kv over the latent cache lat
         (B, T, C + Dr), for q_abs (B*Sq, H, C), q_pe (B*Sq, H, Dr) -> (B*Sq, H, C). One query
-        per row on a GPU: `fused.mla_attend` (one kernel and a combine, 1.6-2.1x faster than
-        the twin's five on an H200: benchmarks/run.py --gpu); else the torch twin."""
+        per row on a GPU where it measured faster by GPU time for this shape class:
+        `fused.mla_attend` (one kernel and a combine; 1.6-2.1x faster than the twin's five in
+        11 of 12 classes on an H200); else the torch twin."""
+        B, T = lat.shape[:2]
         if (
             Sq == 1
             and (bias is None or bias.dim() == 1)
             and fused.available(lat.device, "mla_attend")
         ):
-            got = fused.attempt(
-                "mla_attend", fused.mla_attend, q_abs, q_pe, lat, bias, self.softmax_scale
-            )
-            if got is not None:
-                return got
+            scale = self.softmax_scale
+            H, C = q_abs.shape[1:]
+            key = ("mla-attend", B, H, C, q_pe.shape[-1], 1 << (T - 1).bit_length(),
+                   q_abs.dtype, bias is not None)  # fmt: skip
+            kernel = lambda: fused.mla_attend(q_abs, q_pe, lat, bias, scale)  # noqa: E731
+            twin = lambda: self._attend_torch(q_abs, q_pe, lat, bias, Sq)  # noqa: E731
+            if fused.prefer("mla_attend", key, lat.device, kernel, twin):
+                got = fused.attempt("mla_attend", kernel)
+                if got is not None:
+                    return got
         return self._attend_torch(q_abs, q_pe, lat, bias, Sq)
 
     def _attend_torch(self, q_abs, q_pe, lat, bias, Sq: int) -> torch.Tensor:
