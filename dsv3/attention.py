@@ -452,7 +452,7 @@ class MLA(nn.Module):
         (B, T, C + Dr), for q_abs (B*Sq, H, C), q_pe (B*Sq, H, Dr) -> (B*Sq, H, C). One query
         per row on a GPU where it measured faster by GPU time for this shape class:
         `fused.mla_attend` (one kernel and a combine; 1.6-2.1x faster than the twin's five in
-        11 of 12 classes on an H200); else the torch twin."""
+        11 of 12 classes measured on an H200); else the torch twin."""
         B, T = lat.shape[:2]
         if (
             Sq == 1

@@ -24,8 +24,9 @@ per layer of ~2.4 us each against ~45 us of weight reads; with these, ~25).
   scale, mask, softmax, the weighted sum of latents) as a flash-decoding kernel split over the
   keys (one wave of 16-key splits, 16-bit products on the tensor cores) plus a combine, where
   the twin runs five kernels: 7.8-8.9 against 14.4-18.8 us on an H200 at the seed demo's
-  decode shapes, but slower at batch 1 with 16 heads and 129-256 keys in two runs (not yet
-  explained). So it runs only where it measured faster for the shape class (`prefer`).
+  decode shapes (once at batch 1 it measured 59 us, likely the host's launch time leaking
+  into the measure, since fixed in `tuning.gpu_measure`). It runs where it measures faster
+  for the shape class (`prefer`).
 
 Two more choices are measured per shape class on first use (`prefer`, by GPU time): the form
 of `moe_small`'s down projection, and whether a 16-bit Linear's few rows take `dsv3.fp8`'s

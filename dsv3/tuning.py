@@ -112,22 +112,41 @@ def gpu_measure(candidates: dict[str, Callable[[], object]], reps: int = 8) -> d
     """GPU time of each candidate, without the host's launch time: the stream first sleeps
     (`torch.cuda._sleep`) while `reps` calls are queued behind it, so CUDA events time the
     kernels back to back, as a CUDA graph replays them. Best of three interleaved rounds, after
-    two untimed ones (a Triton kernel's first calls may still compile or autotune)."""
+    two untimed ones (a Triton kernel's first calls may still compile or autotune).
+
+    The sleep is sized from each candidate's host time per call (a Triton kernel launched from
+    Python can take ~100 us to queue, more than the kernel runs), and a round whose calls were
+    not all queued before the sleep ended is timed again with a longer one: else the events
+    would time the host, not the GPU."""
     import torch
 
+    host = dict.fromkeys(candidates, 0.0)
     for _ in range(2):
-        for fn in candidates.values():
+        torch.cuda.synchronize()
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
             fn()
+            host[name] = time.perf_counter() - t0  # the second round's: compiled by then
+    # cycles to sleep: 2x the time to queue the calls at ~2 GHz (a slower clock sleeps longer)
+    cycles = {n: max(2_000_000, int(2 * reps * h * 2e9)) for n, h in host.items()}
     best = dict.fromkeys(candidates, float("inf"))
     for _ in range(3):
         for name, fn in candidates.items():
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(2_000_000)  # ~1 ms: time to queue the calls
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            end.synchronize()
+            for _try in range(4):
+                slept_from = torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                slept_from.record()
+                torch.cuda._sleep(cycles[name])
+                start.record()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                queued = time.perf_counter() - t0
+                end.record()
+                end.synchronize()
+                if queued < slept_from.elapsed_time(start) / 1e3:
+                    break  # every call was queued while the stream slept: GPU time
+                cycles[name] *= 2
             best[name] = min(best[name], start.elapsed_time(end) / 1e3 / reps)
     return best

@@ -191,3 +191,65 @@ def test_choose_takes_a_timer():
     assert tuning.choose(("timer", 1), cands, timer) == "fast"
     assert seen == [["fast", "slow"]]
     assert tuning.choices("timer")[0][2] == {"slow": 2e-3, "fast": 1e-3}
+
+
+class _FakeStream:
+    """One CUDA stream on a virtual clock: the host spends time queueing, the device runs what
+    is queued in order, each item starting when the host queued it and the one before ended."""
+
+    def __init__(self):
+        self.host = 0.0
+        self.free = 0.0  # when the device finishes what is queued
+
+    def run(self, gpu_s: float) -> None:
+        self.free = max(self.host, self.free) + gpu_s
+
+    def call(self, host_s: float, gpu_s: float) -> None:
+        self.host += host_s
+        self.run(gpu_s)
+
+    def install(self, monkeypatch) -> None:
+        stream = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                stream.run(0.0)
+                self.t = stream.free
+
+            def synchronize(self):
+                stream.host = max(stream.host, self.t)
+
+            def elapsed_time(self, other):
+                return (other.t - self.t) * 1e3
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: stream.run(cycles / 1.98e9))
+
+        def synchronize():
+            stream.host = max(stream.host, stream.free)
+
+        monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+        monkeypatch.setattr(tuning.time, "perf_counter", lambda: stream.host)
+
+
+@pytest.mark.parametrize("slow_host_from", ["the start", "the timed rounds"])
+def test_gpu_measure_times_the_device_even_when_the_host_is_slower(monkeypatch, slow_host_from):
+    """A Triton kernel launched from Python may take longer to queue (here 300 us) than it runs
+    (8 us), and longer than its twin (10 us to queue, 18 us to run). The measure must still see
+    8 against 18 us: the stream sleeps long enough for every call to be queued, sized from the
+    warm-up's host time, or slept again for longer when the timed calls queued slower."""
+    s = _FakeStream()
+    s.install(monkeypatch)
+    calls = {"kernel": 0}
+
+    def kernel():
+        calls["kernel"] += 1
+        slow = slow_host_from == "the start" or calls["kernel"] > 2  # after the 2 warm-ups
+        s.call(300e-6 if slow else 20e-6, 8e-6)
+
+    got = tuning.gpu_measure({"kernel": kernel, "torch": lambda: s.call(10e-6, 18e-6)})
+    assert got["kernel"] == pytest.approx(8e-6, rel=1e-6)
+    assert got["torch"] == pytest.approx(18e-6, rel=1e-6)
