@@ -270,6 +270,15 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
         rel = _rel(fp8.w8_matmul(x, w, None), F.linear(x, w))
         rows.append((f"bf16 Linear kernel, {n} rows, {N}x{K}", f"rel {rel:.1e}", rel < 1e-2))
 
+    # The router's float32 matmul in one kernel against its twin (cast, then F.linear in
+    # float32): a bf16 weight read as it is, expert and K counts not multiples of the tiles.
+    for n, E, D, wdt in ((1, 64, 2048, torch.bfloat16), (5, 24, 300, torch.float32)):
+        x = torch.randn(n, D, generator=gl).to(DEV, torch.bfloat16)
+        w = torch.randn(E, D, generator=gl).to(DEV, wdt)
+        rel = _rel(fused.gate_logits(x, w), F.linear(x.float(), w.float()))
+        rows.append((f"router logits kernel, {n} tokens, {E} experts, D {D}, {wdt} weight",
+                     f"rel {rel:.1e}", rel < 1e-6))  # fmt: skip
+
     rows.append(("fused kernels that failed to run", str(fused.FAILED) or "none", not fused.FAILED))
     return rows
 

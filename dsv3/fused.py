@@ -2,6 +2,9 @@
 rather than by bytes (benchmarks/gpu_profile.py, seed demo at batch 1 on an H200: ~65 kernels
 per layer of ~2.4 us each against ~45 us of weight reads; with these, ~25).
 
+- `gate_logits`: the router's float32 matmul (x.float() @ W.float()^T) in one kernel, reading
+  a bf16 weight as it is (it upcasts exactly), where the twin casts x and then runs cuBLAS's
+  float32 product; measured against the twin per shape class (`prefer`).
 - `route`: the whole router after its matmul in one kernel per token (softmax or sigmoid,
   bias, group scores and the kept groups, top-k, weights, renormalisation, route_scale, and the
   per-expert counts), where `dsv3.routing.Gate` runs ~20 small kernels.
@@ -99,6 +102,35 @@ def attempt(kind: str, fn, *args):
 
 
 if triton is not None:
+
+    @triton.jit
+    def _gate_logits_kernel(
+        x_ptr,  # (T, D) activations
+        w_ptr,  # (E, D) the router's weight, any float dtype (exact in float32)
+        out_ptr,  # (T, E) float32 logits
+        E,
+        D,
+        stride_x,
+        BE: tl.constexpr,
+        BK: tl.constexpr,
+    ):
+        # the router's float32 matmul, x.float() @ W.float()^T, reading W in its own dtype (a
+        # bf16 weight upcasts exactly): one program per (token, BE experts)
+        t = tl.program_id(0)
+        re = tl.program_id(1) * BE + tl.arange(0, BE)
+        e_ok = re < E
+        acc = tl.zeros([BE], dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < D
+            xv = tl.load(x_ptr + t.to(tl.int64) * stride_x + k, mask=k_ok, other=0.0)
+            w = tl.load(
+                w_ptr + re[:, None].to(tl.int64) * D + k[None, :],
+                mask=e_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+        tl.store(out_ptr + t.to(tl.int64) * E + re, acc, mask=e_ok)
 
     @triton.jit
     def _route_kernel(
@@ -451,6 +483,38 @@ def route(
 
 # (BN, BK, warps) tried per shape on first use. A few tokens' products are bound by how many
 # weight bytes are in flight: narrow row tiles give more programs, long K tiles longer loads.
+GATE_ROWS = 64  # tokens up to which the router's matmul may take `gate_logits`
+# (experts per program, K tile, warps) tried per shape on first use: a few tokens' logits are
+# bound by how many programs read the weight at once
+_GATE = [(2, 512, 4), (4, 512, 4), (8, 256, 4), (4, 256, 2), (2, 1024, 8)]
+
+if triton is not None and not INTERPRET:
+    _gate_tuned = triton.autotune(
+        [triton.Config({"BE": be, "BK": bk}, num_warps=w) for be, bk, w in _GATE],
+        key=["E", "D"],
+    )(_gate_logits_kernel)
+else:
+    _gate_tuned = None
+
+
+def gate_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    """The router's logits x.float() @ weight.float()^T -> (T, E) float32 in one kernel, where
+    its twin (`Gate._logits_torch`) casts x, then runs cuBLAS's float32 matrix-vector product
+    (two kernels)."""
+    T, D = x_TD.shape
+    E = weight_ED.shape[0]
+    if x_TD.stride(-1) != 1:
+        x_TD = x_TD.contiguous()
+    w = weight_ED.contiguous()
+    out = torch.empty(T, E, dtype=torch.float32, device=x_TD.device)
+    args = (x_TD, w, out, E, D, x_TD.stride(0))
+    if _gate_tuned is None:  # Triton's CPU interpreter: one fixed tile
+        _gate_logits_kernel[(T, triton.cdiv(E, 4))](*args, BE=4, BK=128)
+    else:
+        _gate_tuned[lambda m: (T, triton.cdiv(E, m["BE"]))](*args)
+    return out
+
+
 # (BN, BK, warps, stages) tried per shape on first use. A few tokens' products are bound by how
 # many weight bytes are in flight: narrow row tiles give more programs, long K tiles and more
 # stages longer loads in flight.

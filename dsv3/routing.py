@@ -53,6 +53,24 @@ class Gate(KeepsDerived):
         w = self.weight
         return w if w.dtype == torch.float32 else self.derived("w32", (w,), w.float)
 
+    def _logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """x (T, D) -> logits (T, E) float32: on CUDA for a few tokens `fused.gate_logits`
+        where it measured faster for the shape class, else `_logits_torch`."""
+        T = x_TD.shape[0]
+        if 0 < T <= fused.GATE_ROWS and fused.available(x_TD.device, "gate_logits"):
+            key = ("gate-logits", 1 << (T - 1).bit_length(), *self.weight.shape,
+                   self.weight.dtype, x_TD.dtype)  # fmt: skip
+            kernel = lambda: fused.gate_logits(x_TD, self.weight)  # noqa: E731
+            twin = lambda: self._logits_torch(x_TD)  # noqa: E731
+            if fused.prefer("gate_logits", key, x_TD.device, kernel, twin):
+                got = fused.attempt("gate_logits", kernel)
+                if got is not None:
+                    return got
+        return self._logits_torch(x_TD)
+
+    def _logits_torch(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return linear(x_TD.float(), self._weight32())
+
     def _arange(self, n: int, device: torch.device) -> torch.Tensor:
         """arange(n) on `device`; on CPU kept (a decode step there is bound by its calls). Not
         kept on a GPU: one made while a CUDA graph is captured holds nothing until a replay."""
@@ -69,7 +87,7 @@ class Gate(KeepsDerived):
 
         On CUDA everything after the matmul is one kernel (`dsv3.fused.route`) unless the
         scores are kept for the views; the torch code below is its twin (and the CPU path)."""
-        logits_TE = linear(x_TD.float(), self._weight32())
+        logits_TE = self._logits(x_TD)
         if not self.keep_scores and fused.available(x_TD.device, "route"):
             softmax = self.score_func == "softmax"
             got = fused.attempt(
