@@ -349,6 +349,23 @@ def section_peers(rows: Rows, opts) -> None:
     gc.collect()
 
 
+def _choice_row(rows, kind: str, shape: slice, names: tuple[str, str], label: str) -> None:
+    """A row of the classes `fused.prefer` measured for `kind`: which of its kernel (names[0])
+    and twin (names[1]) each chose, with their GPU times in us, keyed by key[shape]."""
+    from dsv3 import tuning
+
+    named = {"kernel": names[0], "torch": names[1]}
+    got = [
+        (k[shape], named[c], {named[n]: round(v * 1e6, 1) for n, v in t.items()})
+        for k, c, t in tuning.choices(kind)
+    ]
+    rows.add(
+        label,
+        f"{names[0]} chosen for {sum(c == names[0] for _, c, _ in got)} of {len(got)}",
+        note=str(got)[:500],
+    )
+
+
 def _attend_times() -> tuple[str, str]:
     """(value, note) for the attention-core row: `fused.mla_attend` and its twin timed by GPU
     time at the seed demo's decode shapes (16 heads, C 512, R 64): a static step's 256-key span
@@ -946,25 +963,19 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
             "absorbed attention core: fused.mla_attend vs its torch twin, by GPU time",
             *_attend_times(),
         )
-        down = [  # (tokens, pairs, shared, I, D, fp8): form {form: us}
-            (k[1:7], "split" if c == "kernel" else "whole",
-             {("split" if n == "kernel" else "whole"): round(v * 1e6, 1) for n, v in t.items()})
-            for k, c, t in tuning.choices("moe-down")
-        ]  # fmt: skip
-        rows.add(
+        _choice_row(
+            rows,
+            "moe-down",
+            slice(1, 7),
+            ("split", "whole"),
             "few-token down projection: split by pair vs whole per token, by GPU time",
-            f"split chosen for {sum(c == 'split' for _, c, _ in down)} of {len(down)}",
-            note=str(down)[:400],
         )
-        gemv = [  # (rows bucket, N, K): choice {candidate: us}
-            (k[1:4], "triton" if c == "kernel" else "cublas",
-             {("triton" if n == "kernel" else "cublas"): round(v * 1e6, 1) for n, v in t.items()})
-            for k, c, t in tuning.choices("gemv")
-        ]  # fmt: skip
-        rows.add(
+        _choice_row(
+            rows,
+            "gemv",
+            slice(1, 4),
+            ("triton", "cublas"),
             "16-bit Linear, few rows: Triton kernel vs cuBLAS, by GPU time",
-            f"kernel chosen for {sum(c == 'triton' for _, c, _ in gemv)} of {len(gemv)}",
-            note=str(gemv)[:500],
         )
     ours = build_ours(peer, device=dev, dtype="bf16")
     try:

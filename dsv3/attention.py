@@ -465,10 +465,7 @@ class MLA(nn.Module):
                    q_abs.dtype, bias is not None)  # fmt: skip
             kernel = lambda: fused.mla_attend(q_abs, q_pe, lat, bias, scale)  # noqa: E731
             twin = lambda: self._attend_torch(q_abs, q_pe, lat, bias, Sq)  # noqa: E731
-            if fused.prefer("mla_attend", key, lat.device, kernel, twin):
-                got = fused.attempt("mla_attend", kernel)
-                if got is not None:
-                    return got
+            return fused.run_measured("mla_attend", key, lat.device, kernel, twin)
         return self._attend_torch(q_abs, q_pe, lat, bias, Sq)
 
     def _attend_torch(self, q_abs, q_pe, lat, bias, Sq: int) -> torch.Tensor:

@@ -101,6 +101,16 @@ def attempt(kind: str, fn, *args):
         return None
 
 
+def run_measured(kind: str, key: tuple, device: torch.device, kernel, twin):
+    """kernel() where `prefer` picks it for this shape class and it runs (a failure is
+    recorded by `attempt`), else twin(). The caller checks `available(device, kind)` first."""
+    if prefer(kind, key, device, kernel, twin):
+        got = attempt(kind, kernel)
+        if got is not None:
+            return got
+    return twin()
+
+
 if triton is not None:
 
     @triton.jit
@@ -268,6 +278,28 @@ if triton is not None:
         tl.store(h_ptr + r.to(tl.int64) * I + rn, h.to(h_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
+    def _w2_tile(
+        h_row, wb, w_row, sb, rn, n_ok, I, HAS_SCALE: tl.constexpr, BN: tl.constexpr,
+        BK: tl.constexpr
+    ):  # fmt: skip
+        # one pair's W2 product on a tile of BN output rows, float32: h (I,) times the rows
+        # rn of an expert's W2 (row stride w_row), h scaled per 128 block for fp8
+        part = tl.zeros([BN], dtype=tl.float32)
+        for k0 in range(0, I, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < I
+            hv = tl.load(h_row + k, mask=k_ok, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                hv = hv * tl.load(sb + k // 128, mask=k_ok, other=0.0)
+            wv = tl.load(
+                wb + rn[:, None].to(tl.int64) * w_row + k[None, :],
+                mask=n_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            part += tl.sum(wv * hv[None, :], axis=1)
+        return part
+
+    @triton.jit
     def _down_kernel(
         h_ptr,  # (T*K + T*S, I) from _up_kernel
         idx_ptr,  # (T, K) int64
@@ -309,20 +341,7 @@ if triton is not None:
                 w_row = S * I
                 sb = ss2_ptr + nb * (S * KI) + c * KI
                 h_row = h_ptr + (T * K + t * S + jj - K).to(tl.int64) * I
-            part = tl.zeros([BN], dtype=tl.float32)
-            for k0 in range(0, I, BK):
-                k = k0 + tl.arange(0, BK)
-                k_ok = k < I
-                hv = tl.load(h_row + k, mask=k_ok, other=0.0).to(tl.float32)
-                if HAS_SCALE:
-                    hv = hv * tl.load(sb + k // 128, mask=k_ok, other=0.0)
-                wv = tl.load(
-                    wb + rn[:, None].to(tl.int64) * w_row + k[None, :],
-                    mask=n_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                part += tl.sum(wv * hv[None, :], axis=1)
-            acc += gw * part
+            acc += gw * _w2_tile(h_row, wb, w_row, sb, rn, n_ok, I, HAS_SCALE, BN, BK)
         tl.store(y_ptr + t.to(tl.int64) * D + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
@@ -365,19 +384,7 @@ if triton is not None:
             w_row = S * I
             sb = ss2_ptr + nb * (S * KI) + c * KI
         h_row = h_ptr + r.to(tl.int64) * I
-        acc = tl.zeros([BN], dtype=tl.float32)
-        for k0 in range(0, I, BK):
-            k = k0 + tl.arange(0, BK)
-            k_ok = k < I
-            hv = tl.load(h_row + k, mask=k_ok, other=0.0).to(tl.float32)
-            if HAS_SCALE:
-                hv = hv * tl.load(sb + k // 128, mask=k_ok, other=0.0)
-            wv = tl.load(
-                wb + rn[:, None].to(tl.int64) * w_row + k[None, :],
-                mask=n_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc += tl.sum(wv * hv[None, :], axis=1)
+        acc = _w2_tile(h_row, wb, w_row, sb, rn, n_ok, I, HAS_SCALE, BN, BK)
         tl.store(part_ptr + r.to(tl.int64) * D + rn, acc, mask=n_ok)
 
     @triton.jit
@@ -621,17 +628,14 @@ def moe_small(
         )
         return y
 
-    form = DOWN_FORM
-    if "moe_down_split" in FAILED:
-        form = "whole"
-    elif form is None:  # measured once per shape class (a split form that fails: the whole)
-        key = ("moe-down", T, K, S, I, D, fp8, x_TD.dtype)
-        form = "split" if prefer("moe_down_split", key, x_TD.device, split, whole) else "whole"
-    if form == "split":
+    if "moe_down_split" in FAILED or DOWN_FORM == "whole":
+        return whole()
+    if DOWN_FORM == "split":
         y = attempt("moe_down_split", split)
-        if y is not None:
-            return y
-    return whole()
+        return y if y is not None else whole()
+    # measured once per shape class (a split form that fails: the whole)
+    key = ("moe-down", T, K, S, I, D, fp8, x_TD.dtype)
+    return run_measured("moe_down_split", key, x_TD.device, split, whole)
 
 
 def mla_step(

@@ -180,10 +180,7 @@ class Linear(KeepsDerived):
             if fused.available(x.device, "gemv") and fp8.triton_ok(x.device):
                 key = ("gemv", 1 << (rows - 1).bit_length(), *w.shape, w.dtype)
                 kernel = lambda: fp8.w8_matmul(x, w, None)  # noqa: E731
-                if fused.prefer("gemv", key, x.device, kernel, lambda: F.linear(x, w)):
-                    y = fused.attempt("gemv", kernel)
-                    if y is not None:
-                        return y
+                return fused.run_measured("gemv", key, x.device, kernel, lambda: F.linear(x, w))
         return F.linear(x, w, self.bias)
 
     def _fp8_cuda(self, x: torch.Tensor) -> torch.Tensor:

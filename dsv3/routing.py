@@ -62,10 +62,7 @@ class Gate(KeepsDerived):
                    self.weight.dtype, x_TD.dtype)  # fmt: skip
             kernel = lambda: fused.gate_logits(x_TD, self.weight)  # noqa: E731
             twin = lambda: self._logits_torch(x_TD)  # noqa: E731
-            if fused.prefer("gate_logits", key, x_TD.device, kernel, twin):
-                got = fused.attempt("gate_logits", kernel)
-                if got is not None:
-                    return got
+            return fused.run_measured("gate_logits", key, x_TD.device, kernel, twin)
         return self._logits_torch(x_TD)
 
     def _logits_torch(self, x_TD: torch.Tensor) -> torch.Tensor:
