@@ -16,7 +16,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from dsv3 import ModelArgs, Transformer, count_params
+from dsv3 import ConfigError, ModelArgs, Transformer, count_params
 from dsv3.moe import dispatch_grouped, dispatch_loop, grouped_mm_supported
 
 DEV = "cuda"  # `--dry-run` checks this script's own logic on the CPU (no graphs there)
@@ -124,7 +124,40 @@ def check_graph_decode(args: ModelArgs, cpu: Transformer) -> list:
                 ok,
             )
         )
+    rows.append(_bad_id_after_replay(m, tok))
     return rows
+
+
+def _bad_id_after_replay(m: Transformer, tok: torch.Tensor) -> tuple[str, str, bool]:
+    """A graph decode step checks its ids after the replay is queued (the replay reads them
+    clamped): an out-of-range id fails with a ConfigError, not a device assert, and a retry at
+    that position replays and equals a fresh eager step."""
+    m.graphs.enabled = True
+    m.reset_cache()
+    P = tok.shape[1] - 2  # prefill, one good step at P, the bad one at P + 1
+    m(tok[:, :P])
+    m(tok[:, P : P + 1], start_pos=P)
+    bad = tok[:, P + 1 : P + 2].clone()
+    bad[0, 0] = m.args.vocab_size
+    n = m.graphs.replays
+    try:
+        m(bad, start_pos=P + 1)
+        err = "no error"
+    except ConfigError as e:
+        err = f"ConfigError({e.field})"
+    replayed = m.graphs.replays - n
+    got = m(tok[:, P + 1 : P + 2], start_pos=P + 1).float()
+    m.graphs.enabled = False
+    m.reset_cache()
+    m(tok[:, : P + 1])
+    want = m(tok[:, P + 1 : P + 2], start_pos=P + 1).float()
+    rel = _rel(got, want)
+    ok = err == "ConfigError(tokens)" and replayed == 1 and rel < 2e-2
+    return (
+        "bf16 graph decode, an out-of-range id (checked after the replay), then a retry",
+        f"{err}, replays of the bad step {replayed}, retry vs eager logits rel {rel:.1e}",
+        ok,
+    )
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,7 @@ class CudaGraphs:
         self._cache_list: list | None = None
         self._hook_dicts: list[tuple[dict, dict]] | None = None
         self._reserved: tuple[int, ...] | None = None
+        self._host_bounds: torch.Tensor | None = None  # pinned: `id_bounds` reads into it
         self.last: Entry | None = None  # the entry replayed last (its marks are in place)
         self.enabled = True
         self.entries: OrderedDict[tuple, Entry] = OrderedDict()
@@ -161,16 +163,38 @@ class CudaGraphs:
         span = span_for(start_pos + 1, m.args.max_seq_len)
         self.reserve(B, span)
 
+        top = m.args.vocab_size - 1  # ids are clamped: `forward` checks them after the replay
+
         def inputs():
             pos = torch.tensor([start_pos], dtype=torch.long, device=m.device)
-            return {"tokens": tokens.clone(), "pos": pos}
+            return {"tokens": tokens.long().clamp(0, top), "pos": pos}
 
         entry = self._entry(("decode", B, span), inputs, lambda i: _step(m, i, span))
         if entry is None:
             return None
-        entry.inputs["tokens"].copy_(tokens)
+        torch.clamp(tokens.long(), 0, top, out=entry.inputs["tokens"])
         entry.inputs["pos"].fill_(start_pos)
         return self._replay(entry)
+
+    def id_bounds(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
+        """-> a function giving [least, greatest] id of `tokens`. On a GPU the reduction and its
+        copy to the host are queued now and waited for when it is called, so the work queued in
+        between (the step's replay) keeps the GPU busy meanwhile."""
+        bounds = torch.stack(torch.aminmax(tokens)).long()
+        if not bounds.is_cuda:
+            return bounds.tolist
+        if self._host_bounds is None:
+            self._host_bounds = torch.empty(2, dtype=torch.long, pin_memory=True)
+        host = self._host_bounds
+        host.copy_(bounds, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def read() -> list[int]:
+            done.synchronize()
+            return host.tolist()
+
+        return read
 
     def prefill(
         self, tokens: torch.Tensor, all_logits: bool, full: bool, force: bool = False

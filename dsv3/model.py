@@ -357,7 +357,9 @@ class Transformer(nn.Module):
             self._rope[device] = precompute_freqs_cis(self.args, device=device)
         return self._rope[device]
 
-    def _check_input(self, tokens: torch.Tensor, start_pos: int) -> None:
+    def _check_input(self, tokens: torch.Tensor, start_pos: int, ids: bool = True) -> None:
+        """Shape, batch, positions and cache checks; with `ids`, the token ids' range too (on a
+        GPU that reads the ids back, a device sync)."""
         a = self.args
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ConfigError("tokens must be a 2-D tensor (batch, seq_len)", field="tokens")
@@ -389,14 +391,17 @@ class Transformer(nn.Module):
                     f"run a forward from start_pos=0 first",
                     field="start_pos",
                 )
-        if tokens.device.type != "meta":
-            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one device sync, not two
-            if lo < 0 or hi >= a.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ConfigError(
-                    f"token id {bad} is outside the vocabulary; allowed: 0..{a.vocab_size - 1}",
-                    field="tokens",
-                )
+        if ids and tokens.device.type != "meta":
+            self._check_ids(*torch.stack(torch.aminmax(tokens)).tolist())  # one sync, not two
+
+    def _check_ids(self, lo: int, hi: int) -> None:
+        """The least and greatest token id of an input against the vocabulary."""
+        if lo < 0 or hi >= self.args.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ConfigError(
+                f"token id {bad} is outside the vocabulary; allowed: 0..{self.args.vocab_size - 1}",
+                field="tokens",
+            )
 
     @torch.inference_mode()
     def forward(
@@ -421,17 +426,29 @@ class Transformer(nn.Module):
         work: the last layer still projects and caches every position's keys and values).
         `full=True` runs every layer on every position, for instrumentation that reads the last
         layer's routing or module outputs (dsv3.stats, the app)."""
-        self._check_input(tokens, start_pos)
-        B, S = tokens.shape
+        B, S = tokens.shape if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else (0, 0)
+        graphs = not mtp and self.graphs.usable()  # CUDA: replay a captured graph (graphs.py)
+        # A decode step's graph replays ids clamped into the vocabulary, and their range is
+        # read back after the replay is queued: on a GPU reading them waits for the ids (the
+        # last step's output), so checking first would leave the GPU idle for all of this
+        # call's host work. A step that fails the check wrote only its own cache position.
+        deferred = graphs and S == 1 and start_pos > 0
+        self._check_input(tokens, start_pos, ids=not deferred)
         if mtp:
             self._check_mtp(S, start_pos)
         tokens = tokens.to(self.device)
         out = None
-        if not mtp and self.graphs.usable():  # CUDA: replay a captured graph (dsv3/graphs.py)
-            if S == 1 and start_pos > 0:
-                out = self.graphs.decode(tokens, start_pos)
-            elif start_pos == 0:
-                out = self.graphs.prefill(tokens, all_logits, full)
+        if deferred:
+            bounds = self.graphs.id_bounds(tokens)
+            out = self.graphs.decode(tokens, start_pos)
+            try:
+                self._check_ids(*bounds())
+            except ConfigError:
+                fb, ft = self._filled
+                self._filled = (fb, min(ft, start_pos))  # its position now holds the clamped ids
+                raise
+        elif graphs and start_pos == 0:
+            out = self.graphs.prefill(tokens, all_logits, full)
         if out is None:
             out = self._forward(tokens, start_pos, all_logits, full, mtp)
             self.graphs.last = None  # the modules' instrumentation is this forward's now

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from dsv3 import ModelArgs, Transformer
+from dsv3 import ConfigError, ModelArgs, Transformer
 from dsv3.fp8 import moe_layout
 from dsv3.graphs import MIN_SPAN, _step, span_for
 
@@ -248,3 +248,34 @@ def test_app_run_says_when_fused_kernels_did_not_run(monkeypatch):
     m = Transformer(ARGS, dtype="fp32")
     r = runtime.run(m, torch.randint(0, ARGS.vocab_size, (1, 8)), decode_steps=2)
     assert r["decode_how"] == "eager; fused kernels not used here: route"
+
+
+def test_graph_decode_checks_ids_after_the_replay_and_a_retry_continues():
+    """A graph decode step reads its ids' range back after the replay is queued (so the GPU is
+    not left idle while the host prepares the call): a bad id still fails with the field and
+    the allowed range, the replay ran on ids clamped into the vocabulary (no out-of-range read),
+    the positions before the failed step stay valid, and a retry at the same position gives the
+    eager logits; the failed position is no longer counted as held."""
+    torch.manual_seed(0)
+    m = Transformer(ARGS, dtype="fp32")
+    tok = torch.randint(0, ARGS.vocab_size, (2, 40))
+    m(tok[:, :30])
+    want = [m(tok[:, p : p + 1], start_pos=p) for p in range(30, 33)]
+    _simulated_graphs(m)
+    m.reset_cache()
+    m(tok[:, :30])
+    got = [m(tok[:, 30:31], start_pos=30)]
+    bad = tok[:, 31:32].clone()
+    bad[1, 0] = ARGS.vocab_size + 7
+    n = m.graphs.replays
+    with pytest.raises(ConfigError, match=r"token id 519 .*allowed: 0\.\.511") as err:
+        m(bad, start_pos=31)
+    assert err.value.field == "tokens"
+    assert m.graphs.replays == n + 1  # the failed step was replayed, on clamped ids
+    with pytest.raises(ConfigError, match="cache holds batch 2 x 31"):
+        m(tok[:, 32:33], start_pos=32)  # position 31 holds the clamped ids: not counted
+    got += [m(tok[:, p : p + 1], start_pos=p) for p in (31, 32)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"token id -1 "):
+        m(torch.full((2, 1), -1), start_pos=33)
