@@ -312,6 +312,31 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
         rows.append((f"router logits kernel, {n} tokens, {E} experts, D {D}, {wdt} weight",
                      f"rel {rel:.1e}", rel < 1e-6))  # fmt: skip
 
+    # RMSNorm in one kernel, with and without the residual add before it, against its twin
+    # (the add, then F.rms_norm): a width not a power of two, a residual that is a strided
+    # view (a last-position slice), float32 and bf16. The sum must be bit-equal.
+    from dsv3.layers import RMSNorm
+
+    for n, D, dt, res in ((1, 2048, torch.bfloat16, True), (3, 300, torch.float32, True),
+                          (2, 1536, torch.bfloat16, False), (5, 512, torch.float32, False)):  # fmt: skip
+        norm = RMSNorm(D, 1e-6, dtype=dt, device=DEV)
+        norm.weight.copy_(1 + 0.1 * torch.randn(D, generator=gl))
+        x = torch.randn(n, 1, D, generator=gl).to(DEV, dt)
+        r = torch.randn(n, 4, D, generator=gl).to(DEV, dt)[:, -1:] if res else None
+        y, s = fused.rms_norm(x, norm.weight, norm.eps, r)
+        y0, s0 = norm._twin(x, r)
+        rel = _rel(y, y0)
+        # Triton's interpreter truncates float32 -> bf16 (a GPU rounds to nearest, as torch)
+        exact = not (fused.INTERPRET and dt == torch.bfloat16)
+        if r is None:
+            same = s is None
+        else:
+            same = torch.equal(s, s0) if exact else _rel(s, s0) < 1e-2
+        tol = 1e-6 if dt == torch.float32 else 1e-2
+        rows.append((f"RMSNorm kernel, {n} rows, D {D}, {dt}, residual {res}",
+                     f"normed rel {rel:.1e}, sum {'bit-equal' if exact else 'close'} {same}",
+                     rel < tol and same))  # fmt: skip
+
     rows.append(("fused kernels that failed to run", str(fused.FAILED) or "none", not fused.FAILED))
     return rows
 

@@ -977,6 +977,14 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
             ("triton", "cublas"),
             "16-bit Linear, few rows: Triton kernel vs cuBLAS, by GPU time",
         )
+        _choice_row(
+            rows,
+            "rms-norm",
+            slice(1, 5),
+            ("kernel", "torch"),
+            "RMSNorm of a few rows (with the residual add: True): one kernel vs add + "
+            "F.rms_norm, by GPU time",
+        )
     ours = build_ours(peer, device=dev, dtype="bf16")
     try:
         hf = build_hf(

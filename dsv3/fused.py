@@ -5,6 +5,8 @@ per layer of ~2.4 us each against ~45 us of weight reads; with these, ~25).
 - `gate_logits`: the router's float32 matmul (x.float() @ W.float()^T) in one kernel, reading
   a bf16 weight as it is (it upcasts exactly), where the twin casts x and then runs cuBLAS's
   float32 product; measured against the twin per shape class (`prefer`).
+- `rms_norm`: an RMSNorm of a few rows in one kernel, and with a residual the block's residual
+  add and the norm after it in one (the twin: the add, then F.rms_norm).
 - `route`: the whole router after its matmul in one kernel per token (softmax or sigmoid,
   bias, group scores and the kept groups, top-k, weights, renormalisation, route_scale, and the
   per-expert counts), where `dsv3.routing.Gate` runs ~20 small kernels.
@@ -141,6 +143,35 @@ if triton is not None:
             )
             acc += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
         tl.store(out_ptr + t.to(tl.int64) * E + re, acc, mask=e_ok)
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr,  # (T, D)
+        r_ptr,  # (T, D) the residual added first (HAS_RES)
+        w_ptr,  # (D,) the norm's weight
+        y_ptr,  # (T, D) out: the normed rows
+        s_ptr,  # (T, D) out: x + residual, rounded to x's dtype (HAS_RES)
+        D,
+        stride_x,
+        stride_r,
+        eps,
+        HAS_RES: tl.constexpr,
+        BD: tl.constexpr,
+    ):
+        # one program per row: (residual + x) rounded as torch rounds it, then the float32
+        # RMSNorm of that sum (as F.rms_norm computes it for 16-bit inputs)
+        t = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BD)
+        ok = d < D
+        x = tl.load(x_ptr + t * stride_x + d, mask=ok, other=0.0)
+        if HAS_RES:
+            r = tl.load(r_ptr + t * stride_r + d, mask=ok, other=0.0)
+            x = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)
+            tl.store(s_ptr + t * D + d, x, mask=ok)
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+        w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + t * D + d, ((xf * rstd) * w).to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _route_kernel(
@@ -520,6 +551,26 @@ def gate_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
     else:
         _gate_tuned[lambda m: (T, triton.cdiv(E, m["BE"]))](*args)
     return out
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm of x's rows in one kernel -> (normed, None); with `residual`, of residual + x
+    (the block's residual add and the norm after it, two kernels in the twin) -> (normed,
+    residual + x). Rows of x and residual must have unit stride along the last dim."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)  # (T, D): a view for the blocks' contiguous activations
+    T = x2.shape[0]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty_like(y) if residual is not None else None
+    r2 = residual.reshape(-1, D) if residual is not None else x2
+    BD = _pow2(D)
+    _rms_norm_kernel[(T,)](
+        x2, r2, weight, y, s if s is not None else y, D, x2.stride(0), r2.stride(0), eps,
+        HAS_RES=residual is not None, BD=BD, num_warps=max(1, min(16, BD // 256)),
+    )  # fmt: skip
+    return y, s
 
 
 # (BN, BK, warps, stages) tried per shape on first use. A few tokens' products are bound by how

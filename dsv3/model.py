@@ -103,8 +103,8 @@ class Block(nn.Module):
         cache still takes all S positions)."""
         n = self.world_size
         a = all_reduce(self.attn(self.attn_norm(x), start_pos, cos, sin, last_only), n)
-        x = (x[:, -1:] if last_only else x) + a
-        return x + all_reduce(self.ffn(self.ffn_norm(x)), n)
+        h, x = self.ffn_norm(a, residual=x[:, -1:] if last_only else x)  # the add and the norm
+        return x + all_reduce(self.ffn(h), n)
 
 
 class SharedHead(nn.Module):
