@@ -28,14 +28,15 @@ per layer of ~2.4 us each against ~45 us of weight reads; with these, ~25).
 - `mla_attend`: a decode step's absorbed attention core (scores against the latent cache,
   scale, mask, softmax, the weighted sum of latents) as a flash-decoding kernel split over the
   keys (one wave of 16-key splits, 16-bit products on the tensor cores) plus a combine, where
-  the twin runs five kernels: 7.8-8.9 against 14.4-18.8 us on an H200 at the seed demo's
-  decode shapes (once at batch 1 it measured 59 us, likely the host's launch time leaking
-  into the measure, since fixed in `tuning.gpu_measure`). It runs where it measures faster
-  for the shape class (`prefer`).
+  the twin runs five kernels: 8.1-10.0 against 18.1-20.0 us on an H200 at the seed demo's
+  decode shapes, batch 1 included (chosen for all 12 shape classes there). It runs where it
+  measures faster for the shape class (`prefer`).
 
-Two more choices are measured per shape class on first use (`prefer`, by GPU time): the form
-of `moe_small`'s down projection, and whether a 16-bit Linear's few rows take `dsv3.fp8`'s
-Triton kernel instead of cuBLAS (`layers.Linear._cuda`).
+Every kernel here runs only for the shape classes where it measured faster than its twin by GPU
+time (`prefer`, on first use), except `route`, `moe_small` and `mla_step`, which always run.
+Two more choices are measured the same way: the form of `moe_small`'s down projection, and
+whether a 16-bit Linear's few rows take `dsv3.fp8`'s Triton kernel instead of cuBLAS
+(`layers.Linear._cuda`).
 
 Each has a torch twin with the same contract (the modules' own code) and gpu_check compares
 them; in Triton's CPU interpreter (TRITON_INTERPRET=1) they run on CPU tensors (the dry run).
