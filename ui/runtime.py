@@ -236,15 +236,16 @@ def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[
     stats.record_indexer(model, False, drop=False)  # the views read the prefill's choices
     # A fingerprint of the prefill logits: tells runs (and sessions) apart at a glance.
     out["logits_head"] = [round(v, 6) for v in logits[0, :4].float().tolist()]
-    generated: list[list[int]] = []
+    picked: list[torch.Tensor] = []  # (B, 1) each, on the model's device
     before = (model.graphs.captures, model.graphs.replays)
     t1 = time.perf_counter()
     for step in range(int(decode_steps)):
         nxt = logits.float().argmax(dim=-1, keepdim=True)  # (B, 1)
-        generated.append(nxt[:, 0].tolist())
+        picked.append(nxt)  # read back once at the end: a read per step would wait for it
         logits = model(nxt, start_pos=S + step)
     _sync(device)
     decode_s = time.perf_counter() - t1
+    generated = torch.cat(picked, 1).tolist() if picked else []  # (B, steps)
     out.update(
         prefill_seconds=prefill_s,
         prefill_tokens_per_s=B * S / max(prefill_s, 1e-9),
@@ -254,7 +255,7 @@ def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[
         decode_tokens_per_s=(B * decode_steps / decode_s)
         if decode_steps and decode_s > 0
         else None,
-        generated=[list(col) for col in zip(*generated)] if generated else [],
+        generated=generated,
         logits_finite=bool(torch.isfinite(logits.float()).all()),
         kv_cache_bytes=model.cache_bytes(),
     )
