@@ -188,7 +188,7 @@ class CudaGraphs:
         host = self._host_bounds
         host.copy_(bounds, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(bounds.device))  # the stream the copy went on
 
         def read() -> list[int]:
             done.synchronize()
