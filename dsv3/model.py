@@ -391,7 +391,11 @@ class Transformer(nn.Module):
                     f"run a forward from start_pos=0 first",
                     field="start_pos",
                 )
-        if ids and tokens.device.type != "meta":
+        if ids:
+            self._check_ids_of(tokens)
+
+    def _check_ids_of(self, tokens: torch.Tensor) -> None:
+        if tokens.device.type != "meta":
             self._check_ids(*torch.stack(torch.aminmax(tokens)).tolist())  # one sync, not two
 
     def _check_ids(self, lo: int, hi: int) -> None:
@@ -426,16 +430,18 @@ class Transformer(nn.Module):
         work: the last layer still projects and caches every position's keys and values).
         `full=True` runs every layer on every position, for instrumentation that reads the last
         layer's routing or module outputs (dsv3.stats, the app)."""
-        B, S = tokens.shape if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else (0, 0)
+        self._check_input(tokens, start_pos, ids=False)
+        B, S = tokens.shape
+        if mtp:
+            self._check_mtp(S, start_pos)
         graphs = not mtp and self.graphs.usable()  # CUDA: replay a captured graph (graphs.py)
         # A decode step's graph replays ids clamped into the vocabulary, and their range is
         # read back after the replay is queued: on a GPU reading them waits for the ids (the
         # last step's output), so checking first would leave the GPU idle for all of this
         # call's host work. A step that fails the check wrote only its own cache position.
         deferred = graphs and S == 1 and start_pos > 0
-        self._check_input(tokens, start_pos, ids=not deferred)
-        if mtp:
-            self._check_mtp(S, start_pos)
+        if not deferred:
+            self._check_ids_of(tokens)
         tokens = tokens.to(self.device)
         out = None
         if deferred:

@@ -279,3 +279,14 @@ def test_graph_decode_checks_ids_after_the_replay_and_a_retry_continues():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match=r"token id -1 "):
         m(torch.full((2, 1), -1), start_pos=33)
+
+
+@pytest.mark.parametrize("start_pos", ["3", 2.0, True, -1])
+def test_graph_path_names_a_bad_start_pos(start_pos):
+    """The graph path decides on deferring the ids' check from start_pos: a bad one is still a
+    ConfigError naming the field, not a TypeError from comparing it."""
+    m = Transformer(ARGS, dtype="fp32")
+    _simulated_graphs(m)
+    with pytest.raises(ConfigError, match="start_pos") as err:
+        m(torch.zeros(1, 1, dtype=torch.long), start_pos=start_pos)
+    assert err.value.field == "start_pos"
