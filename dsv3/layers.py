@@ -218,21 +218,23 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x -> its norm; with `residual` (a block's residual stream, x its branch's output)
         -> (norm of residual + x, residual + x)."""
-        if x.device.type != "cpu":
-            rows = x.numel() // self.dim
-            if 0 < rows <= NORM_ROWS and x.dtype == self.weight.dtype and x.stride(-1) == 1:
-                from . import fused
+        rows = x.numel() // self.dim
+        if (
+            0 < rows <= NORM_ROWS
+            and x.device.type != "meta"
+            and x.dtype == self.weight.dtype
+            and x.stride(-1) == 1
+            and (residual is None or residual.stride(-1) == 1)
+        ):
+            from . import fused
 
-                if fused.available(x.device, "rms_norm") and (
-                    residual is None or residual.stride(-1) == 1
-                ):
-                    key = ("rms-norm", 1 << (rows - 1).bit_length(), self.dim, x.dtype,
-                           residual is not None)  # fmt: skip
-                    kernel = lambda: fused.rms_norm(x, self.weight, self.eps, residual)  # noqa: E731
-                    y, s = fused.run_measured(
-                        "rms_norm", key, x.device, kernel, lambda: self._twin(x, residual)
-                    )
-                    return y if residual is None else (y, s)
+            if fused.available(x.device, "rms_norm"):  # CUDA (or Triton's interpreter)
+                key = ("rms-norm", 1 << (rows - 1).bit_length(), self.dim, x.dtype,
+                       residual is not None)  # fmt: skip
+                kernel = lambda: fused.rms_norm(x, self.weight, self.eps, residual)  # noqa: E731
+                twin = lambda: self._twin(x, residual)  # noqa: E731
+                y, s = fused.run_measured("rms_norm", key, x.device, kernel, twin)
+                return y if residual is None else (y, s)
         y, s = self._twin(x, residual)
         return y if residual is None else (y, s)
 

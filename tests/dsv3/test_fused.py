@@ -22,7 +22,7 @@ def broken_kernels(monkeypatch):
 
     monkeypatch.setattr(fused, "FAILED", {})
     monkeypatch.setattr(fused, "available", lambda device, kind=None: kind not in fused.FAILED)
-    for name in ("gate_logits", "route", "moe_small", "mla_step", "mla_attend"):
+    for name in ("gate_logits", "route", "moe_small", "mla_step", "mla_attend", "rms_norm"):
         monkeypatch.setattr(fused, name, fail)
     monkeypatch.setattr(fused, "moe_small_ok", lambda *a: fused.available(None, "moe_small"))
     return fused.FAILED
@@ -61,5 +61,6 @@ def test_a_failing_kernel_falls_back_to_its_twin_and_is_remembered(broken_kernel
     got = [model(tok[:, :8]), model(tok[:, 8:], start_pos=8)]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
-    assert set(broken_kernels) == {"gate_logits", "route", "moe_small", "mla_step", "mla_attend"}
+    kinds = {"gate_logits", "route", "moe_small", "mla_step", "mla_attend", "rms_norm"}
+    assert set(broken_kernels) == kinds
     assert all("no such kernel here" in why for why in broken_kernels.values())
