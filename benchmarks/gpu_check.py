@@ -337,6 +337,26 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
                      f"normed rel {rel:.1e}, sum {'bit-equal' if exact else 'close'} {same}",
                      rel < tol and same))  # fmt: skip
 
+    # A prefill's pairs sorted by expert from the router's counts (a counting sort) and each
+    # token's weighted sum of its experts' outputs, against the torch twins: more pairs than a
+    # program reads at a time, experts with no pairs, float32 and bf16.
+    from dsv3.moe import combine_pairs_torch, sort_pairs_torch
+
+    for T, K, E, D, dt in ((300, 4, 16, 96, torch.bfloat16), (37, 8, 24, 130, torch.float32)):
+        idx = torch.stack([torch.randperm(E - 3, generator=gl)[:K] for _ in range(T)]).to(DEV)
+        w = torch.rand(T, K, generator=gl).to(DEV, dt)
+        counts = torch.bincount(idx.flatten(), minlength=E)
+        order, inv, tok, wn = fused.sort_pairs(idx, w, counts)
+        o0, t0, w0 = sort_pairs_torch(idx, w)
+        n = torch.arange(T * K, device=DEV)
+        same = (torch.equal(order, o0) and torch.equal(tok, t0) and torch.equal(wn, w0)
+                and torch.equal(inv[order], n))  # fmt: skip
+        y = torch.randn(T * K, D, generator=gl).to(DEV, dt)
+        rel = _rel(fused.combine_pairs(y, inv, w), combine_pairs_torch(y.clone(), o0, w0, T, K))
+        tol = 1e-6 if dt == torch.float32 else 2e-2  # the interpreter truncates to bf16
+        rows.append((f"pairs sorted and combined, {T} tokens top-{K} of {E}, D {D}, {dt}",
+                     f"sort equal to argsort {same}, combine rel {rel:.1e}", same and rel < tol))  # fmt: skip
+
     rows.append(("fused kernels that failed to run", str(fused.FAILED) or "none", not fused.FAILED))
     return rows
 

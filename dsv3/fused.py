@@ -7,6 +7,10 @@ per layer of ~2.4 us each against ~45 us of weight reads; with these, ~25).
   float32 product; measured against the twin per shape class (`prefer`).
 - `rms_norm`: an RMSNorm of a few rows in one kernel, and with a residual the block's residual
   add and the norm after it in one (the twin: the add, then F.rms_norm).
+- `sort_pairs` and `combine_pairs`: a prefill's (token, expert) pairs sorted by expert from
+  the router's counts (a counting sort; the twin: a radix argsort, a division and a gather) and
+  each token's weighted sum of its experts' outputs (the twin: a multiply, a scatter back to
+  pair order, a float32 sum, a cast), around the grouped expert matmuls on CUDA.
 - `route`: the whole router after its matmul in one kernel per token (softmax or sigmoid,
   bias, group scores and the kept groups, top-k, weights, renormalisation, route_scale, and the
   per-expert counts), where `dsv3.routing.Gate` runs ~20 small kernels.
@@ -173,6 +177,61 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
         w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + t * D + d, ((xf * rstd) * w).to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _sort_pairs_kernel(
+        idx_ptr,  # (N,) int64: the expert of each (token, k) pair, N = T * K
+        w_ptr,  # (N,) the pairs' routing weights
+        counts_ptr,  # (E,) int64: pairs per expert
+        order_ptr,  # out (N,) int64: the pairs sorted by expert, stable
+        inv_ptr,  # out (N,) int64: each pair's place in that order
+        token_ptr,  # out (N,) int64: the token of each sorted pair
+        wout_ptr,  # out (N,) the weight of each sorted pair
+        N,
+        E,
+        K,
+        BLOCK: tl.constexpr,
+        EP: tl.constexpr,
+    ):
+        # a counting sort: one program per expert places that expert's pairs, in pair order,
+        # after the pairs of the experts before it
+        e = tl.program_id(0)
+        ce = tl.arange(0, EP)
+        base = tl.sum(tl.load(counts_ptr + ce, mask=ce < e, other=0), axis=0)
+        for n0 in range(0, N, BLOCK):
+            n = n0 + tl.arange(0, BLOCK)
+            ok = n < N
+            hit = (tl.load(idx_ptr + n, mask=ok, other=-1) == e) & ok
+            h = hit.to(tl.int64)
+            pos = base + tl.cumsum(h, axis=0) - h  # exclusive: this pair's place
+            tl.store(order_ptr + pos, n.to(tl.int64), mask=hit)
+            tl.store(inv_ptr + n, pos, mask=hit)
+            tl.store(token_ptr + pos, (n // K).to(tl.int64), mask=hit)
+            tl.store(wout_ptr + pos, tl.load(w_ptr + n, mask=hit, other=0.0), mask=hit)
+            base += tl.sum(h, axis=0)
+
+    @triton.jit
+    def _combine_pairs_kernel(
+        y_ptr,  # (N, D) the expert outputs of the sorted pairs
+        inv_ptr,  # (N,) int64: each (token, k) pair's row in y
+        w_ptr,  # (N,) the (token, k) pairs' routing weights, y's dtype
+        out_ptr,  # (T, D)
+        D,
+        K,
+        BD: tl.constexpr,
+    ):
+        # each token's sum of its K weighted outputs: the product rounded to y's dtype (as the
+        # twin's in-place multiply), the sum in float32 in k order, one rounding at the end
+        t = tl.program_id(0).to(tl.int64)
+        d = tl.program_id(1) * BD + tl.arange(0, BD)
+        d_ok = d < D
+        acc = tl.zeros([BD], dtype=tl.float32)
+        for k in range(0, K):
+            p = tl.load(inv_ptr + t * K + k)
+            w = tl.load(w_ptr + t * K + k).to(tl.float32)
+            y = tl.load(y_ptr + p * D + d, mask=d_ok, other=0.0)
+            acc += (y.to(tl.float32) * w).to(y.dtype).to(tl.float32)
+        tl.store(out_ptr + t * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
     @triton.jit
     def _route_kernel(
@@ -572,6 +631,45 @@ def rms_norm(
         HAS_RES=residual is not None, BD=BD, num_warps=max(1, min(16, BD // 256)),
     )  # fmt: skip
     return y, s
+
+
+SORT_BLOCK = 1024  # pairs a program of `sort_pairs` reads at a time
+
+
+def sort_pairs(
+    idx_TK: torch.Tensor, weights_TK: torch.Tensor, counts_E: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, k) pairs sorted by expert (stable) in one kernel, from the router's counts
+    (no sort): -> (order_N, inv_N, token_N, weight_N), int64 but weight_N (weights' dtype);
+    inv_N[n] is pair n's place in the order. The twin (`moe.sort_pairs_torch`): a stable
+    argsort, a division, a gather and a scatter."""
+    N = idx_TK.numel()
+    E = counts_E.numel()
+    dev = idx_TK.device
+    order, inv, token = (torch.empty(N, dtype=torch.long, device=dev) for _ in range(3))
+    weight = torch.empty(N, dtype=weights_TK.dtype, device=dev)
+    _sort_pairs_kernel[(E,)](
+        idx_TK.reshape(-1), weights_TK.reshape(-1), counts_E, order, inv, token, weight, N, E,
+        idx_TK.shape[-1], BLOCK=SORT_BLOCK, EP=_pow2(E), num_warps=4,
+    )  # fmt: skip
+    return order, inv, token, weight
+
+
+def combine_pairs(
+    y_ND: torch.Tensor, inv_N: torch.Tensor, weights_TK: torch.Tensor
+) -> torch.Tensor:
+    """Each token's weighted sum of its K expert outputs (y_ND: the sorted pairs' outputs,
+    unweighted; inv_N: each (token, k) pair's row of y) -> (T, D) in y's dtype, in one kernel.
+    The twin (`moe.combine_pairs_torch`): the weights multiplied in place, the rows put back in
+    pair order, a float32 sum over k, a cast."""
+    T, K = weights_TK.shape
+    D = y_ND.shape[1]
+    out = torch.empty(T, D, dtype=y_ND.dtype, device=y_ND.device)
+    BD = min(1024, _pow2(D))
+    _combine_pairs_kernel[(T, triton.cdiv(D, BD))](
+        y_ND.contiguous(), inv_N, weights_TK.contiguous(), out, D, K, BD=BD, num_warps=4
+    )
+    return out
 
 
 # (BN, BK, warps, stages) tried per shape on first use. A few tokens' products are bound by how

@@ -415,15 +415,20 @@ class GroupedExperts(KeepsDerived):
     def _sorted(self, x_TD, weights_TK, idx_TK, counts_E, impl: str) -> torch.Tensor:
         """The pairs sorted by expert, the dispatch `impl` on them, each token's outputs summed."""
         T, K = idx_TK.shape
-        order_N = idx_TK.flatten().argsort(stable=True)  # pairs sorted by expert
-        if len(counts_E) != self.n_experts:  # expert parallel: keep this rank's experts' pairs
-            lo = sum(counts_E[: self.first])
-            counts_E = counts_E[self.first : self.first + self.n_experts]
-            order_N = order_N[lo : lo + sum(counts_E)]
-            if order_N.numel() == 0:
-                return torch.zeros_like(x_TD)
-        token_N = order_N // K
-        weight_N = weights_TK.flatten().index_select(0, order_N)
+        sorted_pairs = self._sort_kernel(x_TD, weights_TK, idx_TK, counts_E)
+        inv_N = None
+        if sorted_pairs is not None:  # CUDA: one counting-sort kernel (`fused.sort_pairs`)
+            order_N, inv_N, token_N, weight_N = sorted_pairs
+        else:
+            order_N = idx_TK.flatten().argsort(stable=True)  # pairs sorted by expert
+            if len(counts_E) != self.n_experts:  # expert parallel: this rank's experts' pairs
+                lo = sum(counts_E[: self.first])
+                counts_E = counts_E[self.first : self.first + self.n_experts]
+                order_N = order_N[lo : lo + sum(counts_E)]
+                if order_N.numel() == 0:
+                    return torch.zeros_like(x_TD)
+            token_N = order_N // K
+            weight_N = weights_TK.flatten().index_select(0, order_N)
         if self.w1.dtype == FP8 and x_TD.device.type == "cuda":
             y_ND = self._fp8_cuda(x_TD, idx_TK, order_N, token_N, counts_E)
         else:
@@ -434,18 +439,46 @@ class GroupedExperts(KeepsDerived):
                 return self._padded(x_TD, token_N, weight_N, counts_E, w1, w2, w3)
             x_ND = x_TD.index_select(0, token_N)  # index_select: several times faster than x[idx]
             y_ND = dispatch(x_ND, counts_E, w1, w2, w3, impl)
-        y_ND.mul_(weight_N[:, None])
+        if inv_N is not None:
+            y_TD = fused.attempt("combine_pairs", fused.combine_pairs, y_ND, inv_N, weights_TK)
+            if y_TD is not None:
+                return y_TD
         if order_N.numel() == T * K and (y_ND.numel() <= SMALL_COMBINE or y_ND.is_cuda):
             # Few pairs (decoding), or CUDA: undo the sort and sum each token's K outputs. A
             # CPU index_add_ starts several multi-thread regions even for a few rows, and on a
             # busy machine each waits for a descheduled thread (~80 ms per call measured
             # with two cores contended, 10 us this way); on CUDA it adds with atomics (and
             # needs a zeroed float32 buffer): slower than the sum on an H200.
-            y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(T, K, -1)
-            if x_TD.dtype == torch.float32:
-                return y_TKD.sum(1)
-            return y_TKD.sum(1, dtype=torch.float32).to(x_TD.dtype)
-        return _combine(x_TD, token_N, y_ND)
+            return combine_pairs_torch(y_ND, order_N, weight_N, T, K)
+        return _combine(x_TD, token_N, y_ND.mul_(weight_N[:, None]))
+
+    def _sort_kernel(self, x_TD, weights_TK, idx_TK, counts_E):
+        """(order_N, inv_N, token_N, weight_N) from `fused.sort_pairs` on CUDA with every
+        expert here, where its kernels (the sort and the combine that reads inv_N) measured
+        faster than their twins for this shape class; else None (the torch sort runs)."""
+        if not (
+            x_TD.is_cuda
+            and isinstance(counts_E, torch.Tensor)
+            and counts_E.numel() == self.n_experts
+            and fused.available(x_TD.device, "sort_pairs")
+            and fused.available(x_TD.device, "combine_pairs")
+        ):
+            return None
+        T, K = idx_TK.shape
+        N = T * K
+        key = ("moe-sort", 1 << (N - 1).bit_length(), self.n_experts, K, self.dim, x_TD.dtype)
+
+        def kernel():  # the sort and the combine, on stand-in expert outputs
+            _, inv_N, _, _ = fused.sort_pairs(idx_TK, weights_TK, counts_E)
+            return fused.combine_pairs(x_TD.new_empty(N, self.dim), inv_N, weights_TK)
+
+        def twin():
+            order_N, token_N, weight_N = sort_pairs_torch(idx_TK, weights_TK)
+            return combine_pairs_torch(x_TD.new_empty(N, self.dim), order_N, weight_N, T, K)
+
+        if not fused.prefer("sort_pairs", key, x_TD.device, kernel, twin):
+            return None
+        return fused.attempt("sort_pairs", fused.sort_pairs, idx_TK, weights_TK, counts_E)
 
     def _few_pairs(self, x_TD, weights_TK, idx_TK) -> torch.Tensor:
         """The loop dispatch for a few (token, expert) pairs on CPU (decoding), one
@@ -577,6 +610,29 @@ def _token_sums(weights_TK: torch.Tensor, y_ND: torch.Tensor) -> torch.Tensor:
 
 
 SMALL_COMBINE = 1 << 16  # expert outputs (elements) up to which the combine skips index_add_
+
+
+def sort_pairs_torch(
+    idx_TK: torch.Tensor, weights_TK: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, k) pairs sorted by expert (stable) -> (order_N, token_N, weight_N): the twin
+    of `fused.sort_pairs` (which also gives each pair's place in the order)."""
+    order_N = idx_TK.flatten().argsort(stable=True)
+    token_N = order_N // idx_TK.shape[1]
+    return order_N, token_N, weights_TK.flatten().index_select(0, order_N)
+
+
+def combine_pairs_torch(
+    y_ND: torch.Tensor, order_N: torch.Tensor, weight_N: torch.Tensor, T: int, K: int
+) -> torch.Tensor:
+    """Each token's weighted sum of its K expert outputs, y_ND the outputs of the pairs in the
+    sorted order (weighted here, in place) -> (T, D); 16-bit outputs summed in float32. The
+    twin of `fused.combine_pairs`."""
+    y_ND.mul_(weight_N[:, None])
+    y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(T, K, -1)
+    if y_ND.dtype == torch.float32:
+        return y_TKD.sum(1)
+    return y_TKD.sum(1, dtype=torch.float32).to(y_ND.dtype)
 
 
 def _combine(x_TD: torch.Tensor, token_N: torch.Tensor, y_ND: torch.Tensor) -> torch.Tensor:
