@@ -985,6 +985,14 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
             "RMSNorm of a few rows (with the residual add: True): one kernel vs add + "
             "F.rms_norm, by GPU time",
         )
+        _choice_row(
+            rows,
+            "moe-sort",
+            slice(1, 6),
+            ("kernels", "torch"),
+            "prefill MoE pairs: counting sort + combine kernels vs argsort + scatter + sum, "
+            "by GPU time",
+        )
     ours = build_ours(peer, device=dev, dtype="bf16")
     try:
         hf = build_hf(
