@@ -357,6 +357,33 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
         rows.append((f"pairs sorted and combined, {T} tokens top-{K} of {E}, D {D}, {dt}",
                      f"sort equal to argsort {same}, combine rel {rel:.1e}", same and rel < tol))  # fmt: skip
 
+    # The same two kernels inside the experts' sorted dispatch (`GroupedExperts._sorted`, the
+    # counts on the device as a CUDA forward passes them) against that dispatch without them
+    from dsv3.moe import MoE
+
+    for dt in (torch.float32, torch.bfloat16):
+        a = ModelArgs(dim=64, moe_inter_dim=32, n_routed_experts=12, n_activated_experts=3,
+                      n_expert_groups=1, n_limited_groups=1, score_func="softmax")  # fmt: skip
+        moe = MoE(a.for_layer(a.n_layers - 1), dt, DEV)
+        for t in moe.state_dict().values():
+            t.copy_(torch.randn(t.shape, generator=gl) * 0.2)
+        x = torch.randn(40, 64, generator=gl).to(DEV, dt)
+        counts = torch.zeros(12, dtype=torch.long, device=DEV)
+        w, idx = moe.gate(x, counts)
+        calls, prefer, sort = [], fused.prefer, fused.sort_pairs
+        fused.prefer = lambda kind, *r, p=prefer: kind == "sort_pairs" or p(kind, *r)
+        fused.sort_pairs = lambda *r, c=calls, f=sort: c.append(1) or f(*r)
+        try:
+            got = moe.experts._sorted(x, w, idx, counts, "loop")
+            fused.ENABLED = False
+            want = moe.experts._sorted(x, w, idx, counts, "loop")
+        finally:
+            fused.prefer, fused.sort_pairs, fused.ENABLED = prefer, sort, True
+        rel = _rel(got, want)
+        tol = 1e-6 if dt == torch.float32 else 2e-2
+        rows.append((f"experts' sorted dispatch with the sort/combine kernels, {dt}",
+                     f"used {bool(calls)}, rel {rel:.1e}", bool(calls) and rel < tol))  # fmt: skip
+
     rows.append(("fused kernels that failed to run", str(fused.FAILED) or "none", not fused.FAILED))
     return rows
 
@@ -499,7 +526,58 @@ def check_app_path(args: ModelArgs, cpu: Transformer) -> list:
 
 
 # The checks added with graphs, fp8 and the fused kernels (`--dry-run` runs them on the CPU).
-NEW_CHECKS = (check_fused, check_graph_decode, check_fp8_kernels, check_fp8_model, check_app_path)
+def check_moe_sort_model(args: ModelArgs, cpu: Transformer) -> list:
+    """A whole bf16 and fp8 prefill on CUDA with the MoE's pairs sorted and combined by the
+    kernels (`fused.sort_pairs`, `fused.combine_pairs`; chosen here whatever they measure)
+    against the same prefill with the fused kernels off (the torch sort and combine)."""
+    if DEV != "cuda":
+        return []  # `MoE._sort_kernel` runs on CUDA only (the kernels: check_fused)
+    from dsv3 import fused
+
+    rows = []
+    tok = torch.randint(0, args.vocab_size, (2, 48), device=DEV)
+    prefer = fused.prefer
+    for dt in ("bf16", "fp8"):
+        m = _cuda_copy(cpu, dt)
+        m.graphs.enabled = False
+        calls = []
+
+        def forced(kind, key, device, kernel, twin, calls=calls):
+            if kind == "sort_pairs":
+                calls.append(key)
+                return True
+            return prefer(kind, key, device, kernel, twin)
+
+        fused.prefer = forced
+        try:
+            m.reset_cache()
+            got = m(tok, all_logits=True).float()
+        finally:
+            fused.prefer = prefer
+        fused.ENABLED = False
+        try:
+            m.reset_cache()
+            want = m(tok, all_logits=True).float()
+        finally:
+            fused.ENABLED = True
+        failed = {k: v for k, v in fused.FAILED.items() if k in ("sort_pairs", "combine_pairs")}
+        rel = _rel(got, want)
+        ok = bool(calls) and not failed and rel < 5e-2
+        rows.append((f"{dt} prefill with the MoE sort/combine kernels vs without",
+                     f"layers that used them {len(calls)}, logits rel {rel:.1e}, failed {failed}",
+                     ok))  # fmt: skip
+        del m
+    return rows
+
+
+NEW_CHECKS = (
+    check_fused,
+    check_moe_sort_model,
+    check_graph_decode,
+    check_fp8_kernels,
+    check_fp8_model,
+    check_app_path,
+)
 
 
 def dry_run() -> int:

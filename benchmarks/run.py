@@ -990,8 +990,8 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
             "moe-sort",
             slice(1, 6),
             ("kernels", "torch"),
-            "prefill MoE pairs: counting sort + combine kernels vs argsort + scatter + sum, "
-            "by GPU time",
+            "MoE pairs outside the fused few-token path (prefill): counting sort + combine "
+            "kernels vs argsort + scatter + sum, by GPU time",
         )
     ours = build_ours(peer, device=dev, dtype="bf16")
     try:

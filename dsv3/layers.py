@@ -205,6 +205,11 @@ class Linear(KeepsDerived):
 NORM_ROWS = 64  # rows up to which a CUDA RMSNorm may take the fused kernel (decode)
 
 
+def _same_layout_rows(residual: torch.Tensor, x: torch.Tensor) -> bool:
+    """The fused add reads residual row for row like x (no broadcast, no type promotion)."""
+    return residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, eps 1e-6 as the reference."""
 
@@ -224,7 +229,7 @@ class RMSNorm(nn.Module):
             and x.device.type != "meta"
             and x.dtype == self.weight.dtype
             and x.stride(-1) == 1
-            and (residual is None or residual.stride(-1) == 1)
+            and (residual is None or _same_layout_rows(residual, x))
         ):
             from . import fused
 

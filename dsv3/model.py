@@ -450,8 +450,9 @@ class Transformer(nn.Module):
             try:
                 self._check_ids(*bounds())
             except ConfigError:
-                fb, ft = self._filled
-                self._filled = (fb, min(ft, start_pos))  # its position now holds the clamped ids
+                if out is not None:  # replayed: its position now holds the clamped ids' keys
+                    fb, ft = self._filled
+                    self._filled = (fb, min(ft, start_pos))
                 raise
         elif graphs and start_pos == 0:
             out = self.graphs.prefill(tokens, all_logits, full)

@@ -453,12 +453,11 @@ class GroupedExperts(KeepsDerived):
         return _combine(x_TD, token_N, y_ND.mul_(weight_N[:, None]))
 
     def _sort_kernel(self, x_TD, weights_TK, idx_TK, counts_E):
-        """(order_N, inv_N, token_N, weight_N) from `fused.sort_pairs` on CUDA with every
-        expert here, where its kernels (the sort and the combine that reads inv_N) measured
+        """(order_N, inv_N, token_N, weight_N) from `fused.sort_pairs` on CUDA (or Triton's
+        interpreter) with every expert here and the counts on the device, where its kernels (the sort and the combine that reads inv_N) measured
         faster than their twins for this shape class; else None (the torch sort runs)."""
         if not (
-            x_TD.is_cuda
-            and isinstance(counts_E, torch.Tensor)
+            isinstance(counts_E, torch.Tensor)  # on the device: CUDA (the CPU path has a list)
             and counts_E.numel() == self.n_experts
             and fused.available(x_TD.device, "sort_pairs")
             and fused.available(x_TD.device, "combine_pairs")

@@ -290,3 +290,24 @@ def test_graph_path_names_a_bad_start_pos(start_pos):
     with pytest.raises(ConfigError, match="start_pos") as err:
         m(torch.zeros(1, 1, dtype=torch.long), start_pos=start_pos)
     assert err.value.field == "start_pos"
+
+
+def test_a_bad_id_with_no_replay_keeps_every_held_position(monkeypatch):
+    """Where no graph replayed (its capture failed: eager), a bad id wrote nothing, so the
+    positions held before stay held."""
+    torch.manual_seed(0)
+    m = Transformer(ARGS, dtype="fp32")
+    _simulated_graphs(m)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # after a failed capture
+
+    def fail(fn, inputs):
+        raise RuntimeError("no capture here")
+
+    m.graphs._record = fail
+    tok = torch.randint(0, ARGS.vocab_size, (2, 12))
+    m(tok[:, :10])
+    m(tok[:, 10:11], start_pos=10)
+    assert m.graphs.failed == {"prefill", "decode"}
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        m(torch.full((2, 1), ARGS.vocab_size), start_pos=5)
+    m(tok[:, 11:12], start_pos=11)  # positions 0..10 are still held
