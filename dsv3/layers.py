@@ -4,6 +4,8 @@ RMSNorm, LayerNorm (the DSA indexer's key norm), the SwiGLU MLP, the embedding, 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -203,6 +205,8 @@ class Linear(KeepsDerived):
 
 
 NORM_ROWS = 64  # rows up to which a CUDA RMSNorm may take the fused kernel (decode)
+# Triton's interpreter runs the fused kernels on CPU tensors (tests); `dsv3.fp8.INTERPRET`
+_KERNELS_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _same_layout_rows(residual: torch.Tensor, x: torch.Tensor) -> bool:
@@ -223,6 +227,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x -> its norm; with `residual` (a block's residual stream, x its branch's output)
         -> (norm of residual + x, residual + x)."""
+        if x.is_cpu and not _KERNELS_ON_CPU:  # first: a CPU decode step is bound by its calls
+            y, s = self._twin(x, residual)
+            return y if residual is None else (y, s)
         rows = x.numel() // self.dim
         if (
             0 < rows <= NORM_ROWS
