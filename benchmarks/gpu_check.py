@@ -32,7 +32,7 @@ TINY = dict(
 
 class _Rows(list):
     """The table's rows, each also written to stderr as it comes: a run cut short by its time
-    limit still shows what it checked."""
+    limit still shows what it checked (every check builds its rows in one of these)."""
 
     def append(self, row) -> None:
         super().append(row)
@@ -41,6 +41,9 @@ class _Rows(list):
         )
 
     def extend(self, rows) -> None:
+        if isinstance(rows, _Rows):  # a check's own rows: written as they came
+            super().extend(rows)
+            return
         for row in rows:
             self.append(row)
 
@@ -101,7 +104,7 @@ def _kept_rows_rel(ids_g, lg_g, ids_e, lg_e) -> tuple[int, float]:
 def check_graph_decode(args: ModelArgs, cpu: Transformer) -> list:
     """Graph decode (static cache, device position) == eager decode, both cache layouts, bf16;
     crossing a span boundary (255 -> 256 keys) recaptures and stays right."""
-    rows = []
+    rows = _Rows()
     for impl in ("absorb", "naive"):
         a = args.replace(attn_impl=impl)
         torch.manual_seed(0)
@@ -175,7 +178,7 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
     from dsv3.moe import MoE
     from dsv3.routing import Gate
 
-    rows = []
+    rows = _Rows()
     g = torch.Generator().manual_seed(0)
     routings = [  # (E, K, groups, kept, score, bias)
         (64, 6, 1, 1, "softmax", False), (256, 8, 8, 4, "sigmoid", True),
@@ -407,7 +410,7 @@ def check_fp8_kernels(
     from dsv3 import fp8
     from dsv3.layers import dequantize, quantize_fp8
 
-    rows = []
+    rows = _Rows()
     g = torch.Generator(device=DEV).manual_seed(1)
     for M, N, K in linears:
         w, s = quantize_fp8(torch.randn(N, K, device=DEV, generator=g) / K**0.5)
@@ -534,7 +537,7 @@ def check_moe_sort_model(args: ModelArgs, cpu: Transformer) -> list:
         return []  # `MoE._sort_kernel` runs on CUDA only (the kernels: check_fused)
     from dsv3 import fused
 
-    rows = []
+    rows = _Rows()
     tok = torch.randint(0, args.vocab_size, (2, 48), device=DEV)
     prefer = fused.prefer
     for dt in ("bf16", "fp8"):
@@ -709,7 +712,7 @@ def main() -> int:
 
 def check_seed_demo() -> list:
     """The seed demo builds, has its exact parameter count and runs, eager and graphed."""
-    rows = []
+    rows = _Rows()
     # the seed demo: n_layers 32, dim 2048, overrides on layers 5 and 10, bf16, tokens (2, 128)
     seed = ModelArgs(
         n_layers=32, dim=2048, layer_config={5: {"n_heads": 32}, 10: {"moe_inter_dim": 4096}}
