@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -373,15 +374,10 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
         x = torch.randn(40, 64, generator=gl).to(DEV, dt)
         counts = torch.zeros(12, dtype=torch.long, device=DEV)
         w, idx = moe.gate(x, counts)
-        calls, prefer, sort = [], fused.prefer, fused.sort_pairs
-        fused.prefer = lambda kind, *r, p=prefer: kind == "sort_pairs" or p(kind, *r)
-        fused.sort_pairs = lambda *r, c=calls, f=sort: c.append(1) or f(*r)
-        try:
+        with _sort_kernels_forced() as calls:
             got = moe.experts._sorted(x, w, idx, counts, "loop")
-            fused.ENABLED = False
+        with _fused_off():
             want = moe.experts._sorted(x, w, idx, counts, "loop")
-        finally:
-            fused.prefer, fused.sort_pairs, fused.ENABLED = prefer, sort, True
         rel = _rel(got, want)
         tol = 1e-6 if dt == torch.float32 else 2e-2
         rows.append((f"experts' sorted dispatch with the sort/combine kernels, {dt}",
@@ -389,6 +385,34 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
 
     rows.append(("fused kernels that failed to run", str(fused.FAILED) or "none", not fused.FAILED))
     return rows
+
+
+@contextmanager
+def _sort_kernels_forced():
+    """`fused.prefer` picks the MoE sort/combine kernels whatever they measure; yields a list
+    that gets an entry per `fused.sort_pairs` call (a layer that used them)."""
+    from dsv3 import fused
+
+    calls: list[int] = []
+    prefer, sort = fused.prefer, fused.sort_pairs
+    fused.prefer = lambda kind, *r: kind == "sort_pairs" or prefer(kind, *r)
+    fused.sort_pairs = lambda *r: calls.append(1) or sort(*r)
+    try:
+        yield calls
+    finally:
+        fused.prefer, fused.sort_pairs = prefer, sort
+
+
+@contextmanager
+def _fused_off():
+    """Every fused kernel off (their torch twins run) inside the block."""
+    from dsv3 import fused
+
+    fused.ENABLED = False
+    try:
+        yield
+    finally:
+        fused.ENABLED = True
 
 
 def _static_logits(m: Transformer, pos: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -539,30 +563,15 @@ def check_moe_sort_model(args: ModelArgs, cpu: Transformer) -> list:
 
     rows = _Rows()
     tok = torch.randint(0, args.vocab_size, (2, 48), device=DEV)
-    prefer = fused.prefer
     for dt in ("bf16", "fp8"):
         m = _cuda_copy(cpu, dt)
         m.graphs.enabled = False
-        calls = []
-
-        def forced(kind, key, device, kernel, twin, calls=calls):
-            if kind == "sort_pairs":
-                calls.append(key)
-                return True
-            return prefer(kind, key, device, kernel, twin)
-
-        fused.prefer = forced
-        try:
+        with _sort_kernels_forced() as calls:
             m.reset_cache()
             got = m(tok, all_logits=True).float()
-        finally:
-            fused.prefer = prefer
-        fused.ENABLED = False
-        try:
+        with _fused_off():
             m.reset_cache()
             want = m(tok, all_logits=True).float()
-        finally:
-            fused.ENABLED = True
         failed = {k: v for k, v in fused.FAILED.items() if k in ("sort_pairs", "combine_pairs")}
         rel = _rel(got, want)
         ok = bool(calls) and not failed and rel < 5e-2

@@ -227,9 +227,15 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x -> its norm; with `residual` (a block's residual stream, x its branch's output)
         -> (norm of residual + x, residual + x)."""
-        if x.is_cpu and not _KERNELS_ON_CPU:  # first: a CPU decode step is bound by its calls
+        # a CPU (no interpreter) first and straight to the twin: its decode step is call-bound
+        y, s = self._kernel(x, residual) if _KERNELS_ON_CPU or not x.is_cpu else (None, None)
+        if y is None:
             y, s = self._twin(x, residual)
-            return y if residual is None else (y, s)
+        return y if residual is None else (y, s)
+
+    def _kernel(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """`fused.rms_norm` for a few rows where it measured faster (CUDA, or Triton's
+        interpreter), else (None, None)."""
         rows = x.numel() // self.dim
         if (
             0 < rows <= NORM_ROWS
@@ -240,15 +246,13 @@ class RMSNorm(nn.Module):
         ):
             from . import fused
 
-            if fused.available(x.device, "rms_norm"):  # CUDA (or Triton's interpreter)
+            if fused.available(x.device, "rms_norm"):
                 key = ("rms-norm", 1 << (rows - 1).bit_length(), self.dim, x.dtype,
                        residual is not None)  # fmt: skip
                 kernel = lambda: fused.rms_norm(x, self.weight, self.eps, residual)  # noqa: E731
                 twin = lambda: self._twin(x, residual)  # noqa: E731
-                y, s = fused.run_measured("rms_norm", key, x.device, kernel, twin)
-                return y if residual is None else (y, s)
-        y, s = self._twin(x, residual)
-        return y if residual is None else (y, s)
+                return fused.run_measured("rms_norm", key, x.device, kernel, twin)
+        return None, None
 
     def _twin(
         self, x: torch.Tensor, residual: torch.Tensor | None
