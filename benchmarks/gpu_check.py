@@ -374,7 +374,7 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
         x = torch.randn(40, 64, generator=gl).to(DEV, dt)
         counts = torch.zeros(12, dtype=torch.long, device=DEV)
         w, idx = moe.gate(x, counts)
-        with _sort_kernels_forced() as calls:
+        with _kernels_forced(("sort_pairs",), fused, "sort_pairs") as calls:
             got = moe.experts._sorted(x, w, idx, counts, "loop")
         with _fused_off():
             want = moe.experts._sorted(x, w, idx, counts, "loop")
@@ -388,19 +388,20 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
 
 
 @contextmanager
-def _sort_kernels_forced():
-    """`fused.prefer` picks the MoE sort/combine kernels whatever they measure; yields a list
-    that gets an entry per `fused.sort_pairs` call (a layer that used them)."""
+def _kernels_forced(kinds: tuple[str, ...], module, name: str):
+    """`fused.prefer` picks the kernels of these kinds whatever they measure; yields a list that
+    gets an entry per call of module.name (a layer that used them)."""
     from dsv3 import fused
 
     calls: list[int] = []
-    prefer, sort = fused.prefer, fused.sort_pairs
-    fused.prefer = lambda kind, *r: kind == "sort_pairs" or prefer(kind, *r)
-    fused.sort_pairs = lambda *r: calls.append(1) or sort(*r)
+    prefer, fn = fused.prefer, getattr(module, name)
+    fused.prefer = lambda kind, *r: kind in kinds or prefer(kind, *r)
+    setattr(module, name, lambda *r: calls.append(1) or fn(*r))
     try:
         yield calls
     finally:
-        fused.prefer, fused.sort_pairs = prefer, sort
+        fused.prefer = prefer
+        setattr(module, name, fn)
 
 
 @contextmanager
@@ -462,19 +463,75 @@ def check_fp8_kernels(
     from dsv3.moe import dispatch_loop
 
     deq = {n: dequantize(*ws[n], torch.bfloat16) for n in ws}
+    bf16 = {n: (deq[n], None) for n in deq}  # the 16-bit form of the same kernels
     for T in token_counts:
         x = torch.randn(T, D, device=DEV, generator=g).bfloat16()
         idx = torch.rand(T, E, device=DEV, generator=g).topk(K, -1).indices
         order = idx.flatten().argsort(stable=True)
-        token_N, expert_N = order // K, idx.flatten()[order]
+        token_N = order // K
         counts = torch.bincount(idx.flatten(), minlength=E)
-        y = fp8.experts_w8(x, token_N, expert_N, counts, ws).float()
         ref = dispatch_loop(
             x.index_select(0, token_N), counts.tolist(), deq["w1"], deq["w2"], deq["w3"]
         ).float()
-        rel = ((y - ref).norm() / ref.norm()).item()
+        for weights, form in ((ws, "fused"), (ws, "separate"), (bf16, "fused")):
+            with _swiglu_form(form):
+                y = fp8.experts_w8(x, token_N, counts, weights).float()
+            failed = fp8_failed()
+            rel = ((y - ref).norm() / ref.norm()).item()
+            kind = "fp8" if weights is ws else "bf16"
+            rows.append(
+                (
+                    f"{kind} grouped experts ({form} up projection), {T} tokens top-{K} of {E}",
+                    f"rel {rel:.1e}, kernels failed: {failed or 'none'}",
+                    rel < 2e-2 and not failed,
+                )
+            )
+    rows.extend(_layout_rows(g))
+    return rows
+
+
+def fp8_failed() -> dict:
+    """The grouped expert kernels that failed here (their twins ran instead)."""
+    from dsv3 import fused
+
+    return {k: v for k, v in fused.FAILED.items() if k in ("moe_layout", "w8_swiglu")}
+
+
+@contextmanager
+def _swiglu_form(form: str):
+    """`dsv3.fp8.experts_w8` with its up projection in this form ("fused" or "separate")."""
+    from dsv3 import fp8
+
+    old, fp8.SWIGLU_FORM = fp8.SWIGLU_FORM, form
+    try:
+        yield
+    finally:
+        fp8.SWIGLU_FORM = old
+
+
+def _layout_rows(g: torch.Generator) -> list:
+    """The row-block layout kernel against its torch twin, equal element for element: a busy
+    expert over several blocks, idle experts, an empty routing."""
+    from dsv3 import fp8
+
+    rows = []
+    for E, N, BM in ((64, 1536, 32), (8, 50, 16), (12, 0, 16), (3, 700, 64)):
+        counts = torch.zeros(E, dtype=torch.long, device=DEV)
+        if N:
+            busy = torch.randint(0, E, (N,), device=DEV, generator=g)
+            busy[: N // 3] = E // 2  # one expert with many more pairs than a block
+            counts = torch.bincount(busy, minlength=E)
+            counts[0] = 0  # an idle expert first
+        n = int(counts.sum())
+        got = fp8.moe_layout(counts, n, BM)
+        want = fp8.moe_layout_torch(counts, n, BM)
+        same = all(torch.equal(a, b) for a, b in zip(got, want))
         rows.append(
-            (f"fp8 grouped experts, {T} tokens top-{K} of {E}", f"rel {rel:.1e}", rel < 2e-2)
+            (
+                f"expert row-block layout kernel, {n} pairs over {E} experts, blocks of {BM}",
+                f"equal to its twin {same}, kernels failed: {fp8_failed() or 'none'}",
+                same and not fp8_failed(),
+            )
         )
     return rows
 
@@ -556,26 +613,34 @@ def check_app_path(args: ModelArgs, cpu: Transformer) -> list:
 def check_moe_sort_model(args: ModelArgs, cpu: Transformer) -> list:
     """A whole bf16 and fp8 prefill on CUDA with the MoE's pairs sorted and combined by the
     kernels (`fused.sort_pairs`, `fused.combine_pairs`; chosen here whatever they measure)
-    against the same prefill with the fused kernels off (the torch sort and combine)."""
+    against the same prefill with the fused kernels off (the torch sort and combine); and a
+    bf16 prefill with the routed experts through the grouped Triton kernels of `dsv3.fp8`
+    (`GroupedExperts._triton_pays`, forced) against the same without."""
     if DEV != "cuda":
         return []  # `MoE._sort_kernel` runs on CUDA only (the kernels: check_fused)
-    from dsv3 import fused
+    from dsv3 import fp8, fused
 
     rows = _Rows()
     tok = torch.randint(0, args.vocab_size, (2, 48), device=DEV)
-    for dt in ("bf16", "fp8"):
+    sort = (("sort_pairs",), fused, "sort_pairs")
+    triton = (("moe_triton", "w8_swiglu"), fp8, "experts_w8")
+    cases = (("bf16", "the MoE sort/combine kernels", sort),
+             ("fp8", "the MoE sort/combine kernels", sort),
+             ("bf16", "the grouped Triton experts (layout, fused SwiGLU)", triton))  # fmt: skip
+    for dt, what, (kinds, module, name) in cases:
         m = _cuda_copy(cpu, dt)
         m.graphs.enabled = False
-        with _sort_kernels_forced() as calls:
+        with _kernels_forced(kinds, module, name) as calls:
             m.reset_cache()
             got = m(tok, all_logits=True).float()
         with _fused_off():
             m.reset_cache()
             want = m(tok, all_logits=True).float()
-        failed = {k: v for k, v in fused.FAILED.items() if k in ("sort_pairs", "combine_pairs")}
+        watched = ("sort_pairs", "combine_pairs", "moe_triton", "w8_swiglu", "moe_layout")
+        failed = {k: v for k, v in fused.FAILED.items() if k in watched}
         rel = _rel(got, want)
         ok = bool(calls) and not failed and rel < 5e-2
-        rows.append((f"{dt} prefill with the MoE sort/combine kernels vs without",
+        rows.append((f"{dt} prefill with {what} vs without fused kernels",
                      f"layers that used them {len(calls)}, logits rel {rel:.1e}, failed {failed}",
                      ok))  # fmt: skip
         del m

@@ -993,6 +993,22 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
             "MoE pairs outside the fused few-token path (prefill): counting sort + combine "
             "kernels vs argsort + scatter + sum, by GPU time",
         )
+        _choice_row(
+            rows,
+            "moe-triton",
+            slice(1, 6),
+            ("triton", "grouped_mm"),
+            "16-bit routed experts (prefill): grouped Triton kernels (layout, SwiGLU up, down) "
+            "vs row gather + three grouped matmuls, by GPU time",
+        )
+        _choice_row(
+            rows,
+            "w8-swiglu",
+            slice(1, 6),
+            ("fused", "separate"),
+            "grouped Triton experts' up projection: w1 and w3 in one kernel vs two + silu * up, "
+            "by GPU time",
+        )
     ours = build_ours(peer, device=dev, dtype="bf16")
     try:
         hf = build_hf(

@@ -8,11 +8,14 @@ bf16 reads 2. Two paths read each fp8 byte once instead:
 - `w8_matmul` (Triton): the bf16 activations times W, converting each fp8 tile to bf16 in
   registers; with 128-wide K tiles each partial product is scaled by its block's scale (exact:
   a scale is constant over its block), with longer K tiles the weight tile is scaled first (as
-  dequantisation does). The same kernel runs the routed experts grouped: pairs sorted by
-  expert, each expert's rows padded to whole row blocks (`moe_layout`), a row block naming its
-  expert, so an expert that got no pairs is never read. Sync-free: it can be captured in a
-  CUDA graph. It also takes bf16 weights (no scale; `dsv3.moe.dispatch_triton`). Tiles are
-  autotuned per shape on first use.
+  dequantisation does). The same kernel runs the routed experts grouped (`experts_w8`): pairs
+  sorted by expert, each expert's rows padded to whole row blocks (`moe_layout`, one small
+  kernel from the counts), a row block naming its expert, so an expert that got no pairs is
+  never read; the up projection reads each token's row in place and multiplies it by w1 and
+  w3 in one kernel with the SwiGLU applied there (where that measures faster than two kernels
+  and the product). Sync-free: it can be captured in a CUDA graph. It also takes 16-bit
+  weights (no scale; `dsv3.moe.GroupedExperts._triton_pays`). Tiles are autotuned per shape
+  on first use.
 - `scaled_mm` (dense Linears, sm90 with cuBLASLt >= 12.9): the activations quantised to fp8 per
   1x128 block, then `torch._scaled_mm` with DeepSeek's block scaling, at the fp8 matrix rate.
   cuBLASLt wants M a multiple of 4 (rows are padded) and the weight scale's K blocks padded to
@@ -72,9 +75,11 @@ if triton is not None:
         a_ptr,  # (rows of A, K) bf16, row stride stride_am
         w_ptr,  # (E, N, K) fp8
         s_ptr,  # (E, N/128, K/128) float32
+        w3_ptr,  # SWIGLU: the second weight (E, N, K), same strides as w
+        s3_ptr,  # SWIGLU: its scales
         c_ptr,  # (M, N) output, row stride stride_cm
         slot_ptr,  # grouped: (P,) int32, the output row of each padded slot (M = none)
-        a_row_ptr,  # grouped: (M,) int32, the A row of each output row
+        a_row_ptr,  # grouped: (M,) int32 or int64, the A row of each output row
         block_e_ptr,  # grouped: (P / BM,) int32, the expert of each row block (-1: none)
         M,
         N,
@@ -84,6 +89,8 @@ if triton is not None:
         stride_se,
         stride_cm,
         GROUPED: tl.constexpr,
+        SAME_ROWS: tl.constexpr,  # grouped: output row j reads A row j (a_row_ptr unused)
+        SWIGLU: tl.constexpr,  # silu(A W^T) * (A W3^T), both products in float32
         BM: tl.constexpr,
         BN: tl.constexpr,
         BK: tl.constexpr,
@@ -95,52 +102,95 @@ if triton is not None:
         rm = tl.arange(0, BM)
         if GROUPED:
             e = tl.load(block_e_ptr + pid_m)
-            rows = tl.load(slot_ptr + pid_m * BM + rm)
-            valid = rows < M
-            a_rows = tl.load(a_row_ptr + rows, mask=valid, other=0)
         else:
             e = pid_m * 0  # a tensor, like the grouped case's (it is cast to int64 below)
-            rows = pid_m * BM + rm
-            valid = rows < M
-            a_rows = rows
-        if e >= 0:
+        if e >= 0:  # a row block past the last expert's segment reads nothing
+            if GROUPED:
+                rows = tl.load(slot_ptr + pid_m * BM + rm)
+                valid = rows < M
+                if SAME_ROWS:
+                    a_rows = tl.where(valid, rows, 0)
+                else:
+                    a_rows = tl.load(a_row_ptr + rows, mask=valid, other=0)
+            else:
+                rows = pid_m * BM + rm
+                valid = rows < M
+                a_rows = rows
             rn = pid_n * BN + tl.arange(0, BN)
             rk = tl.arange(0, BK)
             n_ok = rn < N
             ks = (K + 127) // 128  # scale blocks along K: the scale's row stride
-            w_base = w_ptr + e.to(tl.int64) * stride_we
-            s_base = s_ptr + e.to(tl.int64) * stride_se
+            w_off = e.to(tl.int64) * stride_we + rn.to(tl.int64)[:, None] * K
+            s_base = e.to(tl.int64) * stride_se
             a_base = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
             acc = tl.zeros((BM, BN), dtype=tl.float32)
+            acc3 = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
                 k = k0 + rk
                 k_ok = k < K
                 a = tl.load(a_base + k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(
-                    w_base + rn.to(tl.int64)[:, None] * K + k[None, :],
-                    mask=n_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
                 if F32_DOT:  # Triton's CPU interpreter (tests): its bf16 dot is wrong
                     a = a.to(tl.float32)
-                    wdt = tl.float32
                 else:
                     a = a.to(tl.bfloat16)
-                    wdt = tl.bfloat16
-                if not HAS_SCALE:  # bf16 weights
-                    acc += tl.dot(a, tl.trans(w.to(wdt)))
-                elif BK == 128:  # one scale per (128 rows of N, this K block): after the dot
-                    s = tl.load(s_base + (rn // 128) * ks + k0 // 128, mask=n_ok, other=0.0)
-                    acc += tl.dot(a, tl.trans(w.to(wdt))) * s[None, :]
-                else:  # a tile spans several scale blocks: scale the weight tile first
-                    s = tl.load(
-                        s_base + (rn // 128)[:, None] * ks + (k // 128)[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0,
-                    )
-                    acc += tl.dot(a, tl.trans((w.to(tl.float32) * s).to(wdt)))
+                acc += _w8_tile(a, w_ptr, s_ptr, w_off, s_base, rn, n_ok, k, k_ok, k0, ks,
+                                BK, HAS_SCALE, F32_DOT)  # fmt: skip
+                if SWIGLU:  # the same A tile against the second weight
+                    acc3 += _w8_tile(a, w3_ptr, s3_ptr, w_off, s_base, rn, n_ok, k, k_ok, k0,
+                                     ks, BK, HAS_SCALE, F32_DOT)  # fmt: skip
+            if SWIGLU:
+                acc = acc / (1.0 + tl.exp(-acc)) * acc3
             c = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + rn[None, :]
             tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _w8_tile(a, w_ptr, s_ptr, w_off, s_base, rn, n_ok, k, k_ok, k0, ks, BK: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, F32_DOT: tl.constexpr):  # fmt: skip
+        """A (BM, BK) tile times one weight's (BN, BK) tile -> (BM, BN) float32, scaled."""
+        w = tl.load(w_ptr + w_off + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        wdt = tl.float32 if F32_DOT else tl.bfloat16
+        if not HAS_SCALE:  # bf16 weights
+            return tl.dot(a, tl.trans(w.to(wdt)))
+        if BK == 128:  # one scale per (128 rows of N, this K block): after the dot
+            s = tl.load(s_ptr + s_base + (rn // 128) * ks + k0 // 128, mask=n_ok, other=0.0)
+            return tl.dot(a, tl.trans(w.to(wdt))) * s[None, :]
+        # a tile spans several scale blocks: scale the weight tile first
+        s = tl.load(
+            s_ptr + s_base + (rn // 128)[:, None] * ks + (k // 128)[None, :],
+            mask=n_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        return tl.dot(a, tl.trans((w.to(tl.float32) * s).to(wdt)))
+
+    @triton.jit
+    def _layout_kernel(
+        counts_ptr,  # (E,) int64: pairs per expert, the pairs sorted by expert
+        slot_ptr,  # out (P,) int32: the sorted pair of each padded slot, N for none
+        block_e_ptr,  # out (P / BM,) int32: the expert of each row block, -1 past the last
+        N,
+        E,
+        P,
+        BM: tl.constexpr,
+        EP: tl.constexpr,
+        SB: tl.constexpr,
+    ):
+        # one program per expert writes its padded segment and its blocks; program E the tail
+        e = tl.program_id(0)
+        ce = tl.arange(0, EP)
+        c = tl.load(counts_ptr + ce, mask=ce < E, other=0)
+        padded = (c + BM - 1) // BM * BM
+        before = ce < e
+        first = tl.sum(tl.where(before, c, 0), axis=0)  # this expert's first sorted pair
+        start = tl.sum(tl.where(before, padded, 0), axis=0)  # its first padded slot
+        n = tl.sum(tl.where(ce == e, c, 0), axis=0)  # 0 for program E
+        # the segment's padded length; program E: every slot after the last segment
+        end = tl.where(e < E, (n + BM - 1) // BM * BM, P - start)
+        blk = tl.zeros([SB], dtype=tl.int32) + tl.where(e < E, e, -1)
+        for r0 in range(0, end, SB):
+            r = r0 + tl.arange(0, SB)
+            slot = tl.where(r < n, first + r, N).to(tl.int32)
+            tl.store(slot_ptr + start + r, slot, mask=r < end)
+            tl.store(block_e_ptr + (start + r) // BM, blk, mask=(r < end) & (r % BM == 0))
 
 
 # (BN, BK, warps, stages) tried per row block. Narrow N tiles give few-row inputs more
@@ -149,8 +199,8 @@ if triton is not None:
 # re-reads of the activations.
 TILES = {
     16: [(32, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (32, 512, 4, 2), (16, 512, 4, 3)],
-    32: [(32, 128, 4, 4), (64, 128, 4, 3), (64, 256, 4, 3), (128, 128, 4, 3)],
-    64: [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 256, 4, 3)],
+    32: [(32, 128, 4, 4), (64, 128, 4, 3), (64, 256, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4)],
+    64: [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (64, 256, 4, 3), (128, 64, 8, 4)],
 }
 
 
@@ -170,7 +220,7 @@ if triton is not None and not INTERPRET:
             triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
             for bn, bk, w, st in sorted({t for ts in TILES.values() for t in ts})
         ],
-        key=["N", "K", "BM", "GROUPED", "HAS_SCALE"],
+        key=["N", "K", "BM", "GROUPED", "HAS_SCALE", "SWIGLU"],
         prune_configs_by={"early_config_prune": _prune},
     )(_w8_kernel)
 else:
@@ -205,35 +255,64 @@ def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None)
     M = x2.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     BM = _block_rows(M)
-    dummy = out  # the grouped pointers are unused when GROUPED is False
+    dummy = out  # the grouped and second-weight pointers are unused here
     sc = scale if scale is not None else dummy
     _launch(
-        triton.cdiv(M, BM), N, BM, x2, weight, sc, out, dummy, dummy, dummy, M, N, K,
-        x2.stride(0), 0, 0, out.stride(0), GROUPED=False, HAS_SCALE=scale is not None,
-        F32_DOT=INTERPRET,
+        triton.cdiv(M, BM), N, BM, x2, weight, sc, dummy, dummy, out, dummy, dummy, dummy, M,
+        N, K, x2.stride(0), 0, 0, out.stride(0), GROUPED=False, SAME_ROWS=False, SWIGLU=False,
+        HAS_SCALE=scale is not None, F32_DOT=INTERPRET,
     )  # fmt: skip
     return out.view(*x.shape[:-1], N)
 
 
-def moe_layout(
-    expert_N: torch.Tensor, counts_E: torch.Tensor, BM: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_layout(counts_E: torch.Tensor, N: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row blocks for the grouped kernel, on the device, with no host sync.
 
-    expert_N (N,) the expert of each pair, pairs sorted by expert; counts_E (E,) pairs per
-    expert. Each expert's pairs get a segment padded to a multiple of BM; the padded slots hold
-    N (no row). -> slot_P (P,) int32 (P = N + E*(BM-1) rounded up to BM, the largest padded size
-    any routing can need, so shapes never depend on the routing), block_e (P/BM,) int32 the expert
-    of each row block, -1 past the last segment."""
-    N, E = expert_N.numel(), counts_E.numel()
-    dev = expert_N.device
-    P = -(-(N + E * (BM - 1)) // BM) * BM
+    counts_E (E,) pairs per expert, for N pairs sorted by expert. Each expert's pairs get a
+    segment padded to a multiple of BM; the padded slots hold N (no pair). -> slot_P (P,) int32,
+    the sorted pair in each slot (P = N + E*(BM-1) rounded up to BM, the largest padded size any
+    routing can need, so shapes never depend on the routing), block_e (P/BM,) int32 the expert of
+    each row block, -1 past the last segment. One kernel (`_layout_kernel`) where Triton runs;
+    else, or if it fails, its twin `moe_layout_torch` (~20 small kernels)."""
+    from . import fused
+
+    if fused.available(counts_E.device, "moe_layout"):
+        got = fused.attempt("moe_layout", _layout, counts_E, N, BM)
+        if got is not None:
+            return got
+    return moe_layout_torch(counts_E, N, BM)
+
+
+def _padded_size(N: int, E: int, BM: int) -> int:
+    return -(-(N + E * (BM - 1)) // BM) * BM
+
+
+LAYOUT_SB = 256  # slots a program of `_layout_kernel` writes at a time
+
+
+def _layout(counts_E: torch.Tensor, N: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_layout` in one kernel: a program per expert writes its segment, one more the tail."""
+    E = counts_E.numel()
+    P = _padded_size(N, E, BM)
+    slot_P = torch.empty(P, dtype=torch.int32, device=counts_E.device)
+    block_e = torch.empty(P // BM, dtype=torch.int32, device=counts_E.device)
+    _layout_kernel[(E + 1,)](
+        counts_E, slot_P, block_e, N, E, P, BM=BM, EP=max(16, 1 << (E - 1).bit_length()),
+        SB=LAYOUT_SB, num_warps=4,
+    )  # fmt: skip
+    return slot_P, block_e
+
+
+def moe_layout_torch(counts_E: torch.Tensor, N: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_layout` in torch (the layout kernel's twin)."""
+    E, dev = counts_E.numel(), counts_E.device
+    P = _padded_size(N, E, BM)
     padded_E = (counts_E + BM - 1) // BM * BM
     seg_end_E = padded_E.cumsum(0)
-    seg_start_E = seg_end_E - padded_E
-    pair_start_E = counts_E.cumsum(0) - counts_E
+    # each pair's slot: its place in the sorted order plus the padding of the experts before it
+    shift_E = seg_end_E - padded_E - (counts_E.cumsum(0) - counts_E)
     j = torch.arange(N, device=dev)
-    slot_N = seg_start_E[expert_N] + (j - pair_start_E[expert_N])
+    slot_N = j + torch.repeat_interleave(shift_E, counts_E, output_size=N)
     slot_P = torch.full((P,), N, dtype=torch.int32, device=dev)
     slot_P.index_copy_(0, slot_N, j.to(torch.int32))
     starts = torch.arange(0, P, BM, device=dev)
@@ -244,46 +323,76 @@ def moe_layout(
 
 def w8_grouped(
     x: torch.Tensor,
-    a_row_N: torch.Tensor,
+    a_row_N: torch.Tensor | None,
     slot_P: torch.Tensor,
     block_e: torch.Tensor,
     BM: int,
     weight: torch.Tensor,
     scale: torch.Tensor | None,
+    weight3: torch.Tensor | None = None,
+    scale3: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Row j of the result (N, Nout) = x[a_row_N[j]] times expert e(j)'s weight, for the N
-    expert-sorted pairs laid out by `moe_layout`. weight (E, Nout, K) fp8, scale (E, Nout/128,
-    K/128)."""
-    M, (_, Nout, K) = a_row_N.numel(), weight.shape
+    """Row j of the result (N, Nout) = x[a_row_N[j]] (x[j] with a_row_N None) times expert
+    e(j)'s weight, for the N expert-sorted pairs laid out by `moe_layout`. weight (E, Nout, K)
+    fp8 with scale (E, Nout/128, K/128), or 16-bit with scale None. With weight3 (and scale3)
+    the row is silu(x W^T) * (x W3^T), both products in float32: a SwiGLU up projection in one
+    kernel, each activation tile read once for both weights."""
+    M = x.shape[0] if a_row_N is None else a_row_N.numel()
+    Nout, K = weight.shape[1:]
     out = torch.empty(M, Nout, dtype=x.dtype, device=x.device)
     sc, sc_stride = (scale, scale.stride(0)) if scale is not None else (out, 0)
+    w3 = weight if weight3 is None else weight3
+    s3 = sc if scale3 is None else scale3
     _launch(
-        block_e.numel(), Nout, BM, x, weight, sc, out, slot_P, a_row_N, block_e, M, Nout, K,
-        x.stride(0), weight.stride(0), sc_stride, out.stride(0),
-        GROUPED=True, HAS_SCALE=scale is not None, F32_DOT=INTERPRET,
+        block_e.numel(), Nout, BM, x, weight, sc, w3, s3, out, slot_P,
+        slot_P if a_row_N is None else a_row_N, block_e, M, Nout, K, x.stride(0),
+        weight.stride(0), sc_stride, out.stride(0), GROUPED=True, SAME_ROWS=a_row_N is None,
+        SWIGLU=weight3 is not None, HAS_SCALE=scale is not None, F32_DOT=INTERPRET,
     )  # fmt: skip
     return out
+
+
+# How `experts_w8` runs the up projection: None measures both forms per shape class on first
+# use (`fused.prefer`); "fused" (w1 and w3 in one kernel, `w8_grouped` with weight3) or
+# "separate" (two kernels, then silu and the product) forces one (gpu_check runs both).
+SWIGLU_FORM: str | None = None
 
 
 def experts_w8(
     x_TD: torch.Tensor,
     token_N: torch.Tensor,
-    expert_N: torch.Tensor,
     counts_E: torch.Tensor,
     w: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
 ) -> torch.Tensor:
-    """The routed SwiGLU experts on N expert-sorted pairs (token_N, expert_N) with fp8 weights
-    w = {"w1": (weight, scale), "w2": ..., "w3": ...} (or bf16 weights, scale None) -> (N, D),
-    same order. Only experts that received pairs are read; nothing waits for the host."""
-    E = counts_E.numel()
-    BM = _block_rows(token_N.numel() / E)
-    slot_P, block_e = moe_layout(expert_N, counts_E, BM)
-    tok = token_N.to(torch.int32)
-    h1 = w8_grouped(x_TD, tok, slot_P, block_e, BM, *w["w1"])  # (N, I)
-    h3 = w8_grouped(x_TD, tok, slot_P, block_e, BM, *w["w3"])
-    h = F.silu(h1, inplace=True).mul_(h3)
-    same = torch.arange(token_N.numel(), device=x_TD.device, dtype=torch.int32)
-    return w8_grouped(h, same, slot_P, block_e, BM, *w["w2"])  # (N, D)
+    """The routed SwiGLU experts on N pairs sorted by expert, pair j reading row token_N[j] of
+    x_TD, counts_E (E,) pairs per expert, with fp8 weights w = {"w1": (weight, scale), "w2":
+    ..., "w3": ...} (or 16-bit weights, scale None) -> (N, D), same order. Only experts that
+    received pairs are read; nothing waits for the host. About three kernels: the row-block
+    layout, the up projection (both weights and the SwiGLU in one, where it measured faster
+    than two and the product), the down projection."""
+    from . import fused
+
+    N, E = token_N.numel(), counts_E.numel()
+    BM = _block_rows(N / E)
+    slot_P, block_e = moe_layout(counts_E, N, BM)
+
+    def fused_up() -> torch.Tensor:
+        return w8_grouped(x_TD, token_N, slot_P, block_e, BM, *w["w1"], *w["w3"])
+
+    def separate_up() -> torch.Tensor:
+        h1 = w8_grouped(x_TD, token_N, slot_P, block_e, BM, *w["w1"])  # (N, I)
+        h3 = w8_grouped(x_TD, token_N, slot_P, block_e, BM, *w["w3"])
+        return F.silu(h1, inplace=True).mul_(h3)
+
+    form = SWIGLU_FORM
+    if form is None and fused.available(x_TD.device, "w8_swiglu"):
+        w1 = w["w1"][0]
+        key = ("w8-swiglu", 1 << max(N - 1, 0).bit_length(), E, *w1.shape[1:], w1.dtype)
+        form = "fused" if fused.prefer("w8_swiglu", key, x_TD.device, fused_up, separate_up) else ""
+    h = fused.attempt("w8_swiglu", fused_up) if form == "fused" else None
+    if h is None:
+        h = separate_up()
+    return w8_grouped(h, None, slot_P, block_e, BM, *w["w2"])  # (N, D)
 
 
 # ---------------------------------------------------------------- torch._scaled_mm (sm90)

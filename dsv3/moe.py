@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused, tuning
+from . import fp8, fused, tuning
 from .config import LayerArgs
 from .layers import (
     FP8,
@@ -233,23 +233,19 @@ def dispatch_triton(
     w3_EID: torch.Tensor,
 ) -> torch.Tensor:
     """Same contract as `dispatch_loop` (counts an (E,) tensor on x's device), through the
-    grouped Triton kernel of `dsv3.fp8` with bf16 weights: CUDA with Triton only, sync-free.
-    Not chosen by `auto`: measured per shape class on an H200 (16 classes of the seed demo,
-    decode and prefill) grouped matmuls were faster every time, and measuring it costs the
-    kernel's autotuning (seconds) on a model's first forward. `moe_impl="triton"` forces it
-    (benchmarks/gpu_check.py checks it against the loop)."""
+    grouped Triton kernels of `dsv3.fp8` with 16-bit weights: CUDA with Triton only, sync-free.
+    `moe_impl="triton"` forces it (benchmarks/gpu_check.py checks it against the loop); `auto`
+    on CUDA runs it from the tokens themselves (`GroupedExperts._triton_pays`) where it
+    measures faster than grouped matmuls."""
     from . import fp8
 
     if not fp8.triton_ok(x_ND.device):
         raise ValueError("moe_impl='triton' needs a CUDA GPU (sm89 or newer) and Triton")
     if not isinstance(counts, torch.Tensor):
         counts = torch.tensor(counts, device=x_ND.device)
-    N = x_ND.shape[0]
-    E = counts.numel()
-    expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts, output_size=N)
-    token_N = torch.arange(N, device=x_ND.device)
+    token_N = torch.arange(x_ND.shape[0], device=x_ND.device)
     w = {"w1": (w1_EID, None), "w2": (w2_EDI, None), "w3": (w3_EID, None)}
-    return fp8.experts_w8(x_ND, token_N, expert_N, counts, w)
+    return fp8.experts_w8(x_ND, token_N, counts, w)
 
 
 DISPATCH_IMPLS = ("auto", "loop", "grouped", "padded", "gathered", "triton")
@@ -430,7 +426,10 @@ class GroupedExperts(KeepsDerived):
             token_N = order_N // K
             weight_N = weights_TK.flatten().index_select(0, order_N)
         if self.w1.dtype == FP8 and x_TD.device.type == "cuda":
-            y_ND = self._fp8_cuda(x_TD, idx_TK, order_N, token_N, counts_E)
+            y_ND = self._fp8_cuda(x_TD, token_N, counts_E)
+        elif impl == "auto" and self._triton_pays(x_TD, token_N, counts_E):
+            w = {n: (getattr(self, n), None) for n in ("w1", "w2", "w3")}
+            y_ND = fp8.experts_w8(x_TD, token_N, counts_E, w)
         else:
             w1, w2, w3 = _expert_weights(self, x_TD.dtype)
             if impl == "auto":
@@ -542,23 +541,49 @@ class GroupedExperts(KeepsDerived):
         )
         return views.__getitem__
 
-    def _fp8_cuda(self, x_TD, idx_TK, order_N, token_N, counts_E) -> torch.Tensor:
+    def _fp8_cuda(self, x_TD, token_N, counts_E) -> torch.Tensor:
         """fp8 experts on CUDA -> the expert outputs (N, D) of the sorted pairs: the grouped
-        Triton kernel of `dsv3.fp8` (reads only the experts that got pairs, each fp8 byte once,
+        Triton kernels of `dsv3.fp8` (read only the experts that got pairs, each fp8 byte once,
         no host sync), or on GPUs without an fp8 path the weights dequantised once and the bf16
         dispatch."""
-        from . import fp8
-
         if not fp8.fp8_matmul_ok(x_TD.device):
             w1, w2, w3 = (self._dense(n, x_TD.dtype) for n in ("w1", "w2", "w3"))
             return dispatch(x_TD.index_select(0, token_N), counts_E, w1, w2, w3)
         if not isinstance(counts_E, torch.Tensor):  # expert parallel: this rank's counts
             counts_E = torch.tensor(counts_E, device=x_TD.device)
-        expert_N = idx_TK.flatten().index_select(0, order_N)
-        if self.first:  # expert parallel: this rank's experts are numbered from `first`
-            expert_N = expert_N - self.first
         w = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
-        return fp8.experts_w8(x_TD.contiguous(), token_N, expert_N, counts_E, w)
+        return fp8.experts_w8(x_TD.contiguous(), token_N, counts_E, w)
+
+    def _triton_pays(self, x_TD, token_N, counts_E) -> bool:
+        """16-bit experts on CUDA with every expert here: do the grouped Triton kernels of
+        `dsv3.fp8` (the row-block layout, the SwiGLU up projection reading the tokens' rows in
+        place, the down projection: ~3 kernels) beat gathering the rows and three grouped
+        matmuls for this shape class? Measured by GPU time on first use (`fused.prefer`), on
+        these pairs."""
+        if not (
+            isinstance(counts_E, torch.Tensor)
+            and counts_E.numel() == self.n_experts
+            and x_TD.dtype == self.w1.dtype
+            and x_TD.dtype in (torch.bfloat16, torch.float16)
+            and fused.available(x_TD.device, "moe_triton")
+            and fp8.triton_ok(x_TD.device)
+        ):
+            return False
+        N = token_N.numel()
+        key = ("moe-triton", 1 << max(N - 1, 0).bit_length(), self.n_experts, self.dim,
+               self.inter_dim, x_TD.dtype)  # fmt: skip
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        ws = {"w1": (w1, None), "w2": (w2, None), "w3": (w3, None)}
+
+        def kernel():
+            return fp8.experts_w8(x_TD, token_N, counts_E, ws)
+
+        def twin():
+            return dispatch(x_TD.index_select(0, token_N), counts_E, w1, w2, w3, "grouped")
+
+        if not grouped_mm_supported(x_TD, w1, w2, w3):
+            return True  # the loop is the alternative: a sync and a launch per expert
+        return fused.prefer("moe_triton", key, x_TD.device, kernel, twin)
 
     def _dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """Expert weight `name` dequantised once and kept (GPUs without an fp8 path)."""

@@ -62,8 +62,8 @@ def test_moe_layout_places_every_pair_in_its_experts_blocks(BM):
     order = idx.flatten().argsort(stable=True)
     expert_N = idx.flatten()[order]
     counts = torch.bincount(idx.flatten(), minlength=E)
-    slot_P, block_e = moe_layout(expert_N, counts, BM)
     N = T * K
+    slot_P, block_e = moe_layout(counts, N, BM)
     assert slot_P.numel() % BM == 0 and slot_P.numel() >= N + E * (BM - 1)
     assert block_e.numel() == slot_P.numel() // BM
     real = slot_P < N
