@@ -310,14 +310,15 @@ class MLA(nn.Module):
             return self._static_step(x, start_pos, cos, sin)
         B, S, _ = x.shape
         end_pos = start_pos + S
-        H, Dn, Dr, Dv = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
-        C = self.kv_lora_rank
+        H, Dn, Dv = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
         freqs = _complex(cos, sin)  # (S, Dr/2)
-        if S == 1:
+        if not last_only:  # the latent and rotary work in one kernel where it runs
             q = self._fused_step(x, start_pos, freqs)
             if q is not None:
                 lat = self.cache.packed[:B, :end_pos]
-                return self._absorbed(q, lat, self._wkv_b(x), None)
+                if S == 1:
+                    return self._absorbed(q, lat, self._wkv_b(x), None)
+                return self._latent_attention(q, lat, None, start_pos, start_pos, None)
         kv, k_pe = self._latent(x, freqs)
         self.cache.ensure(B, end_pos, x, keep=start_pos > 0)
         c = self.cache.tensors
@@ -326,7 +327,6 @@ class MLA(nn.Module):
             x, freqs, q_pos = x[:, -1:], freqs[-1:], end_pos - 1
         else:
             q_pos = start_pos
-        Sq = x.shape[1]
         q, qr = self._query(x, freqs)
         keep = None  # DSA: (B, Sq, T) keys each query keeps; None = all earlier ones
         if self.indexer is not None:
@@ -343,22 +343,31 @@ class MLA(nn.Module):
 
         lat = self.cache.packed[:B, :end_pos]  # (B, T, C + Dr): kv | pe
         lat[:, start_pos:] = torch.cat([kv, k_pe.squeeze(2)], -1)  # one write, not two
-        wkv_b = self._wkv_b(x)
+        return self._latent_attention(q, lat, kv, start_pos, q_pos, keep)
+
+    def _latent_attention(self, q, lat, kv, start_pos: int, q_pos: int, keep) -> torch.Tensor:
+        """Attention of the rotated queries q (B, Sq, H, Dqk), at positions q_pos.., over the
+        latent cache lat (B, T, C + Dr) that already holds the new positions from start_pos
+        (kv (B, S, C): their normed latents, or None to read them from lat) -> (B, Sq, D).
+        `keep`: the DSA indexer's kept keys (B, Sq, T), or None."""
+        B, Sq, H, _ = q.shape
+        T = lat.shape[1]
+        Dn, Dr, Dv = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        C = self.kv_lora_rank
+        wkv_b = self._wkv_b(q)
         if Sq > 1 and not self.absorbed_prefill:
             # Expand the cached latent into per-head keys/values: cheaper than absorbing at S ~ T.
-            T = end_pos
-            kv_all = kv if start_pos == 0 else lat[..., :C]  # (B, T, C)
+            kv_all = kv if start_pos == 0 and kv is not None else lat[..., :C]  # (B, T, C)
             kvb = F.linear(kv_all, wkv_b).view(B, T, H, Dn + Dv)
             k = torch.cat([kvb[..., :Dn], lat[:, :, None, C:].expand(B, T, H, Dr)], dim=-1)
             o = self._sdpa(q, k, kvb[..., Dn:], q_pos, keep)
             return self.wo(o.flatten(2))
-        T = end_pos
         bias = None  # additive, broadcast against scores (B, Sq, H, T)
         if keep is not None:  # DSA: the dropped keys (and the future) at -inf
-            bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill_(~keep, float("-inf"))[:, :, None]  # (B, Sq, 1, T)
         elif Sq > 1:
-            bias = _causal_bias(Sq, T, q_pos, x.device, x.dtype)[:, None]  # (Sq, 1, T)
+            bias = _causal_bias(Sq, T, q_pos, q.device, q.dtype)[:, None]  # (Sq, 1, T)
         return self._absorbed(q, lat, wkv_b, bias)
 
     def _wkv_b(self, x: torch.Tensor) -> torch.Tensor:
@@ -372,25 +381,25 @@ class MLA(nn.Module):
     def _fused_step(
         self, x: torch.Tensor, pos: torch.Tensor | int, freqs: torch.Tensor
     ) -> torch.Tensor | None:
-        """One new position per row (x (B, 1, D)) at pos (a device tensor (1,) whose cache
+        """S new positions per row (x (B, S, D)) from pos (a device tensor (1,) whose cache
         room is reserved, or an int: room made here), absorbed cache: the latent's RMSNorm,
         both rotations and the cache write in one kernel
         (`dsv3.fused.mla_step`; `_latent` and `_query` are its twin) -> the rotated queries
-        (B, 1, H, Dqk), or None where the kernel cannot run. Eager decode and the graphed step
-        share it, so the two give the same numbers."""
+        (B, S, H, Dqk), or None where the kernel cannot run. Eager decode and the graphed step
+        share it, so the two give the same numbers; a prefill takes it too."""
         if (
             self.attn_impl == "naive"
             or self.indexer is not None
             or not fused.available(x.device, "mla_step")
         ):
             return None
-        B = x.shape[0]
+        B, S = x.shape[:2]
         if isinstance(pos, int):
-            self.cache.ensure(B, pos + 1, x, keep=pos > 0)
+            self.cache.ensure(B, pos + S, x, keep=pos > 0)
             pos = torch.full((1,), pos, dtype=torch.long, device=x.device)
-        kv_a = self.wkv_a(x)  # (B, 1, C + Dr)
+        kv_a = self.wkv_a(x)  # (B, S, C + Dr)
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(B, 1, self.n_heads, self.qk_head_dim)
+        q = q.view(B, S, self.n_heads, self.qk_head_dim)
         n, buf = self.kv_norm, self.cache.packed[:B]  # buf (B, T_cap, C + Dr)
         args = (kv_a, q, n.weight, n.eps, freqs, pos, buf, self.qk_nope_head_dim)
         return fused.attempt("mla_step", fused.mla_step, *args)

@@ -26,9 +26,10 @@ per layer of ~2.4 us each against ~45 us of weight reads; with these, ~25).
   Weights may be fp8 with 128x128 block scales (each fp8 byte is read once and scaled in
   registers) or in the activations' dtype. The grouped path (sort, layout, grouped matmuls,
   combine: ~25 kernels) stays for prefill.
-- `mla_step`: the decode step's latent and rotary work in one kernel: the kv latent's RMSNorm,
-  the rotation of the shared rope key and of every head's rope query, and the write of the new
-  latent into the static cache at the device position (`attention.StaticStep`).
+- `mla_step`: the latent and rotary work of new positions in one kernel: the kv latent's
+  RMSNorm, the rotation of the shared rope key and of every head's rope query, and the write of
+  the new latents into the cache at the device position (`attention.StaticStep`); a decode
+  step's one position per row, or a prefill's S (where the twin runs ~9 kernels).
 - `mla_attend`: a decode step's absorbed attention core (scores against the latent cache,
   scale, mask, softmax, the weighted sum of latents) as a flash-decoding kernel split over the
   keys (one wave of 16-key splits, 16-bit products on the tensor cores) plus a combine, where
@@ -497,14 +498,16 @@ if triton is not None:
 
     @triton.jit
     def _mla_step_kernel(
-        kv_ptr,  # (B, C + R) the wkv_a output of the step
-        q_ptr,  # (B, H, Dq) queries, the last R of each head rotated in place
+        kv_ptr,  # (B, S, C + R) the wkv_a output of the S new positions
+        q_ptr,  # (B, S, H, Dq) queries, the last R of each head rotated in place
         norm_ptr,  # (C,) kv_norm weight
-        fr_ptr,  # (R/2, 2) float32 cos, sin of the position
-        pos_ptr,  # (1,) int64 position
+        fr_ptr,  # (S, R/2, 2) float32 cos, sin of each position
+        pos_ptr,  # (1,) int64 the first position
         cache_ptr,  # (B, T_cap, C + R) packed latent cache
-        stride_kv,
+        stride_kvb,
+        stride_kvs,
         stride_qb,
+        stride_qs,
         stride_qh,
         stride_cb,
         stride_ct,
@@ -516,28 +519,29 @@ if triton is not None:
         CP: tl.constexpr,  # C padded
         HP: tl.constexpr,  # H padded
     ):
-        b = tl.program_id(0)
-        pos = tl.load(pos_ptr)
-        row = cache_ptr + b.to(tl.int64) * stride_cb + pos * stride_ct
+        b = tl.program_id(0).to(tl.int64)
+        s = tl.program_id(1)
+        row = cache_ptr + b * stride_cb + (tl.load(pos_ptr) + s) * stride_ct
+        kv_row = kv_ptr + b * stride_kvb + s * stride_kvs
         # the kv latent's RMSNorm (float32, as F.rms_norm computes it)
         c = tl.arange(0, CP)
         c_ok = c < C
-        x = tl.load(kv_ptr + b * stride_kv + c, mask=c_ok, other=0.0).to(tl.float32)
+        x = tl.load(kv_row + c, mask=c_ok, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
         w = tl.load(norm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
         tl.store(row + c, (x * rstd * w).to(cache_ptr.dtype.element_ty), mask=c_ok)
         # rotate interleaved pairs (x0, x1) by (cos, sin): the key's and every head's query's
         i = tl.arange(0, R // 2)
-        cos = tl.load(fr_ptr + 2 * i)
-        sin = tl.load(fr_ptr + 2 * i + 1)
-        k_at = kv_ptr + b * stride_kv + C + 2 * i
+        cos = tl.load(fr_ptr + s * R + 2 * i)
+        sin = tl.load(fr_ptr + s * R + 2 * i + 1)
+        k_at = kv_row + C + 2 * i
         k0 = tl.load(k_at).to(tl.float32)
         k1 = tl.load(k_at + 1).to(tl.float32)
         tl.store(row + C + 2 * i, (k0 * cos - k1 * sin).to(cache_ptr.dtype.element_ty))
         tl.store(row + C + 2 * i + 1, (k0 * sin + k1 * cos).to(cache_ptr.dtype.element_ty))
         h = tl.arange(0, HP)
         h_ok = h < H
-        q_at = q_ptr + b * stride_qb + h[:, None] * stride_qh + DN + 2 * i[None, :]
+        q_at = q_ptr + b * stride_qb + s * stride_qs + h[:, None] * stride_qh + DN + 2 * i[None, :]
         q0 = tl.load(q_at, mask=h_ok[:, None], other=0.0).to(tl.float32)
         q1 = tl.load(q_at + 1, mask=h_ok[:, None], other=0.0).to(tl.float32)
         dt = q_ptr.dtype.element_ty
@@ -799,19 +803,20 @@ def mla_step(
     cache: torch.Tensor,
     n_nope: int,
 ) -> torch.Tensor:
-    """kv (B, 1, C + R) the step's wkv_a output, q (B, 1, H, Dn + R): writes RMSNorm(kv[:C])
-    and the rotated kv[C:] into cache (B, T_cap, C + R) at position `pos` (1,) and rotates q's
-    last R dims of every head in place (and returns it). freqs (1, R/2) complex: the
-    position's rotation."""
-    B, _, CR = kv.shape
+    """kv (B, S, C + R) the wkv_a output of S new positions per row, q (B, S, H, Dn + R): writes
+    RMSNorm(kv[:C]) and the rotated kv[C:] into cache (B, T_cap, C + R) at positions pos..
+    pos + S - 1 (pos (1,) on the device) and rotates q's last R dims of every head in place
+    (and returns it). freqs (S, R/2) complex: the positions' rotations. A program per (row,
+    position): a decode step (S = 1) or a prefill."""
+    B, S, CR = kv.shape
     H = q.shape[2]
     R = q.shape[3] - n_nope
     C = CR - R
-    fr = torch.view_as_real(freqs.reshape(-1)).contiguous()  # (R/2, 2): cos, sin
-    _mla_step_kernel[(B,)](
-        kv, q, norm_weight, fr, pos, cache, kv.stride(0), q.stride(0), q.stride(2),
-        cache.stride(0), cache.stride(1), H, C, float(eps), DN=n_nope, R=R, CP=_pow2(C),
-        HP=_pow2(H), num_warps=4,
+    fr = torch.view_as_real(freqs.reshape(S, -1)).contiguous()  # (S, R/2, 2): cos, sin
+    _mla_step_kernel[(B, S)](
+        kv, q, norm_weight, fr, pos, cache, kv.stride(0), kv.stride(1), q.stride(0),
+        q.stride(1), q.stride(2), cache.stride(0), cache.stride(1), H, C, float(eps),
+        DN=n_nope, R=R, CP=_pow2(C), HP=_pow2(H), num_warps=4,
     )  # fmt: skip
     return q
 

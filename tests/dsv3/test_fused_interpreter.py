@@ -69,6 +69,7 @@ def test_triton_kernels_match_their_twins_in_the_interpreter():
     assert sum(n.startswith("experts' sorted dispatch") for n in names) == 2
     assert sum("fused MoE" in n for n in names) == 5
     assert sum("decode step" in n for n in names) == 3
+    assert sum("prefill latent step" in n for n in names) == 3
     assert sum("attention core" in n for n in names) == 4
     assert sum(n.startswith("fp8 linear") for n in names) == 3
     # both up-projection forms with fp8 weights, the fused one with 16-bit weights
