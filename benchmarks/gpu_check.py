@@ -315,6 +315,35 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
         w = (torch.randn(N, K, generator=gl) / K**0.5).to(DEV, torch.bfloat16)
         rel = _rel(fp8.w8_matmul(x, w, None), F.linear(x, w))
         rows.append((f"bf16 Linear kernel, {n} rows, {N}x{K}", f"rel {rel:.1e}", rel < 1e-2))
+    # A SwiGLU MLP's up projection in one kernel (`MLP._swiglu`: w1, w3, silu * up) against
+    # the same in float32 from the (dequantised) weights: 16-bit and fp8 weights, rows below
+    # and past the kernel's row blocks, widths not multiples of its tiles or of 128
+    from dsv3.layers import MLP, dequantize, quantize_fp8
+
+    for wdt, n, D, I in ((torch.bfloat16, 3, 256, 384), (torch.bfloat16, 70, 200, 300),
+                         (fp8.FP8, 5, 256, 384), (fp8.FP8, 130, 200, 300)):  # fmt: skip
+        mlp = MLP(D, I, wdt, DEV)
+        dense = {}
+        for name in ("w1", "w3"):
+            lin = getattr(mlp, name)
+            w = torch.randn(I, D, generator=gl) / D**0.5
+            if wdt == fp8.FP8:
+                q, sc = quantize_fp8(w)
+                lin.weight.copy_(q.to(DEV))
+                lin.scale.copy_(sc.to(DEV))
+                w = dequantize(q, sc, torch.float32)
+            else:
+                lin.weight.copy_(w.to(DEV, wdt))
+                w = lin.weight.float().cpu()
+            dense[name] = w.to(DEV)
+        x = torch.randn(n, D, generator=gl).to(DEV, torch.bfloat16)
+        want = F.silu(x.float() @ dense["w1"].t()) * (x.float() @ dense["w3"].t())
+        with _kernels_forced(("mlp_swiglu",), fp8, "w8_matmul") as calls:
+            got = mlp._swiglu(x)
+        ok = got is not None and bool(calls) and "mlp_swiglu" not in fused.FAILED
+        rel = _rel(got, want) if got is not None else float("nan")
+        rows.append((f"SwiGLU MLP kernel, {str(wdt)[6:]} weights, {n} rows, {D} -> {I}",
+                     f"used {bool(calls)}, rel {rel:.1e}", ok and rel < 2e-2))  # fmt: skip
 
     # The router's float32 matmul in one kernel against its twin (cast, then F.linear in
     # float32): a bf16 weight read as it is, expert and K counts not multiples of the tiles.

@@ -1009,6 +1009,14 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
             "grouped Triton experts' up projection: w1 and w3 in one kernel vs two + silu * up, "
             "by GPU time",
         )
+        _choice_row(
+            rows,
+            "mlp-swiglu",
+            slice(1, 5),
+            ("kernel", "twin"),
+            "dense MLP / shared experts' up projection: w1, w3 and silu * up in one Triton "
+            "kernel vs two matmuls + silu * up, by GPU time",
+        )
     ours = build_ours(peer, device=dev, dtype="bf16")
     try:
         hf = build_hf(

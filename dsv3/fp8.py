@@ -244,9 +244,16 @@ def _block_rows(rows_per_group: float) -> int:
     return 32 if rows_per_group <= 32 else 64
 
 
-def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x (..., K) bf16 times an fp8 weight (N, K) with block scales (N/128, K/128) -> (..., N) in
-    x's dtype, through the Triton kernel (needs `triton_ok`)."""
+def w8_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    weight3: torch.Tensor | None = None,
+    scale3: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (..., K) bf16 times an fp8 weight (N, K) with block scales (N/128, K/128) (or a 16-bit
+    weight, scale None) -> (..., N) in x's dtype, through the Triton kernel (needs `triton_ok`).
+    With weight3 (and scale3): silu(x W^T) * (x W3^T), a SwiGLU up projection in one kernel."""
     K = x.shape[-1]
     N = weight.shape[0]
     x2 = x.reshape(-1, K)
@@ -255,12 +262,14 @@ def w8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None)
     M = x2.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     BM = _block_rows(M)
-    dummy = out  # the grouped and second-weight pointers are unused here
+    dummy = out  # the grouped pointers are unused here
     sc = scale if scale is not None else dummy
+    w3 = weight if weight3 is None else weight3
+    s3 = sc if scale3 is None else scale3
     _launch(
-        triton.cdiv(M, BM), N, BM, x2, weight, sc, dummy, dummy, out, dummy, dummy, dummy, M,
-        N, K, x2.stride(0), 0, 0, out.stride(0), GROUPED=False, SAME_ROWS=False, SWIGLU=False,
-        HAS_SCALE=scale is not None, F32_DOT=INTERPRET,
+        triton.cdiv(M, BM), N, BM, x2, weight, sc, w3, s3, out, dummy, dummy, dummy, M, N, K,
+        x2.stride(0), 0, 0, out.stride(0), GROUPED=False, SAME_ROWS=False,
+        SWIGLU=weight3 is not None, HAS_SCALE=scale is not None, F32_DOT=INTERPRET,
     )  # fmt: skip
     return out.view(*x.shape[:-1], N)
 

@@ -64,6 +64,7 @@ def test_triton_kernels_match_their_twins_in_the_interpreter():
     assert sum(n.startswith("fused router") for n in names) == 4
     assert sum(n.startswith("router logits kernel") for n in names) == 2
     assert sum(n.startswith("bf16 Linear kernel") for n in names) == 3
+    assert sum(n.startswith("SwiGLU MLP kernel") for n in names) == 4
     assert sum(n.startswith("RMSNorm kernel") for n in names) == 4
     assert sum(n.startswith("pairs sorted and combined") for n in names) == 2
     assert sum(n.startswith("experts' sorted dispatch") for n in names) == 2
