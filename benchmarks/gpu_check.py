@@ -421,7 +421,32 @@ def check_fused(args: ModelArgs, cpu: Transformer) -> list:
         rows.append((f"experts' sorted dispatch with the sort/combine kernels, {dt}",
                      f"used {bool(calls)}, rel {rel:.1e}", bool(calls) and rel < tol))  # fmt: skip
 
+    rows.extend(_unpadded_attention_rows(gl))
     rows.append(("fused kernels that failed to run", str(fused.FAILED) or "none", not fused.FAILED))
+    return rows
+
+
+def _unpadded_attention_rows(gl: torch.Generator) -> list:
+    """CUDA: attention with Dqk != Dv unpadded (`attention._sdpa_call`, where `_flash` measures
+    it faster) equals the padded form, causal and chunked; or says that it does not run here
+    (then the padded form always runs)."""
+    if DEV != "cuda":
+        return []
+    from dsv3.attention import _sdpa_call, _sdpa_padded
+
+    rows = []
+    for S, T, start in ((128, 128, 0), (64, 192, 128), (1, 300, 299)):
+        q, k = (torch.randn(2, n, 16, 192, generator=gl).to(DEV, torch.bfloat16) for n in (S, T))
+        v = torch.randn(2, T, 16, 128, generator=gl).to(DEV, torch.bfloat16)
+        want = _sdpa_padded(q, k, v, 0.1, start, None)
+        try:
+            rel = _rel(_sdpa_call(q, k, v, 0.1, start, None), want)
+            res, ok = f"rel {rel:.1e}", rel < 1e-2
+        except Exception as e:  # noqa: BLE001 - not supported here: the padded form runs
+            res, ok = f"does not run here ({type(e).__name__}): padded always", True
+        rows.append(
+            (f"attention 192/128 head dims unpadded vs padded, {S} queries {T} keys", res, ok)
+        )
     return rows
 
 

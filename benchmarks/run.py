@@ -1011,6 +1011,13 @@ def gpu_checks(rows, dev, demo: ModelArgs, peer: ModelArgs, demo_name: str, peer
         )
         _choice_row(
             rows,
+            "sdpa-unpadded",
+            slice(1, 8),
+            ("unpadded", "padded"),
+            "attention with Dqk != Dv: unpadded vs v padded to Dqk, by GPU time",
+        )
+        _choice_row(
+            rows,
             "mlp-swiglu",
             slice(1, 5),
             ("kernel", "twin"),

@@ -549,13 +549,29 @@ def _flash(
 ) -> torch.Tensor:
     """`scaled_dot_product_attention`, same contract as `MLA._sdpa`. The smaller of Dqk/Dv is
     zero-padded to the larger: the flash kernels need one head dim, zeros change no dot
-    product, and the padded output columns are dropped."""
-    S, T = q.shape[1], k.shape[1]
+    product, and the padded output columns are dropped. On CUDA, where unpadded inputs run
+    (cuDNN takes Dqk != Dv) and measured faster for this shape class, no padding: the pad's
+    copy and the output's gather-copy go."""
+    if q.shape[-1] == v.shape[-1] or (
+        q.is_cuda and _unpadded_pays(q, k, v, scale, start_pos, keep)
+    ):
+        return _sdpa_call(q, k, v, scale, start_pos, keep)
+    return _sdpa_padded(q, k, v, scale, start_pos, keep)
+
+
+def _sdpa_padded(q, k, v, scale: float, start_pos: int, keep) -> torch.Tensor:
+    """`_sdpa_call` with the smaller head dim zero-padded to the larger, the padding dropped."""
     Dqk, Dv = q.shape[-1], v.shape[-1]
     if Dv < Dqk:
         v = F.pad(v, (0, Dqk - Dv))
-    elif Dqk < Dv:
+    else:
         q, k = F.pad(q, (0, Dv - Dqk)), F.pad(k, (0, Dv - Dqk))
+    return _sdpa_call(q, k, v, scale, start_pos, keep)[..., :Dv]
+
+
+def _sdpa_call(q, k, v, scale: float, start_pos: int, keep) -> torch.Tensor:
+    """`_flash` without the padding: (B, S, H, D) in and out."""
+    S, T = q.shape[1], k.shape[1]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, *, D)
     if keep is not None:
         mask = keep.view(1, 1, 1, -1) if keep.dim() == 1 else keep[:, None]  # (B, 1, S, T)
@@ -568,7 +584,26 @@ def _flash(
         # Chunked prefill: query s sits at position start_pos + s and sees keys t <= that.
         mask = _causal_bias(S, T, start_pos, q.device) == 0
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
-    return o[..., :Dv].transpose(1, 2)
+    return o.transpose(1, 2)
+
+
+def _unpadded_pays(q, k, v, scale: float, start_pos: int, keep) -> bool:
+    """CUDA: does attention with Dqk != Dv run unpadded, and faster than padded, for this shape
+    class? Measured by GPU time on first use (`fused.prefer`); an unpadded call that raises is
+    recorded and never tried again."""
+    from . import fused
+
+    if not fused.ENABLED or "sdpa_unpadded" in fused.FAILED:
+        return False
+    S, T = q.shape[1], k.shape[1]
+    mask = (
+        "keep" if keep is not None else "one" if S == 1 else "causal" if start_pos == 0 else "chunk"
+    )
+    key = ("sdpa-unpadded", 1 << (S - 1).bit_length(), 1 << (T - 1).bit_length(), q.shape[2],
+           q.shape[-1], v.shape[-1], q.dtype, mask)  # fmt: skip
+    unpadded = lambda: _sdpa_call(q, k, v, scale, start_pos, keep)  # noqa: E731
+    padded = lambda: _sdpa_padded(q, k, v, scale, start_pos, keep)  # noqa: E731
+    return fused.prefer("sdpa_unpadded", key, q.device, unpadded, padded)
 
 
 PROBE_HEADS = 4  # (batch, head) pairs a `blocked_or_flash` probe runs (both kernels split them)
