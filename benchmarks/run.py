@@ -122,6 +122,13 @@ CONFIGS = {
         **BENCH,
         **dict(n_layers=3, moe_inter_dim=64, n_routed_experts=128, n_activated_experts=8),
     },
+    # few wide experts, top-1 (Switch-like) with a shared expert as wide, dim 512: the
+    # experts' matmuls dominate, and they are the same MKL products transformers runs
+    "e8-top1-d512": {
+        **BENCH,
+        **dict(dim=512, inter_dim=1024, moe_inter_dim=512, n_routed_experts=8),
+        **dict(n_activated_experts=1, n_expert_groups=1, n_limited_groups=1),
+    },
 }
 
 
