@@ -519,8 +519,8 @@ if triton is not None:
         CP: tl.constexpr,  # C padded
         HP: tl.constexpr,  # H padded
     ):
-        b = tl.program_id(0).to(tl.int64)
-        s = tl.program_id(1)
+        s = tl.program_id(0)  # positions on the grid's first axis: up to 2^31 - 1 of them
+        b = tl.program_id(1).to(tl.int64)
         row = cache_ptr + b * stride_cb + (tl.load(pos_ptr) + s) * stride_ct
         kv_row = kv_ptr + b * stride_kvb + s * stride_kvs
         # the kv latent's RMSNorm (float32, as F.rms_norm computes it)
@@ -813,7 +813,7 @@ def mla_step(
     R = q.shape[3] - n_nope
     C = CR - R
     fr = torch.view_as_real(freqs.reshape(S, -1)).contiguous()  # (S, R/2, 2): cos, sin
-    _mla_step_kernel[(B, S)](
+    _mla_step_kernel[(S, B)](
         kv, q, norm_weight, fr, pos, cache, kv.stride(0), kv.stride(1), q.stride(0),
         q.stride(1), q.stride(2), cache.stride(0), cache.stride(1), H, C, float(eps),
         DN=n_nope, R=R, CP=_pow2(C), HP=_pow2(H), num_warps=4,

@@ -176,7 +176,8 @@ class Linear(KeepsDerived):
         more programs reading at once; else `F.linear`."""
         w = self.weight
         rows = x.numel() // max(x.shape[-1], 1)
-        if 0 < rows <= GEMV_ROWS and self.bias is None and x.dtype == w.dtype != torch.float32:
+        # bf16 only: the kernel multiplies in bf16 (an fp16 input would lose mantissa bits)
+        if 0 < rows <= GEMV_ROWS and self.bias is None and x.dtype == w.dtype == torch.bfloat16:
             from . import fp8, fused
 
             if fused.available(x.device, "gemv") and fp8.triton_ok(x.device):
@@ -308,14 +309,14 @@ class MLP(nn.Module):
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(w1 x) * w3 x in one Triton kernel (`dsv3.fp8.w8_matmul` with both weights: each
         activation tile read once, no (tokens x inter_dim) round trips, two kernels fewer) for
-        16-bit or fp8 weights on CUDA (or Triton's interpreter), where it measured faster by GPU
+        bf16 or fp8 weights on CUDA (or Triton's interpreter), where it measured faster by GPU
         time than two matmuls and the product for this shape class; else None."""
         w1, w3 = self.w1, self.w3
         fp8_w = w1.scale is not None
         if (
             x.device.type == "meta"
             or x.numel() == 0
-            or x.dtype not in (torch.bfloat16, torch.float16)
+            or x.dtype != torch.bfloat16  # the kernel multiplies in bf16
             or w1.bias is not None
             or w3.bias is not None
             or w1.weight.dtype != w3.weight.dtype

@@ -427,9 +427,8 @@ class GroupedExperts(KeepsDerived):
             weight_N = weights_TK.flatten().index_select(0, order_N)
         if self.w1.dtype == FP8 and x_TD.device.type == "cuda":
             y_ND = self._fp8_cuda(x_TD, token_N, counts_E)
-        elif impl == "auto" and self._triton_pays(x_TD, token_N, counts_E):
-            w = {n: (getattr(self, n), None) for n in ("w1", "w2", "w3")}
-            y_ND = fp8.experts_w8(x_TD, token_N, counts_E, w)
+        elif impl == "auto" and (y_ND := self._triton(x_TD, token_N, counts_E)) is not None:
+            pass
         else:
             w1, w2, w3 = _expert_weights(self, x_TD.dtype)
             if impl == "auto":
@@ -554,8 +553,17 @@ class GroupedExperts(KeepsDerived):
         w = {n: (getattr(self, n), getattr(self, f"{n}_scale")) for n in ("w1", "w2", "w3")}
         return fp8.experts_w8(x_TD.contiguous(), token_N, counts_E, w)
 
+    def _triton(self, x_TD, token_N, counts_E) -> torch.Tensor | None:
+        """The expert outputs (N, D) of the sorted pairs through the grouped Triton kernels,
+        where `_triton_pays`; None where not, or where they fail here (recorded: the grouped
+        matmuls or the loop run instead from then on)."""
+        if not self._triton_pays(x_TD, token_N, counts_E):
+            return None
+        w = {n: (getattr(self, n), None) for n in ("w1", "w2", "w3")}
+        return fused.attempt("moe_triton", fp8.experts_w8, x_TD, token_N, counts_E, w)
+
     def _triton_pays(self, x_TD, token_N, counts_E) -> bool:
-        """16-bit experts on CUDA with every expert here: do the grouped Triton kernels of
+        """bf16 experts on CUDA with every expert here: do the grouped Triton kernels of
         `dsv3.fp8` (the row-block layout, the SwiGLU up projection reading the tokens' rows in
         place, the down projection: ~3 kernels) beat gathering the rows and three grouped
         matmuls for this shape class? Measured by GPU time on first use (`fused.prefer`), on
@@ -563,8 +571,7 @@ class GroupedExperts(KeepsDerived):
         if not (
             isinstance(counts_E, torch.Tensor)
             and counts_E.numel() == self.n_experts
-            and x_TD.dtype == self.w1.dtype
-            and x_TD.dtype in (torch.bfloat16, torch.float16)
+            and x_TD.dtype == self.w1.dtype == torch.bfloat16  # the kernel multiplies in bf16
             and fused.available(x_TD.device, "moe_triton")
             and fp8.triton_ok(x_TD.device)
         ):
