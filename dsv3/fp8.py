@@ -204,9 +204,18 @@ TILES = {
 }
 
 
+# The SwiGLU form holds two accumulators and two weight tiles per stage: fewer, smaller tiles
+# (each config compiles on first use: seconds apiece).
+SWIGLU_TILES = {
+    16: [(32, 128, 4, 4), (64, 256, 4, 3)],
+    32: [(64, 128, 4, 3), (128, 64, 4, 4)],
+    64: [(64, 128, 4, 3), (128, 64, 8, 4)],
+}
+
+
 def _prune(configs, named_args, **kwargs):
-    """The configs of this call's row block (TILES)."""
-    want = set(TILES[kwargs["BM"]])
+    """The configs of this call's row block (TILES, or SWIGLU_TILES for the SwiGLU form)."""
+    want = set((SWIGLU_TILES if kwargs["SWIGLU"] else TILES)[kwargs["BM"]])
     return [
         c for c in configs if (c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) in want
     ]
@@ -218,7 +227,9 @@ if triton is not None and not INTERPRET:
     _w8_tuned = triton.autotune(
         configs=[
             triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
-            for bn, bk, w, st in sorted({t for ts in TILES.values() for t in ts})
+            for bn, bk, w, st in sorted(
+                {t for d in (TILES, SWIGLU_TILES) for ts in d.values() for t in ts}
+            )
         ],
         key=["N", "K", "BM", "GROUPED", "HAS_SCALE", "SWIGLU"],
         prune_configs_by={"early_config_prune": _prune},
