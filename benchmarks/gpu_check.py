@@ -519,6 +519,11 @@ def check_fp8_kernels(
         rel = ((t - ref).norm() / ref.norm()).item()
         res = f"triton rel {rel:.1e}"
         ok = rel < 1e-2
+        if M == 1:  # the single-row kernel, fp8 and (the same weight dequantised) bf16
+            r1 = _rel(fp8.w8_row(x, w, s), ref)
+            r2 = _rel(fp8.w8_row(x, dequantize(w, s, torch.bfloat16), None), ref)
+            res += f", row rel {r1:.1e} (bf16 weight {r2:.1e})"
+            ok = ok and r1 < 1e-2 and r2 < 1e-2
         if fp8.scaled_mm_shape_ok(w):
             try:
                 y = fp8.scaled_mm_linear(x, w, fp8.scaled_mm_scale(s)).float()

@@ -21,7 +21,9 @@ bf16 reads 2. Two paths read each fp8 byte once instead:
   cuBLASLt wants M a multiple of 4 (rows are padded) and the weight scale's K blocks padded to
   a multiple of 4 with a column-major layout (`Linear` keeps that copy).
 
-Which of these (and plain dequantisation) is fastest depends on the GPU and the shape, so
+A single row (a batch-1 decode step) may also take `w8_row`, a float32 reduction per weight
+row instead of a 16-row tensor-core tile. Which of these (and plain dequantisation) is fastest
+depends on the GPU and the shape, so
 `linear` measures them once per shape class on first use (`dsv3.tuning`), after checking that
 each candidate's result agrees with the dequantised product; a candidate that fails or
 disagrees is never chosen. Everything here needs CUDA; CPU builds keep the dequantising path.
@@ -47,7 +49,7 @@ INTERPRET_BK = int(os.environ.get("DSV3_TEST_BK", "128"))  # the interpreter's K
 # Relative Frobenius difference a fast path may have from the dequantised product: bf16
 # rounding for the weight-only kernel; the scaled_mm path also rounds the activations to fp8
 # (3 mantissa bits, as the reference's act_quant does): ~2.5% measured on an H200.
-AGREE = {"triton": 2e-2, "scaled_mm": 5e-2}
+AGREE = {"triton": 2e-2, "row": 2e-2, "scaled_mm": 5e-2}
 
 try:  # Triton comes with CUDA builds of torch; CPU-only installs lack it (and need none of this)
     import triton
@@ -193,6 +195,47 @@ if triton is not None:
             tl.store(block_e_ptr + (start + r) // BM, blk, mask=(r < end) & (r % BM == 0))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _row_kernel(
+        x_ptr,  # (K,) one row of activations
+        w_ptr,  # (N, K) fp8 (or 16-bit)
+        s_ptr,  # (N/128, K/128) float32 block scales (HAS_SCALE)
+        out_ptr,  # (N,)
+        N,
+        K,
+        HAS_SCALE: tl.constexpr,
+        BN: tl.constexpr,  # divides 128: a tile's rows share one row of scales
+        BK: tl.constexpr,
+    ):
+        # one row times W^T without the tensor cores' 16-row minimum: each program reduces BN
+        # weight rows against the row in float32, the block scale folded into the row's values
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        n_ok = rn < N
+        ks = (K + 127) // 128
+        nb = (tl.program_id(0) * BN) // 128
+        acc = tl.zeros([BN], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < K
+            xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                xv = xv * tl.load(s_ptr + nb * ks + k // 128, mask=k_ok, other=0.0)
+            w = tl.load(
+                w_ptr + rn.to(tl.int64)[:, None] * K + k[None, :],
+                mask=n_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+# (BN, BK, warps, stages) of `_row_kernel` tried per shape on first use: one row's product is
+# bound by how many weight bytes are in flight.
+ROW_TILES = [(16, 256, 4, 2), (16, 512, 4, 2), (32, 256, 4, 2), (32, 512, 8, 2), (64, 128, 4, 2),
+             (8, 512, 4, 2), (16, 256, 4, 3), (32, 128, 4, 4)]  # fmt: skip
+
 # (BN, BK, warps, stages) tried per row block. Narrow N tiles give few-row inputs more
 # programs reading the weight at once, and long K tiles fewer loop trips (a few-row product is
 # bound by the loop's latency, not by bandwidth); wide N tiles give many-row inputs fewer
@@ -236,6 +279,35 @@ if triton is not None and not INTERPRET:
     )(_w8_kernel)
 else:
     _w8_tuned = None
+
+
+if triton is not None and not INTERPRET:
+    _row_tuned = triton.autotune(
+        configs=[
+            triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in ROW_TILES
+        ],
+        key=["N", "K", "HAS_SCALE"],
+    )(_row_kernel)
+else:
+    _row_tuned = None
+
+
+def w8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """`w8_matmul` for a single row x (..., K) with one row: a float32 reduction per weight
+    row instead of a 16-row tensor-core tile (a measured candidate of `linear_impl`)."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x1 = x.reshape(K)
+    if x1.stride(0) != 1:
+        x1 = x1.contiguous()
+    out = torch.empty(N, dtype=x.dtype, device=x.device)
+    args = (x1, weight, scale if scale is not None else out, out, N, K)
+    if _row_tuned is None:  # Triton's CPU interpreter: one fixed tile
+        _row_kernel[(triton.cdiv(N, 32),)](*args, HAS_SCALE=scale is not None, BN=32, BK=128)
+    else:
+        _row_tuned[lambda m: (triton.cdiv(N, m["BN"]),)](*args, HAS_SCALE=scale is not None)
+    return out.view(*x.shape[:-1], N)
 
 
 def _launch(grid_m: int, N: int, BM: int, *args, **kw) -> None:
@@ -481,8 +553,9 @@ def linear_class(x: torch.Tensor, weight: torch.Tensor) -> tuple:
 def linear_impl(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, mm_scale: torch.Tensor | None
 ) -> str:
-    """ "triton", "scaled_mm" or "dequant" for this shape class: the candidates that agree with
-    the dequantised product on random rows, timed once (synchronised), the fastest kept."""
+    """ "triton", "row" (a single row: `w8_row`), "scaled_mm" or "dequant" for this shape class:
+    the candidates that agree with the dequantised product on random rows, timed by GPU time,
+    the fastest kept."""
     key = linear_class(x, weight)
     got = tuning.cached(key)
     if got is not None:
@@ -497,6 +570,8 @@ def linear_impl(
     tries: dict[str, Callable[[], torch.Tensor]] = {}
     if triton_ok(x.device):
         tries["triton"] = lambda: w8_matmul(xr, weight, scale)
+        if rows == 1:
+            tries["row"] = lambda: w8_row(xr, weight, scale)
     if mm_scale is not None and _scaled_mm_device_ok(x.device.index or 0):
         tries["scaled_mm"] = lambda: scaled_mm_linear(xr, weight, mm_scale)
     for name, fn in tries.items():
@@ -521,6 +596,8 @@ def linear(
     impl = linear_impl(x, weight, scale, mm_scale)
     if impl == "triton":
         return w8_matmul(x, weight, scale)
+    if impl == "row":
+        return w8_row(x, weight, scale)
     if impl == "scaled_mm":
         return scaled_mm_linear(x, weight, mm_scale)
     return F.linear(x, dequantize(weight, scale, x.dtype))

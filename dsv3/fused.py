@@ -585,7 +585,7 @@ def route(
 
 # (BN, BK, warps) tried per shape on first use. A few tokens' products are bound by how many
 # weight bytes are in flight: narrow row tiles give more programs, long K tiles longer loads.
-GATE_ROWS = 64  # tokens up to which the router's matmul may take `gate_logits`
+GATE_ROWS = 1024  # tokens up to which the router's matmul may take `gate_logits` (measured)
 # (experts per program, K tile, warps) tried per shape on first use: a few tokens' logits are
 # bound by how many programs read the weight at once
 _GATE = [(2, 512, 4), (4, 512, 4), (8, 256, 4), (4, 256, 2), (2, 1024, 8)]
