@@ -213,22 +213,32 @@ if triton is not None:
         # weight rows against the row in float32, the block scale folded into the row's values
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         n_ok = rn < N
-        ks = (K + 127) // 128
-        nb = (tl.program_id(0) * BN) // 128
-        acc = tl.zeros([BN], dtype=tl.float32)
+        sb = s_ptr + (tl.program_id(0) * BN) // 128 * ((K + 127) // 128)  # the tile's scale row
+        acc = _row_tile(x_ptr, w_ptr, K, sb, rn, n_ok, K, HAS_SCALE, BN, BK)
+        tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _row_tile(
+        x_row, wb, w_row, sb, rn, n_ok, K, HAS_SCALE: tl.constexpr, BN: tl.constexpr,
+        BK: tl.constexpr
+    ):  # fmt: skip
+        """One row x (K,) times the rows rn of a weight at wb (row stride w_row) -> (BN,)
+        float32, x scaled per 128 block by the tile's scale row sb for fp8 (BN divides 128).
+        Also the few-token MoE's down projection (`dsv3.fused`)."""
+        part = tl.zeros([BN], dtype=tl.float32)
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
             k_ok = k < K
-            xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            xv = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
             if HAS_SCALE:
-                xv = xv * tl.load(s_ptr + nb * ks + k // 128, mask=k_ok, other=0.0)
-            w = tl.load(
-                w_ptr + rn.to(tl.int64)[:, None] * K + k[None, :],
+                xv = xv * tl.load(sb + k // 128, mask=k_ok, other=0.0)
+            wv = tl.load(
+                wb + rn[:, None].to(tl.int64) * w_row + k[None, :],
                 mask=n_ok[:, None] & k_ok[None, :],
                 other=0.0,
-            )
-            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
-        tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+            ).to(tl.float32)
+            part += tl.sum(wv * xv[None, :], axis=1)
+        return part
 
 
 # (BN, BK, warps, stages) of `_row_kernel` tried per shape on first use: one row's product is

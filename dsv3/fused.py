@@ -59,6 +59,8 @@ from .fp8 import INTERPRET, triton
 if triton is not None:
     import triton.language as tl
 
+    from .fp8 import _row_tile  # one row against a tile of weight rows, float32
+
 FP8 = torch.float8_e4m3fn
 SMALL_PAIRS = 64  # routed (token, expert) pairs up to which the MoE takes `moe_small`
 # DSV3_FUSED=0 keeps the torch twins everywhere (gpu_check compares the two).
@@ -370,28 +372,6 @@ if triton is not None:
         tl.store(h_ptr + r.to(tl.int64) * I + rn, h.to(h_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
-    def _w2_tile(
-        h_row, wb, w_row, sb, rn, n_ok, I, HAS_SCALE: tl.constexpr, BN: tl.constexpr,
-        BK: tl.constexpr
-    ):  # fmt: skip
-        # one pair's W2 product on a tile of BN output rows, float32: h (I,) times the rows
-        # rn of an expert's W2 (row stride w_row), h scaled per 128 block for fp8
-        part = tl.zeros([BN], dtype=tl.float32)
-        for k0 in range(0, I, BK):
-            k = k0 + tl.arange(0, BK)
-            k_ok = k < I
-            hv = tl.load(h_row + k, mask=k_ok, other=0.0).to(tl.float32)
-            if HAS_SCALE:
-                hv = hv * tl.load(sb + k // 128, mask=k_ok, other=0.0)
-            wv = tl.load(
-                wb + rn[:, None].to(tl.int64) * w_row + k[None, :],
-                mask=n_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            part += tl.sum(wv * hv[None, :], axis=1)
-        return part
-
-    @triton.jit
     def _down_kernel(
         h_ptr,  # (T*K + T*S, I) from _up_kernel
         idx_ptr,  # (T, K) int64
@@ -433,7 +413,7 @@ if triton is not None:
                 w_row = S * I
                 sb = ss2_ptr + nb * (S * KI) + c * KI
                 h_row = h_ptr + (T * K + t * S + jj - K).to(tl.int64) * I
-            acc += gw * _w2_tile(h_row, wb, w_row, sb, rn, n_ok, I, HAS_SCALE, BN, BK)
+            acc += gw * _row_tile(h_row, wb, w_row, sb, rn, n_ok, I, HAS_SCALE, BN, BK)
         tl.store(y_ptr + t.to(tl.int64) * D + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
@@ -476,7 +456,7 @@ if triton is not None:
             w_row = S * I
             sb = ss2_ptr + nb * (S * KI) + c * KI
         h_row = h_ptr + r.to(tl.int64) * I
-        acc = _w2_tile(h_row, wb, w_row, sb, rn, n_ok, I, HAS_SCALE, BN, BK)
+        acc = _row_tile(h_row, wb, w_row, sb, rn, n_ok, I, HAS_SCALE, BN, BK)
         tl.store(part_ptr + r.to(tl.int64) * D + rn, acc, mask=n_ok)
 
     @triton.jit
