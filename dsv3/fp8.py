@@ -304,7 +304,7 @@ else:
 
 
 def w8_row(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """`w8_matmul` for a single row x (..., K) with one row: a float32 reduction per weight
+    """`w8_matmul` for an x (..., K) that holds a single row: a float32 reduction per weight
     row instead of a 16-row tensor-core tile (a measured candidate of `linear_impl`)."""
     K = x.shape[-1]
     N = weight.shape[0]
@@ -490,7 +490,8 @@ def experts_w8(
     if form is None and fused.available(x_TD.device, "w8_swiglu"):
         w1 = w["w1"][0]
         key = ("w8-swiglu", 1 << max(N - 1, 0).bit_length(), E, *w1.shape[1:], w1.dtype)
-        form = "fused" if fused.prefer("w8_swiglu", key, x_TD.device, fused_up, separate_up) else ""
+        fuse = fused.prefer("w8_swiglu", key, x_TD.device, fused_up, separate_up)
+        form = "fused" if fuse else "separate"
     h = fused.attempt("w8_swiglu", fused_up) if form == "fused" else None
     if h is None:
         h = separate_up()

@@ -626,8 +626,8 @@ def sort_pairs(
     """The (token, k) pairs sorted by expert (stable) in one kernel, from the router's counts
     (no sort): -> (order_N, inv_N, token_N, weight_N), int64 but weight_N (weights' dtype);
     inv_N[n] is pair n's place in the order. counts_E must be the bincount of idx_TK (the
-    router's, as `MoE.forward` makes them): the places are computed from it. The twin (`moe.sort_pairs_torch`): a stable
-    argsort, a division, a gather and a scatter."""
+    router's, as `MoE.forward` makes them): the places are computed from it. The twin
+    (`moe.sort_pairs_torch`): a stable argsort, a division, a gather and a scatter."""
     N = idx_TK.numel()
     E = counts_E.numel()
     dev = idx_TK.device

@@ -237,8 +237,6 @@ def dispatch_triton(
     `moe_impl="triton"` forces it (benchmarks/gpu_check.py checks it against the loop); `auto`
     on CUDA runs it from the tokens themselves (`GroupedExperts._triton_pays`) where it
     measures faster than grouped matmuls."""
-    from . import fp8
-
     if not fp8.triton_ok(x_ND.device):
         raise ValueError("moe_impl='triton' needs a CUDA GPU (sm89 or newer) and Triton")
     if not isinstance(counts, torch.Tensor):
@@ -416,20 +414,19 @@ class GroupedExperts(KeepsDerived):
         if sorted_pairs is not None:  # CUDA: one counting-sort kernel (`fused.sort_pairs`)
             order_N, inv_N, token_N, weight_N = sorted_pairs
         else:
-            order_N = idx_TK.flatten().argsort(stable=True)  # pairs sorted by expert
+            order_N, token_N, weight_N = sort_pairs_torch(idx_TK, weights_TK)
             if len(counts_E) != self.n_experts:  # expert parallel: this rank's experts' pairs
                 lo = sum(counts_E[: self.first])
                 counts_E = counts_E[self.first : self.first + self.n_experts]
-                order_N = order_N[lo : lo + sum(counts_E)]
+                mine = slice(lo, lo + sum(counts_E))
+                order_N, token_N, weight_N = order_N[mine], token_N[mine], weight_N[mine]
                 if order_N.numel() == 0:
                     return torch.zeros_like(x_TD)
-            token_N = order_N // K
-            weight_N = weights_TK.flatten().index_select(0, order_N)
         if self.w1.dtype == FP8 and x_TD.device.type == "cuda":
             y_ND = self._fp8_cuda(x_TD, token_N, counts_E)
-        elif impl == "auto" and (y_ND := self._triton(x_TD, token_N, counts_E)) is not None:
-            pass
         else:
+            y_ND = self._triton(x_TD, token_N, counts_E) if impl == "auto" else None
+        if y_ND is None:
             w1, w2, w3 = _expert_weights(self, x_TD.dtype)
             if impl == "auto":
                 impl = _auto_impl(x_TD, order_N.numel(), counts_E, w1, w2, w3)
@@ -576,10 +573,12 @@ class GroupedExperts(KeepsDerived):
             and fp8.triton_ok(x_TD.device)
         ):
             return False
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if not grouped_mm_supported(x_TD, w1, w2, w3):
+            return True  # the loop is the alternative: a sync and a launch per expert
         N = token_N.numel()
         key = ("moe-triton", 1 << max(N - 1, 0).bit_length(), self.n_experts, self.dim,
                self.inter_dim, x_TD.dtype)  # fmt: skip
-        w1, w2, w3 = self.w1, self.w2, self.w3
         ws = {"w1": (w1, None), "w2": (w2, None), "w3": (w3, None)}
 
         def kernel():
@@ -588,8 +587,6 @@ class GroupedExperts(KeepsDerived):
         def twin():
             return dispatch(x_TD.index_select(0, token_N), counts_E, w1, w2, w3, "grouped")
 
-        if not grouped_mm_supported(x_TD, w1, w2, w3):
-            return True  # the loop is the alternative: a sync and a launch per expert
         return fused.prefer("moe_triton", key, x_TD.device, kernel, twin)
 
     def _dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
