@@ -593,6 +593,7 @@ def section_moe(rows: Rows, opts) -> None:
             )
         if T * K <= FEW_PAIRS:
             _few_pairs_row(rows, opts, moe.experts, x, weights, idx, counts, what)
+        _layout_row(rows, opts, moe.experts, x, weights, idx, counts, what)
 
 
 def _few_pairs_row(rows: Rows, opts, ex, x, weights, idx, counts, what: str) -> None:
@@ -625,6 +626,48 @@ def _few_pairs_row(rows: Rows, opts, ex, x, weights, idx, counts, what: str) -> 
         "agree",
         diff < 1e-5,
         f"max diff {diff:.1e}",
+    )
+
+
+def _layout_row(rows: Rows, opts, ex, x, weights, idx, counts, what: str) -> None:
+    """The routed experts as the model runs them (`GroupedExperts.forward`, dispatch `auto`)
+    with CPU's in-major stacks vs the reference's row-major ones (`dsv3.moe.expert_layout`, a
+    rule: this row checks it on the machine at hand)."""
+    import os
+
+    from dsv3.moe import FEW_PAIRS, GroupedExperts, is_in_major
+
+    if not is_in_major(ex.w1):
+        rows.add(f"MoE experts' layout, {what}", "reference layout here", note="not CPU fp32/bf16")
+        return
+    before = os.environ.get("DSV3_EXPERT_LAYOUT")
+    os.environ["DSV3_EXPERT_LAYOUT"] = "out"
+    try:
+        ref = GroupedExperts(ex.n_experts, ex.dim, ex.inter_dim, ex.w1.dtype, "meta")
+        ref.to_empty(device="cpu")
+    finally:
+        if before is None:
+            os.environ.pop("DSV3_EXPERT_LAYOUT")
+        else:
+            os.environ["DSV3_EXPERT_LAYOUT"] = before
+    ref.load_state_dict(ex.state_dict())
+    with torch.inference_mode():
+        fns = {"in-major": partial(ex, x, weights, idx, counts),
+               "reference": partial(ref, x, weights, idx, counts)}  # fmt: skip
+        diff = (fns["in-major"]() - fns["reference"]()).abs().max().item()
+        times = interleaved(fns, opts.rounds * (3 if len(x) > ex.n_experts else 10))
+    t = {k: best(v) for k, v in times.items()}
+    ratio = t["reference"] / t["in-major"]
+    many = len(x) * idx.shape[1] > FEW_PAIRS  # a prefill: what the layout is for
+    rows.add(
+        f"MoE routed experts, {what}: in-major stacks (CPU's layout) vs the reference's layout",
+        ms(t["in-major"]),
+        f"reference layout {ms(t['reference'])}",
+        ratio,
+        ">= 0.95 and agree" if many else "agree",
+        (ratio >= 0.95 if many else True) and diff < 1e-5,
+        f"each with the dispatch `auto` measured for its layout; max diff {diff:.1e}"
+        + ("" if many else "; a decode step's matrix-vector products read columns: the price"),
     )
 
 

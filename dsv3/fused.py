@@ -701,6 +701,8 @@ def moe_small_ok(experts, shared, x: torch.Tensor, n_pairs: int) -> bool:
     fp8 = experts.w1.dtype == FP8
     if not fp8 and experts.w1.dtype != x.dtype:
         return False
+    if not all(getattr(experts, n).is_contiguous() for n in ("w1", "w2", "w3")):
+        return False  # the kernels index row-major stacks (moe.expert_layout)
     if shared is not None:
         if shared.w1.weight.shape[0] % I or shared.w1.weight.dtype != experts.w1.dtype:
             return False

@@ -82,8 +82,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // max(x.shape[-1], 1)
     if not 1 < rows <= SKINNY_ROWS or x.device.type != "cpu" or weight.dim() != 2:
         return F.linear(x, weight, bias)
-    key = ("linear", 1 << (rows - 1).bit_length(), *weight.shape, weight.dtype,
-           torch.get_num_threads())  # fmt: skip
+    key = ("linear", 1 << (rows - 1).bit_length(), *weight.shape, weight.stride(-1) == 1,
+           weight.dtype, torch.get_num_threads())  # fmt: skip
     form = tuning.cached(key)
     if form == "linear":
         return F.linear(x, weight, bias)

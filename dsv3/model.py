@@ -159,7 +159,8 @@ class Transformer(nn.Module):
     world_size, rank: tensor/expert parallel layout (dsv3.parallel); default: the initialised
         torch.distributed process group's, else one process. Meta builds take any layout.
     moe_impl: the routed experts' dispatch, "auto" (by device and load, see `dsv3.moe.dispatch`)
-        or "loop" / "grouped" / "padded" / "gathered" (same numbers; for tests and benchmarks).
+        or "loop" / "grouped" / "padded" / "padded-one" / "gathered" (same numbers; for tests
+        and benchmarks).
     absorbed_prefill: with the "absorb" cache, run multi-token inputs through the absorbed
         attention too (same numbers; see `dsv3.attention`). Both are per model, never global.
     """
@@ -573,8 +574,10 @@ def init_block(block: Block, resid: float, scale_fmt: str | None = None) -> None
                     q, s = quantize_fp8(t, scale_fmt)
                     w[e].copy_(q)
                     getattr(ex, f"{name}_scale")[e].copy_(s)
-            else:
+            elif w.is_contiguous():
                 w.normal_(0.0, std)
+            else:  # an in-major CPU stack (moe.expert_layout): the values of the usual layout
+                w.copy_(torch.empty(w.shape, dtype=w.dtype, device=w.device).normal_(0.0, std))
 
 
 def _init_linear(mod: Linear, gain: float, scale_fmt: str | None = None) -> None:

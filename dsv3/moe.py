@@ -7,15 +7,24 @@ Dispatch: sort the N pairs by expert (stable), gather their inputs, run each exp
 contiguous slice, scale by the routing weight and scatter-add back to tokens. Four
 implementations with one signature: `dispatch_loop` (a matmul per expert that received tokens),
 `dispatch_grouped` (`torch._grouped_mm` over all experts at once), `dispatch_padded` (every
-expert's rows zero-padded to the largest count, then batched matmuls) and `dispatch_gathered`
+expert's rows zero-padded to the largest count of its run of experts, then a batched matmul per
+run; "padded-one": all experts one run) and `dispatch_gathered`
 (the active experts' weights copied into one batch); `dispatch` picks, on CPU by measuring
 them once per shape class (`measured_impl`, `dsv3.tuning`). A few pairs on CPU (decoding) may
 skip the sort altogether: which experts they use comes to the host as a list, and
 `GroupedExperts._few_pairs` (a product per pair) or `_few_pairs_gathered` (the pairs' expert
 weights copied into one batch) runs them, when measured faster than the sorted dispatch.
+
+Layout: on CPU the stacks of 16- and 32-bit weights are stored in-major (`expert_layout`): w1
+keeps its (E, I, D) shape, the reference's, with strides (I*D, 1, I), so every expert product
+x W^T multiplies by a contiguous matrix. A CPU `bmm` by a transposed batch ran at half the
+speed of the same product by a contiguous one (Intel Xeon, torch 2.13), and the padded and
+grouped dispatches are such products; `benchmarks/run.py` (section moe) measures both layouts.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -218,11 +227,39 @@ def dispatch_gathered(
         slots = [a * cap + r for a, e in enumerate(active) for r in range(counts[e])]
         slot_N = torch.tensor(slots, device=x_ND.device)
         x_AcD = x_ND.new_zeros(A * cap, D).index_copy_(0, slot_N, x_ND).view(A, cap, D)
-    h_AcI = torch.bmm(x_AcD, w1_EID.index_select(0, ix).transpose(1, 2))
-    h3_AcI = torch.bmm(x_AcD, w3_EID.index_select(0, ix).transpose(1, 2))
+    h_AcI = torch.bmm(x_AcD, gather_t(w1_EID, ix))
+    h3_AcI = torch.bmm(x_AcD, gather_t(w3_EID, ix))
     h_AcI = F.silu(h_AcI, inplace=True).mul_(h3_AcI)
-    y = torch.bmm(h_AcI, w2_EDI.index_select(0, ix).transpose(1, 2)).view(A * cap, D)
+    y = torch.bmm(h_AcI, gather_t(w2_EDI, ix)).view(A * cap, D)
     return y if slot_N is None else y.index_select(0, slot_N)
+
+
+def gather_t(w_EOI: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
+    """Experts `ix` of a stack (E, out, in) -> their transposed weights (len(ix), in, out) for
+    `bmm`, copied in the stack's own memory order (`expert_layout`): a contiguous copy of an
+    in-major stack's rows, or of an out-major one's, transposed after. Gathering across the
+    strides instead copies element by element."""
+    if is_in_major(w_EOI):
+        return w_EOI.transpose(1, 2).index_select(0, ix)
+    return w_EOI.index_select(0, ix).transpose(1, 2)
+
+
+def is_in_major(w_EOI: torch.Tensor) -> bool:
+    """Whether a stack (E, out, in) is stored in-major: each expert's matrix with the `in`
+    index slowest (strides (out*in, 1, out)), as `expert_layout` lays CPU stacks out."""
+    return w_EOI.stride(-2) == 1 and w_EOI.stride(-1) == w_EOI.shape[-2] != 1
+
+
+def expert_layout(device: torch.device, dtype: torch.dtype) -> str:
+    """ "in" or "out": how `GroupedExperts` stores its stacks on `device`. "in" (in-major) on
+    CPU for 16- and 32-bit weights, where the dispatches' batched products by contiguous
+    weights ran up to twice as fast (module docstring); "out" (the reference's row-major
+    layout) elsewhere: GPU kernels and fp8 weights read that, and so does Triton's interpreter,
+    which runs the GPU kernels on CPU tensors. DSV3_EXPERT_LAYOUT=out keeps the reference's
+    layout on CPU too (benchmarks/run.py compares the two)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or fp8.INTERPRET:
+        return "out"
+    return "out" if os.environ.get("DSV3_EXPERT_LAYOUT", "").strip() == "out" else "in"
 
 
 def dispatch_triton(
@@ -246,7 +283,7 @@ def dispatch_triton(
     return fp8.experts_w8(x_ND, token_N, counts, w)
 
 
-DISPATCH_IMPLS = ("auto", "loop", "grouped", "padded", "gathered", "triton")
+DISPATCH_IMPLS = ("auto", "loop", "grouped", "padded", "padded-one", "gathered", "triton")
 PAD_LIMIT = 2.0  # "auto" pads on CPU while padded rows <= PAD_LIMIT * N (benchmarks/run.py, moe)
 
 
@@ -261,8 +298,8 @@ def dispatch(x_ND, counts, w1, w2, w3, impl: str = "auto") -> torch.Tensor:
         impl = _auto_impl(x_ND, x_ND.shape[0], counts, w1, w2, w3)
     if impl == "grouped":
         return dispatch_grouped(x_ND, counts, w1, w2, w3)
-    if impl == "padded":
-        return dispatch_padded(x_ND, counts, w1, w2, w3)
+    if impl in ("padded", "padded-one"):
+        return dispatch_padded(x_ND, counts, w1, w2, w3, padded_run(impl, len(counts)))
     if impl == "gathered":
         return dispatch_gathered(x_ND, counts, w1, w2, w3)
     if impl == "triton":
@@ -287,23 +324,36 @@ def _auto_impl(x, N: int, counts, w1, w2, w3) -> str:
     return "grouped" if grouped_mm_supported(x, w1, w2, w3) else "loop"
 
 
-PROBE_FLOPS = 2e8  # a probe runs the real counts up to this many FLOPs, else one run's experts
+def padded_run(impl: str, E: int) -> int:
+    """Experts per batched product of the padded dispatch `impl`: runs of `default_run()` for
+    "padded" (short runs pad less), all E for "padded-one" (fewer, larger products: with a few
+    rows per expert the calls cost more than the padding)."""
+    return E if impl == "padded-one" else default_run()
+
+
+# A probe runs the real counts up to this many FLOPs (~4 ms a dispatch on 2 cores), else one
+# run's experts: a run alone ranks loop, grouped and padded, but cannot weigh padded-one's
+# fewer products against its padding (with 2e8, auto picked grouped at 0.86x of padded for the
+# benchmark's 2x256 prefill, Intel Xeon)
+PROBE_FLOPS = 1e9
 
 
 def dispatch_class(N: int, E: int, w1: torch.Tensor, x: torch.Tensor) -> tuple:
     """The shape class of a dispatch: routed pairs per expert as a power-of-two bucket (below 1:
-    experts per pair, negated), expert shapes, dtype, device, thread count."""
+    experts per pair, negated), expert shapes and layout, dtype, device, thread count."""
     tpe = (N // E).bit_length() if N >= E else -((E // max(N, 1)).bit_length())
     _, I, D = w1.shape
-    return ("moe", tpe, E, D, I, x.dtype, x.device.type, torch.get_num_threads())
+    layout = "in" if is_in_major(w1) else "out"
+    return ("moe", tpe, E, D, I, layout, x.dtype, x.device.type, torch.get_num_threads())
 
 
 def measured_impl(x, N: int, counts, w1, w2, w3) -> str:
-    """The fastest of loop / padded / grouped (and, with fewer pairs than experts, gathered)
-    for this shape class (`dispatch_class`): on its first use each runs on random rows with
-    these counts (or, past PROBE_FLOPS, with those of the busiest run of `default_run()`
-    consecutive experts) and the winner is cached (`dsv3.tuning`). A probe costs a few of these
-    dispatches (~10-50 ms on 2 cores), once per class per process."""
+    """The fastest of loop / padded / padded-one / grouped (and, with fewer pairs than
+    experts, gathered) for this shape class (`dispatch_class`): on its first use each runs on
+    random rows with these counts (or, past PROBE_FLOPS, with those of the busiest run of
+    `default_run()` consecutive experts, where the two padded forms are one) and the winner is
+    cached (`dsv3.tuning`). A probe costs a few of these dispatches (~10-50 ms on 2 cores),
+    once per class per process."""
     key = dispatch_class(N, len(counts), w1, x)
     got = tuning.cached(key)
     if got is not None:
@@ -323,6 +373,8 @@ def measured_impl(x, N: int, counts, w1, w2, w3) -> str:
         "loop": lambda: dispatch_loop(x_ND, counts, w1, w2, w3),
         "padded": lambda: dispatch_padded(x_ND, counts, w1, w2, w3),
     }
+    if len(counts) > default_run():  # else both padded forms are one run
+        cands["padded-one"] = lambda: dispatch_padded(x_ND, counts, w1, w2, w3, len(counts))
     if grouped_mm_supported(x_ND, w1, w2, w3):
         cands["grouped"] = lambda: dispatch_grouped(x_ND, counts, w1, w2, w3)
     if N < len(counts):  # few pairs (decoding): copying the active experts' weights may pay
@@ -355,6 +407,26 @@ class GroupedExperts(KeepsDerived):
         self._register_load_state_dict_pre_hook(
             GroupedExperts._stack_reference_keys, with_module=True
         )
+
+    def _apply(self, fn, recurse: bool = True):
+        """Every move or conversion (`to_empty`, `.to`) ends with the stacks laid out for
+        their device (`lay_out`)."""
+        super()._apply(fn, recurse)
+        self.lay_out()
+        return self
+
+    def lay_out(self) -> None:
+        """Store w1/w2/w3 in-major or out-major as `expert_layout` says for their device and
+        dtype: same shapes and values, other strides (a copy of each stack that changes)."""
+        for name in ("w1", "w2", "w3"):
+            w = getattr(self, name)
+            if w.device.type == "meta" or w.dim() != 3:
+                continue
+            want_in = expert_layout(w.device, w.dtype) == "in"
+            if want_in and not is_in_major(w) and min(w.shape[1:]) > 1:
+                w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
+            elif not want_in and not w.is_contiguous():
+                w.data = w.data.contiguous()
 
     def effective(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         w = getattr(self, name)
@@ -430,8 +502,9 @@ class GroupedExperts(KeepsDerived):
             w1, w2, w3 = _expert_weights(self, x_TD.dtype)
             if impl == "auto":
                 impl = _auto_impl(x_TD, order_N.numel(), counts_E, w1, w2, w3)
-            if impl == "padded":
-                return self._padded(x_TD, token_N, weight_N, counts_E, w1, w2, w3)
+            if impl in ("padded", "padded-one"):
+                run = padded_run(impl, len(counts_E))
+                return self._padded(x_TD, token_N, weight_N, counts_E, w1, w2, w3, run)
             x_ND = x_TD.index_select(0, token_N)  # index_select: several times faster than x[idx]
             y_ND = dispatch(x_ND, counts_E, w1, w2, w3, impl)
         if inv_N is not None:
@@ -509,10 +582,10 @@ class GroupedExperts(KeepsDerived):
         N, D = T * K, self.dim
         e_N = idx_TK.flatten()
         x_N1D = x_TD[:, None].expand(T, K, D).reshape(N, 1, D)  # each pair's token row
-        h_N1I = torch.bmm(x_N1D, self.w1.index_select(0, e_N).transpose(1, 2))
-        h3_N1I = torch.bmm(x_N1D, self.w3.index_select(0, e_N).transpose(1, 2))
+        h_N1I = torch.bmm(x_N1D, gather_t(self.w1, e_N))
+        h3_N1I = torch.bmm(x_N1D, gather_t(self.w3, e_N))
         h_N1I = F.silu(h_N1I, inplace=True).mul_(h3_N1I)
-        y_ND = torch.bmm(h_N1I, self.w2.index_select(0, e_N).transpose(1, 2)).view(N, D)
+        y_ND = torch.bmm(h_N1I, gather_t(self.w2, e_N)).view(N, D)
         return _token_sums(weights_TK, y_ND)
 
     def _per_expert(self, dtype: torch.dtype):
@@ -569,6 +642,7 @@ class GroupedExperts(KeepsDerived):
             isinstance(counts_E, torch.Tensor)
             and counts_E.numel() == self.n_experts
             and x_TD.dtype == self.w1.dtype == torch.bfloat16  # the kernel multiplies in bf16
+            and all(w.is_contiguous() for w in (self.w1, self.w2, self.w3))  # row-major stacks
             and fused.available(x_TD.device, "moe_triton")
             and fp8.triton_ok(x_TD.device)
         ):
@@ -594,14 +668,14 @@ class GroupedExperts(KeepsDerived):
         sources = (getattr(self, name), getattr(self, f"{name}_scale"))
         return self.derived(name, sources, lambda: self.effective(name, dtype), dtype)
 
-    def _padded(self, x_TD, token_N, weight_N, counts, w1, w2, w3) -> torch.Tensor:
+    def _padded(self, x_TD, token_N, weight_N, counts, w1, w2, w3, run: int) -> torch.Tensor:
         """`dispatch_padded` gathering straight from the tokens into the padded rows and adding
         the padded rows back (padding rows point at a zero row T, dropped after): two (N, D)
         copies fewer than going through x_ND."""
         if isinstance(counts, torch.Tensor):
             counts = counts.tolist()
         T, D = x_TD.shape
-        runs = padded_layout(counts, default_run())
+        runs = padded_layout(counts, run)
         slot_N, P = padded_slots(counts, runs, x_TD.device)
         token_P = torch.full((P,), T, dtype=token_N.dtype, device=x_TD.device)
         token_P.index_copy_(0, slot_N, token_N)

@@ -156,8 +156,8 @@ def dsv3_to_hf_state_dict(
         layer, w, is_scale = m.group(1), m.group(2), bool(m.group(3))
         if not fused_experts:  # per-expert keys through the table
             kind = "scale" if is_scale else "weight"
-            for e in range(t.shape[0]):
-                out[dsv3_to_hf(f"layers.{layer}.ffn.experts.{e}.{w}.{kind}")] = t[e]
+            for e in range(t.shape[0]):  # contiguous: CPU stacks are in-major (moe.expert_layout)
+                out[dsv3_to_hf(f"layers.{layer}.ffn.experts.{e}.{w}.{kind}")] = t[e].contiguous()
             continue
         if is_scale:
             raise CheckpointError(
@@ -166,7 +166,7 @@ def dsv3_to_hf_state_dict(
             )
         p = f"model.layers.{layer}.mlp.experts."
         if w == "w2":
-            out[p + "down_proj"] = t  # (E, D, I), as ours
+            out[p + "down_proj"] = t.contiguous()  # (E, D, I), as ours
         elif w == "w1":  # (E, 2I, D): gate rows, then up rows
             out[p + "gate_up_proj"] = torch.cat([t, sd[f"layers.{layer}.ffn.experts.w3"]], dim=1)
     for la in (*args.layers(), *args.mtp_layers()):
