@@ -520,6 +520,7 @@ def section_moe(rows: Rows, opts) -> None:
         FEW_PAIRS,
         default_run,
         dispatch_class,
+        dispatch_gathered,
         dispatch_grouped,
         dispatch_loop,
         dispatch_padded,
@@ -547,8 +548,10 @@ def section_moe(rows: Rows, opts) -> None:
             fns = {"padded": partial(dispatch_padded, *a), "loop": partial(dispatch_loop, *a)}
             if grouped_mm_supported(x_ND, *w):
                 fns["grouped"] = partial(dispatch_grouped, *a)
-            if T > len(counts):
-                fns["padded, one batch"] = partial(dispatch_padded, *a, run=len(counts))
+            if len(x_ND) < len(counts):  # as `measured_impl`: decoding may gather
+                fns["gathered"] = partial(dispatch_gathered, *a)
+            if len(counts) > default_run():  # as `measured_impl`
+                fns["padded-one"] = partial(dispatch_padded, *a, run=len(counts))
             want = dispatch_loop(x_ND, counts, *w)
             diff = max((fn() - want).abs().max().item() for fn in fns.values())
             if tuning.measured():
@@ -560,7 +563,7 @@ def section_moe(rows: Rows, opts) -> None:
             times = interleaved(fns, opts.rounds * 3 if T > len(counts) else opts.rounds * 10)
         t = {k: best(v) for k, v in times.items()}
         title = f"MoE dispatch, {what}: {len(x_ND)} pairs (top-{K}) over {len(counts)} experts"
-        fastest = min(("padded", "loop", "grouped"), key=lambda k: t.get(k, float("inf")))
+        fastest = min(t, key=t.__getitem__)
         probed = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in probe.items())
         others = ", ".join(f"{k} {ms(v)}" for k, v in t.items() if k != chosen)
         if chosen in t:
@@ -583,12 +586,12 @@ def section_moe(rows: Rows, opts) -> None:
                 ok=diff < 1e-4,
                 note=f"max diff over all paths {diff:.1e}",
             )
-        if "padded, one batch" in t:
+        if "padded-one" in t:
             rows.add(
                 f"{title}: padded in runs of {default_run()} experts vs one padded batch",
                 ms(t["padded"]),
-                f"one batch {ms(t['padded, one batch'])}",
-                t["padded, one batch"] / t["padded"],
+                f"one batch (padded-one) {ms(t['padded-one'])}",
+                t["padded-one"] / t["padded"],
                 note=f"one batch pads {padded_rows(counts, len(counts)) / len(x_ND):.2f}x",
             )
         if T * K <= FEW_PAIRS:
@@ -638,7 +641,8 @@ def _layout_row(rows: Rows, opts, ex, x, weights, idx, counts, what: str) -> Non
     from dsv3.moe import FEW_PAIRS, GroupedExperts, is_in_major
 
     if not is_in_major(ex.w1):
-        rows.add(f"MoE experts' layout, {what}", "reference layout here", note="not CPU fp32/bf16")
+        why = "not float32 on CPU, or DSV3_EXPERT_LAYOUT=out"
+        rows.add(f"MoE experts' layout, {what}", "reference layout here", note=why)
         return
     before = os.environ.get("DSV3_EXPERT_LAYOUT")
     os.environ["DSV3_EXPERT_LAYOUT"] = "out"

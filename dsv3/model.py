@@ -226,7 +226,9 @@ class Transformer(nn.Module):
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Transformer:
         """`nn.Module.to_empty` with `torch.empty(shape)` for every tensor: `torch.empty_like` of
         a meta tensor runs a Python reference that imports sympy (a pause on the first build in
-        a process; benchmarks/run.py times builds). Same contiguous layout as the meta tensors (all of ours are contiguous).
+        a process; benchmarks/run.py times builds). Contiguous, as the meta tensors, except the
+        routed experts' stacks on CPU, which `GroupedExperts` lays out in-major
+        (`moe.expert_layout`).
         Every build and load comes through here: on CPU it also sets the allocator up so that
         forwards do not page-fault their activations in again (dsv3.memory)."""
         dev = torch.device(device) if device is not None else torch.get_default_device()
@@ -574,10 +576,26 @@ def init_block(block: Block, resid: float, scale_fmt: str | None = None) -> None
                     q, s = quantize_fp8(t, scale_fmt)
                     w[e].copy_(q)
                     getattr(ex, f"{name}_scale")[e].copy_(s)
-            elif w.is_contiguous():
-                w.normal_(0.0, std)
-            else:  # an in-major CPU stack (moe.expert_layout): the values of the usual layout
-                w.copy_(torch.empty(w.shape, dtype=w.dtype, device=w.device).normal_(0.0, std))
+            else:
+                normal_stack_(w, std)
+
+
+def normal_stack_(w: torch.Tensor, std: float) -> None:
+    """`w.normal_(0, std)` for a stack (E, out, in) in any layout, with the values a contiguous
+    one gets from the same seed: an in-major CPU stack (`moe.expert_layout`) is filled one
+    expert at a time through a contiguous temporary where that draws the same numbers (CPU
+    normal_ fills float32 in blocks of 16, so whole-block experts continue one stream), else
+    through a temporary the size of the stack."""
+    if w.is_contiguous():
+        w.normal_(0.0, std)
+        return
+    per = w[0].numel()
+    if w.device.type == "cpu" and w.dtype == torch.float32 and per % 16 == 0:
+        t = torch.empty(w.shape[1:], dtype=w.dtype)
+        for e in range(w.shape[0]):
+            w[e].copy_(t.normal_(0.0, std))
+        return
+    w.copy_(torch.empty(w.shape, dtype=w.dtype, device=w.device).normal_(0.0, std))
 
 
 def _init_linear(mod: Linear, gain: float, scale_fmt: str | None = None) -> None:

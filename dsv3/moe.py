@@ -15,9 +15,9 @@ skip the sort altogether: which experts they use comes to the host as a list, an
 `GroupedExperts._few_pairs` (a product per pair) or `_few_pairs_gathered` (the pairs' expert
 weights copied into one batch) runs them, when measured faster than the sorted dispatch.
 
-Layout: on CPU the stacks of 16- and 32-bit weights are stored in-major (`expert_layout`): w1
-keeps its (E, I, D) shape, the reference's, with strides (I*D, 1, I), so every expert product
-x W^T multiplies by a contiguous matrix. A CPU `bmm` by a transposed batch ran at half the
+Layout: on CPU float32 stacks are stored in-major (`expert_layout`): w1 keeps its (E, I, D)
+shape, the reference's, with strides (I*D, 1, I), so every expert product x W^T multiplies by a
+contiguous matrix (and `w1.view(...)` fails: reshape, or `.contiguous()` before saving). A CPU `bmm` by a transposed batch ran at half the
 speed of the same product by a contiguous one (Intel Xeon, torch 2.13), and the padded and
 grouped dispatches are such products; `benchmarks/run.py` (section moe) measures both layouts.
 """
@@ -252,12 +252,14 @@ def is_in_major(w_EOI: torch.Tensor) -> bool:
 
 def expert_layout(device: torch.device, dtype: torch.dtype) -> str:
     """ "in" or "out": how `GroupedExperts` stores its stacks on `device`. "in" (in-major) on
-    CPU for 16- and 32-bit weights, where the dispatches' batched products by contiguous
-    weights ran up to twice as fast (module docstring); "out" (the reference's row-major
-    layout) elsewhere: GPU kernels and fp8 weights read that, and so does Triton's interpreter,
-    which runs the GPU kernels on CPU tensors. DSV3_EXPERT_LAYOUT=out keeps the reference's
-    layout on CPU too (benchmarks/run.py compares the two)."""
-    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or fp8.INTERPRET:
+    CPU for float32 weights, where the dispatches' batched products by contiguous weights ran
+    up to twice as fast (module docstring); "out" (the reference's row-major layout)
+    elsewhere: GPU kernels and fp8 weights read that, and so does Triton's interpreter, which
+    runs the GPU kernels on CPU tensors. bf16 on CPU stays row-major: its prefill gained
+    nothing in-major and its matrix-vector products (decoding) over columns were 1.5-3.4x
+    slower. DSV3_EXPERT_LAYOUT=out keeps the reference's layout on CPU too (benchmarks/run.py
+    compares the two)."""
+    if device.type != "cpu" or dtype != torch.float32 or fp8.INTERPRET:
         return "out"
     return "out" if os.environ.get("DSV3_EXPERT_LAYOUT", "").strip() == "out" else "in"
 
@@ -383,7 +385,8 @@ def measured_impl(x, N: int, counts, w1, w2, w3) -> str:
 
 
 class GroupedExperts(KeepsDerived):
-    """E routed SwiGLU experts with stacked weights: w1/w3 (E, I, D), w2 (E, D, I).
+    """E routed SwiGLU experts with stacked weights: w1/w3 (E, I, D), w2 (E, D, I); on CPU in
+    float32 stored in-major (`expert_layout`: not contiguous).
     With fp8 weights, float32 buffers w1_scale/w2_scale/w3_scale hold each expert's block scales.
     `load_state_dict` also takes the reference's per-expert keys (`E.w1.weight`, `E.w1.scale`).
     Under expert parallelism (dsv3.parallel) this rank holds the n_experts experts numbered from
@@ -407,26 +410,36 @@ class GroupedExperts(KeepsDerived):
         self._register_load_state_dict_pre_hook(
             GroupedExperts._stack_reference_keys, with_module=True
         )
+        # load_state_dict(assign=True) puts the given tensors in place: lay them out after
+        self.register_load_state_dict_post_hook(lambda module, _: module.lay_out())
+        self.lay_out(keep_values=False)  # a CPU build: allocated in-major, not copied
 
     def _apply(self, fn, recurse: bool = True):
         """Every move or conversion (`to_empty`, `.to`) ends with the stacks laid out for
-        their device (`lay_out`)."""
+        their device (`lay_out`); stacks that come from the meta device have no values to keep
+        (a build's `to_empty`): they are allocated in their layout, not copied."""
+        from_meta = self.w1.device.type == "meta"
         super()._apply(fn, recurse)
-        self.lay_out()
+        self.lay_out(keep_values=not from_meta)
         return self
 
-    def lay_out(self) -> None:
-        """Store w1/w2/w3 in-major or out-major as `expert_layout` says for their device and
-        dtype: same shapes and values, other strides (a copy of each stack that changes)."""
+    def lay_out(self, keep_values: bool = True) -> None:
+        """Store w1/w2/w3 in-major or row-major as `expert_layout` says for their device and
+        dtype: same shapes (and, with `keep_values`, values), other strides. Each stack that
+        changes layout is new storage: the tensors of the other layout are not kept."""
         for name in ("w1", "w2", "w3"):
             w = getattr(self, name)
             if w.device.type == "meta" or w.dim() != 3:
                 continue
             want_in = expert_layout(w.device, w.dtype) == "in"
             if want_in and not is_in_major(w) and min(w.shape[1:]) > 1:
-                w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
+                E, O, I = w.shape  # noqa: E741 - (experts, out, in)
+                new = torch.empty(E, I, O, dtype=w.dtype, device=w.device).transpose(1, 2)
             elif not want_in and not w.is_contiguous():
-                w.data = w.data.contiguous()
+                new = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+            else:
+                continue
+            w.data = new.copy_(w.data) if keep_values else new
 
     def effective(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         w = getattr(self, name)

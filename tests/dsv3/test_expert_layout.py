@@ -9,6 +9,7 @@ import torch
 
 from dsv3 import Transformer
 from dsv3.checkpoint import load, save
+from dsv3.model import normal_stack_
 from dsv3.moe import (
     DISPATCH_IMPLS,
     GroupedExperts,
@@ -39,11 +40,10 @@ def _reference_layout(args, monkeypatch, dtype="fp32", **options) -> Transformer
     return model
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_cpu_stacks_are_in_major_with_the_same_values(tiny_args, monkeypatch, dtype):
+def test_cpu_stacks_are_in_major_with_the_same_values(tiny_args, monkeypatch):
     torch.manual_seed(0)
-    model = Transformer(tiny_args, dtype=dtype)
-    ref = _reference_layout(tiny_args, monkeypatch, dtype)
+    model = Transformer(tiny_args)
+    ref = _reference_layout(tiny_args, monkeypatch)
     stacks, ref_stacks = _stacks(model), _stacks(ref)
     assert stacks and all(is_in_major(w) and not w.is_contiguous() for w in stacks)
     assert all(w.is_contiguous() and not is_in_major(w) for w in ref_stacks)
@@ -53,9 +53,32 @@ def test_cpu_stacks_are_in_major_with_the_same_values(tiny_args, monkeypatch, dt
     assert all(torch.equal(sd[k], ref_sd[k]) for k in sd)
 
 
-def test_fp8_stacks_keep_the_reference_layout(tiny_args):
-    model = Transformer(tiny_args, dtype="fp8")
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_bf16_and_fp8_stacks_keep_the_reference_layout(tiny_args, dtype):
+    model = Transformer(tiny_args, dtype=dtype)
     assert all(w.is_contiguous() for w in _stacks(model))
+
+
+def test_every_way_to_make_experts_lays_them_out():
+    """Built on CPU directly, or given tensors by load_state_dict(assign=True)."""
+    ex = GroupedExperts(4, 32, 16, device="cpu")
+    assert all(is_in_major(getattr(ex, n)) for n in ("w1", "w2", "w3"))
+    sd = {k: torch.randn(v.shape) for k, v in ex.state_dict().items()}  # row-major
+    ex.load_state_dict(sd, assign=True)
+    assert all(is_in_major(getattr(ex, n)) for n in ("w1", "w2", "w3"))
+    assert all(torch.equal(getattr(ex, k), v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 64), (3, 5, 7), (5, 4, 4)])
+def test_normal_stack_draws_the_contiguous_values(shape):
+    """In-major stacks get the values (and leave the RNG where) a contiguous one does: one
+    expert at a time where each is whole blocks of 16 numbers, else through one temporary."""
+    torch.manual_seed(0)
+    want, after = torch.empty(shape).normal_(0, 0.1), torch.rand(4)
+    w = torch.empty(shape[0], shape[2], shape[1]).transpose(1, 2)
+    torch.manual_seed(0)
+    normal_stack_(w, 0.1)
+    assert torch.equal(w, want) and torch.equal(torch.rand(4), after)
 
 
 @pytest.mark.parametrize("impl", [i for i in DISPATCH_IMPLS if i != "triton"])
