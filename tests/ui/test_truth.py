@@ -231,3 +231,43 @@ def test_empty_plots_say_what_will_appear():
     )
     assert texts.count("press Run forward") >= 3
     ModelArgs()  # the page built without touching a model
+
+
+def test_every_handler_returns_one_value_per_output():
+    """A handler annotated `-> tuple[a, b, ...]` is wired to as many output components: one
+    that returns more values than its event has outputs fails in Gradio's postprocessing, in the
+    server log only, and the view never updates (the expert load per expert-parallel GPU did,
+    on every change and after every run). `gr.api` endpoints return their tuple as one value."""
+    import typing
+
+    from ui.layout import build_demo
+
+    demo = build_demo()
+    checked, wrong = 0, []
+    for bf in demo.fns.values():
+        if bf.fn is None or [type(o).__name__ for o in bf.outputs] == ["Api"]:
+            continue
+        fn = getattr(bf.fn, "__wrapped__", bf.fn)
+        try:
+            ret = typing.get_type_hints(fn).get("return")
+        except (NameError, TypeError):  # hints naming what the module does not import
+            continue
+        if typing.get_origin(ret) is tuple and Ellipsis not in typing.get_args(ret):
+            checked += 1
+            if len(typing.get_args(ret)) != len(bf.outputs):
+                wrong.append((fn.__qualname__, len(typing.get_args(ret)), len(bf.outputs)))
+    assert checked >= 40 and not wrong, wrong
+
+
+def test_expert_load_per_gpu_says_which_splits_exist(tiny_cfg):
+    """A GPU count that splits no layer's experts is refused by name, with the counts that do,
+    and the figure on the page stays; a count that splits them draws one column per rank."""
+    import gradio as gr
+
+    s = _built(tiny_cfg)
+    run.forward(s, 2, 12, 0, "", 0)
+    fig, note = inspect.expert_views(s, 2)
+    assert note == "" and list(fig.data[0].x) == [0, 1]
+    kept, note = inspect.expert_views(s, 3)
+    assert isinstance(kept, type(gr.skip()))
+    assert "**expert-parallel GPUs**" in note and "allowed: 1, 2, 4, 8" in note

@@ -59,6 +59,15 @@ def expert_views(session: Any, ep_gpus: Any = 1) -> tuple[Any, str]:
         return plots.empty(BEFORE_RUN.format("expert load per layer")), ""
     try:
         n = whole(ep_gpus, "expert-parallel GPUs", 1, 4096)
+        experts = sorted({s.get("n_experts", len(s["counts"])) for s in last["routing"]})
+        if all(E % n for E in experts):  # not one layer splits: an empty figure says nothing
+            counts = " / ".join(map(str, experts))
+            fits = sorted({d for E in experts for d in range(1, E + 1) if E % d == 0})
+            raise ConfigError(
+                f"expert-parallel GPUs={n} splits no MoE layer's {counts} routed experts "
+                f"evenly (dsv3 splits them evenly); allowed: {', '.join(map(str, fits))}",
+                field="expert-parallel GPUs",
+            )
     except ConfigError as e:
         return gr.skip(), problem(e)
     return plots.expert_load(last["routing"], n_gpus=n, n_layers=last["n_layers"]), ""
@@ -202,6 +211,7 @@ def render(page: Any) -> None:
                 info="1 = per expert; N = load per GPU holding E/N experts",
                 elem_id="ep-gpus",
             )
+            page.ep_note = gr.Markdown(elem_classes="status", elem_id="ep-note")
             page.heatmap = _run_plot("Expert load", "expert-heatmap", "expert load per layer")
             page.groups_plot = _run_plot("Group loads", "group-loads", "expert group loads")
             page.balance = _run_plot(
@@ -286,7 +296,8 @@ def wire(page: Any) -> None:
         **quiet(),
     )
     page.params_log.change(params_view, [page.cfg, page.params_log], page.params_plot, **quiet())
-    page.ep_gpus.change(expert_views, [page.session, page.ep_gpus], page.heatmap, **quiet())
+    expert_out = [page.heatmap, page.ep_note]
+    page.ep_gpus.change(expert_views, [page.session, page.ep_gpus], expert_out, **quiet())
     trace_in = [page.session, page.trace_layer, page.trace_type]
     trace_out = [page.trace_table, page.trace_plot, page.trace_note]
     gr.on(
@@ -310,7 +321,7 @@ def wire(page: Any) -> None:
         **quiet(),
     )
     page.run_views_steps = [
-        (expert_views, [page.session, page.ep_gpus], page.heatmap),
+        (expert_views, [page.session, page.ep_gpus], expert_out),
         (run_views, page.session, [page.groups_plot, page.scores_plot, page.bias_plot]),
         (dsa_view, dsa_in, [page.dsa_plot, page.dsa_note]),
         (trace_view, trace_in, trace_out),
