@@ -22,7 +22,7 @@ from dsv3.config import (
 )
 
 from .components import UNREADABLE
-from .messages import lit, whole
+from .messages import clip, whole
 
 SECTIONS: dict[str, list[str]] = {
     "Size": ["vocab_size", "dim", "n_layers", "n_dense_layers", "inter_dim", "n_mtp_layers"],
@@ -168,7 +168,7 @@ def _coerce(name: str, value: Any, layer: int | None = None) -> Any:
         number = math.nan
     if not math.isfinite(number):
         raise ConfigError(
-            f"{name}={lit(repr(value), 60)}{where} is not a finite number; {info(name)}",
+            f"{name}={clip(repr(value), 60)}{where} is not a finite number; {info(name)}",
             field=name,
             layer=layer,
         )
@@ -251,7 +251,7 @@ def _layer(cell: Any, n: int) -> int:
         return int(f)
     except (ValueError, OverflowError):  # "x", "1.5", "inf"
         raise ConfigError(
-            f"override row {n}: layer {lit(repr(cell), 40)} is not a layer index",
+            f"override row {n}: layer {clip(repr(cell), 40)} is not a layer index",
             field="layer_config",
         ) from None
 
@@ -273,13 +273,13 @@ def parse_overrides(table: Any) -> dict[int, dict[str, Any]]:
         extra = [h for h in headers if h not in TABLE_COLUMNS] or headers
         raise ConfigError(
             f"the override table has exactly the columns {', '.join(TABLE_COLUMNS)}; column "
-            f"{lit(repr(extra[0]), 40)} is not one of them",
+            f"{clip(repr(extra[0]), 40)} is not one of them",
             field="layer_config",
         )
     unknown = [h for h in headers if h not in OVERRIDE_COLUMNS]
     if unknown:
         raise ConfigError(
-            f"override table column {lit(repr(unknown[0]), 40)} is not a per-layer field; "
+            f"override table column {clip(repr(unknown[0]), 40)} is not a per-layer field; "
             f"columns: {', '.join(TABLE_COLUMNS)} (or layer + the fields: "
             f"{', '.join(LAYER_FIELDS)})",
             field="layer_config",
@@ -314,7 +314,7 @@ def _parse_long(rows: list[list[Any]]) -> dict[int, dict[str, Any]]:
         name = "" if _blank(name_cell) else str(name_cell).strip()
         if name not in LAYER_FIELDS:
             raise ConfigError(
-                f"override row {n} (layer {layer}): field {lit(repr(name), 40)} is not a "
+                f"override row {n} (layer {layer}): field {clip(repr(name), 40)} is not a "
                 f"per-layer field; use one of: {', '.join(LAYER_FIELDS)}",
                 field="layer_config",
                 layer=layer,

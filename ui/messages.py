@@ -17,12 +17,18 @@ from dsv3 import ConfigError, ModelArgs
 _SPECIAL = re.compile(r"([\\`*\[\]<>&#|~!])")
 
 
-def lit(text: Any, limit: int = 200) -> str:
-    """User text (file names, preset names, typed values) as literal Markdown, cut to `limit`."""
+def clip(text: Any, limit: int = 200) -> str:
+    """User text cut to `limit` characters, as error messages quote it: plain text, which
+    `problem` escapes once when it shows the message (escaped here too, it showed `x\\!`)."""
     text = str(text)
     if len(text) > limit:
         text = text[:limit] + f"... ({len(text)} characters)"
-    return _SPECIAL.sub(r"\\\1", text)
+    return text
+
+
+def lit(text: Any, limit: int = 200) -> str:
+    """User text (file names, preset names, typed values) as literal Markdown, cut to `limit`."""
+    return _SPECIAL.sub(r"\\\1", clip(text, limit))
 
 
 def plain(markdown: Any) -> str:
@@ -76,7 +82,8 @@ def whole(value: Any, label: str, lo: int, hi: int | None = None) -> int:
             n = int(f) if math.isfinite(f) and f == int(f) else None
     if n is None:
         raise ConfigError(
-            f"{label}={lit(repr(value), 60)} is not a whole number; allowed: {allowed}", field=label
+            f"{label}={clip(repr(value), 60)} is not a whole number; allowed: {allowed}",
+            field=label,
         )
     if n < lo or (hi is not None and n > hi):
         raise ConfigError(f"{label}={n} is out of range; allowed: {allowed}", field=label)
@@ -87,7 +94,7 @@ def choice(value: Any, label: str, options: list[str]) -> str:
     """One of `options`, else a ConfigError listing them."""
     if not isinstance(value, str) or value not in options:
         raise ConfigError(
-            f"{label}={lit(repr(value), 60)}: choose one of {', '.join(options)}", field=label
+            f"{label}={clip(repr(value), 60)}: choose one of {', '.join(options)}", field=label
         )
     return value
 

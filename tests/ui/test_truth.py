@@ -271,3 +271,44 @@ def test_expert_load_per_gpu_says_which_splits_exist(tiny_cfg):
     kept, note = inspect.expert_views(s, 3)
     assert isinstance(kept, type(gr.skip()))
     assert "**expert-parallel GPUs**" in note and "allowed: 1, 2, 4, 8" in note
+
+
+def test_typed_text_in_an_error_is_escaped_once():
+    """`x!` typed into a number field reads `'x\\!'` in the Markdown (shown as 'x!'), not
+    `'x\\\\!'` (shown as 'x\\!'): the message quotes plain text, `problem` escapes it once."""
+    with pytest.raises(Exception) as e:
+        messages.whole("x!", "layer", 0, 3)
+    md = messages.problem(e.value)
+    assert "'x\\!'" in md and "\\\\" not in md
+
+
+def test_a_new_model_takes_the_old_runs_views_with_it(tiny_cfg):
+    """After a build (or free, or import) the run message and the run's figures say the run is
+    gone instead of showing the previous model's run as current; a meta run's views say it
+    was a meta run, not that nothing ran."""
+    s = _built(tiny_cfg)
+    run.forward(s, 2, 12, 0, "", 0)
+    assert all(isinstance(v, type(gr_skip())) for v in run.run_gone(s))  # its run is current
+    s, msg, info = run.build(tiny_cfg, "cpu", "fp32", 1, s, progress=NO_PROGRESS)
+    assert info["ok"]
+    md, balance, table = run.run_gone(s)
+    assert "gone" in md and table.empty
+    fig, _ = inspect.expert_views(s, 1)
+    assert "press Run forward" in json.dumps(fig.to_dict())
+    m, msg, info = run.build(tiny_cfg, "meta", "fp32", 0, s, progress=NO_PROGRESS)
+    run.forward(m, 1, 8, 0, "", 0)
+    fig, _ = inspect.expert_views(m, 1)
+    assert "meta run" in json.dumps(fig.to_dict())
+    assert all("meta run" in json.dumps(f.to_dict()) for f in inspect.run_views(m))
+
+
+def test_an_import_says_the_preset_line_is_gone():
+    build_line, preset, source = files_tab._after_import("✔ imported 387K params")
+    assert "import" in build_line and preset["value"] is None and "imported" in source
+    assert all(isinstance(v, type(gr_skip())) for v in files_tab._after_import("⚠ refused"))
+
+
+def gr_skip():
+    import gradio as gr
+
+    return gr.skip()

@@ -22,7 +22,7 @@ from dsv3 import ConfigError, ModelArgs, args_from_hf_config, count_params, pres
 
 from .. import fields, plots, settings
 from ..components import Choice, Table, WholeNumber, guard_files
-from ..messages import args_of, choice, config_line, lit, ok, problem
+from ..messages import args_of, choice, clip, config_line, lit, ok, problem
 
 BROWSER_KEY = "dsv3-playground-presets"
 CLEAR_UPLOAD_JS = """() => {
@@ -268,7 +268,7 @@ def hf_config(text: Any) -> tuple[Any, str]:
             doc, source = fetch_hf_config(text), f"{text}/config.json"
         else:
             raise ConfigError(
-                f"{lit(repr(text), 60)} is neither a Hub repository id (owner/name) nor a "
+                f"{clip(repr(text), 60)} is neither a Hub repository id (owner/name) nor a "
                 "config.json",
                 field="HF config",
             )

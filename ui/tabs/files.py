@@ -221,13 +221,18 @@ def wire(page: Any) -> None:
         concurrency_id="model",
     )
     # The import replaced the model: the Build line and the preset name no longer describe it.
-    imported.then(_after_import, page.hf_msg, [page.build_msg, page.preset], **page.quiet())
+    imported.then(
+        _after_import, page.hf_msg, [page.build_msg, page.preset, page.source_msg], **page.quiet()
+    )
     page.config_loaded(imported, status=page.hf_msg)
+    page.model_replaced(imported)
 
 
-def _after_import(msg: str) -> tuple[Any, Any]:
+def _after_import(msg: str) -> tuple[Any, Any, Any]:
     if not isinstance(msg, str) or not msg.startswith("✔"):
-        return gr.skip(), gr.skip()
-    return "✔ the model now comes from the checkpoint import (see Export / import)", gr.update(
-        value=None
-    )  # the preset no longer names what is on the form either
+        return gr.skip(), gr.skip(), gr.skip()
+    return (
+        "✔ the model now comes from the checkpoint import (see Export / import)",
+        gr.update(value=None),  # the preset no longer names what is on the form either
+        "the form holds the imported checkpoint's config (see Export / import)",
+    )

@@ -22,6 +22,7 @@ from .estimate import stale_note
 TABLE_POSITIONS = 32  # rows of the cos/sin tables shown as numbers
 ROTARY_DEFAULT = 64
 BEFORE_RUN = "Build a model and press Run forward: this shows the run's {}"
+META_RUN = "meta run: shapes only, no {} (build on cpu or cuda to see it)"
 PATHS = ["as configured", "naive", "absorb"]
 TRACE_COLUMNS = ["name", "type", "layer", "shape"]
 
@@ -55,6 +56,8 @@ def _last(session: Any) -> dict[str, Any]:
 def expert_views(session: Any, ep_gpus: Any = 1) -> tuple[Any, str]:
     """Expert load relative to uniform, per expert or per expert-parallel rank."""
     last = _last(session)
+    if last.get("meta"):
+        return plots.empty(META_RUN.format("expert load")), ""
     if not last.get("routing"):
         return plots.empty(BEFORE_RUN.format("expert load per layer")), ""
     try:
@@ -77,7 +80,7 @@ def run_views(session: Any) -> tuple[Any, Any, Any]:
     """After a run: group loads, the router's score distribution, the bias's effect."""
     last = _last(session)
     if not last.get("routing"):
-        hint = plots.empty(BEFORE_RUN.format("routing"))
+        hint = plots.empty((META_RUN if last.get("meta") else BEFORE_RUN).format("routing"))
         return hint, hint, hint
     n = last["n_layers"]
     router = last.get("router") or []
@@ -121,6 +124,8 @@ def dsa_view(session: Any, layer: Any = 0, head: Any = "") -> tuple[Any, str]:
     if sel is None:
         kind = session.model.args.for_layer(layer).attn_kind
         why = "is not a DSA layer" if kind != "dsa" else "recorded nothing yet: press Run"
+        if kind == "dsa" and _last(session).get("meta"):
+            why = "ran on meta: shapes only, no kept keys (build on cpu or cuda to see them)"
         return plots.empty(f"layer {layer} {why}"), ""
     return plots.indexer_mask(sel), (
         f"layer {layer}: each query attends to at most {sel['topk']} keys"

@@ -309,6 +309,7 @@ def forward(
         "router": r.pop("router", []),
         "trace": trace,
         "n_layers": args.n_layers,
+        "meta": bool(r.get("meta")),
     }
     return (session, *_run_outputs(r, trace, args.n_layers))
 
@@ -377,6 +378,32 @@ def run_markdown(r: dict[str, Any]) -> str:
     if not r.get("logits_finite", True):
         lines.append("⚠ logits contain NaN/inf")
     return ok("  \n".join(lines))
+
+
+def _run_views_follow(page: Any, event: Any) -> None:
+    """After `event` (a build, free or import) the run's views show the session's run: the
+    previous model's run is gone with it, so they say so instead of showing it as current
+    (a refused build keeps the model and its run, and they redraw the same)."""
+    event.then(
+        run_gone,
+        page.session,
+        [page.run_msg, page.balance, page.balance_table],
+        **page.quiet(),
+    )
+    for step in page.run_views_steps:
+        event.then(*step, **page.quiet())
+
+
+def run_gone(session: Any) -> tuple[Any, Any, Any]:
+    """The run message, balance figure and table once the model that ran is gone, or skips
+    while its run is still the session's."""
+    if isinstance(session, Session) and session.last_run:
+        return gr.skip(), gr.skip(), gr.skip()
+    return (
+        "the model that made the last run is gone: press Run forward for this one",
+        plots.empty("press Run forward to see the routing balance of this model"),
+        pd.DataFrame(columns=BALANCE_COLUMNS),
+    )
 
 
 def _run_outputs(r: dict[str, Any], trace: list[dict], n_layers: int) -> tuple[Any, ...]:
@@ -452,6 +479,9 @@ def wire(page: Any) -> None:
         release_model, page.session, [page.session, page.build_msg], api_name="release"
     )
     freed.then(*status, **page.quiet())
+    page.model_replaced = lambda event: _run_views_follow(page, event)
+    page.model_replaced(built)
+    page.model_replaced(freed)
     ran = page.run_btn.click(
         forward,
         [
