@@ -137,6 +137,8 @@ def parse_token_ids(text: str, vocab_size: int | None = None) -> torch.Tensor | 
     if not text:
         return None
     rows = [r for r in text.replace("\n", ";").split(";") if r.strip()]
+    if not rows:  # only separators: no row at all, not rows of unequal length
+        raise ValueError(f"token ids {text[:60]!r} hold no ids; write e.g. '1 2 3; 4 5 6'")
     ids: list[list[int]] = []
     for r in rows:
         try:

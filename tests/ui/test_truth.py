@@ -312,3 +312,17 @@ def gr_skip():
     import gradio as gr
 
     return gr.skip()
+
+
+def test_token_ids_of_separators_alone_say_there_are_none():
+    with pytest.raises(ValueError, match="hold no ids"):
+        runtime.parse_token_ids(";;;")
+
+
+def test_dsa_index_head_range_is_the_layers(tiny_cfg):
+    s = _built({**tiny_cfg, "attn_kind": "dsa", "index_n_heads": 4, "index_head_dim": 16})
+    run.forward(s, 1, 12, 0, "", 0)
+    for bad in ("-1", "4"):
+        _, note = inspect.dsa_view(s, 1, bad)
+        assert "**index head**" in note and "allowed: 0..3" in note
+    assert "index head 3 alone" in inspect.dsa_view(s, 1, "3")[1]

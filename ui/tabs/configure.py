@@ -108,7 +108,11 @@ def form_changed(prev_cfg: Any, overrides: Any, **values: Any) -> tuple[Any, str
     except ConfigError as e:
         changed = _changed_fields(prev_cfg, values) if not missing else []
         if e.layer is None and len(changed) == 1 and e.field != changed[0]:
-            e = ConfigError(f"{changed[0]}: {e}", field=changed[0])
+            # the field the user changed leads; the message already names it when it is the
+            # broken one under another field name (no "n: n: n=7")
+            text = str(e)
+            lead = "" if text.startswith(changed[0]) else f"{changed[0]}: "
+            e = ConfigError(f"{lead}{text}", field=changed[0])
         msg = problem(e)
         return prev_cfg if isinstance(prev_cfg, dict) else gr.skip(), msg, msg
     return cfg, valid_line(cfg), ""

@@ -117,7 +117,8 @@ def dsa_view(session: Any, layer: Any = 0, head: Any = "") -> tuple[Any, str]:
     try:
         n_layers = session.model.args.n_layers
         layer = whole(layer, "layer", 0, n_layers - 1)
-        head = None if head in ("", None) else whole(head, "index head", 0, 4095)
+        heads = session.model.args.for_layer(layer).index_n_heads
+        head = None if head in ("", None) else whole(head, "index head", 0, heads - 1)
         sel = stats.indexer_selection(session.model, layer, head)
     except (ConfigError, ValueError) as e:
         return gr.skip(), problem(e)
