@@ -167,7 +167,21 @@ def compare(
         for (s, m, u, va), (_, _, _, vb) in zip(side_a, side_b)
     ]
     settings = {"dtype": dtype, "batch": batch, "seq_len": seq_len, "n_gpus": n_gpus}
-    return {"changes": changes(a, b), "rows": rows, "settings": settings}
+    notes = [note for name, x in (("A", a), ("B", b)) if (note := _beyond(name, x, batch, seq_len))]
+    return {"changes": changes(a, b), "rows": rows, "settings": settings, "notes": notes}
+
+
+def _beyond(name: str, args: ModelArgs, batch: int, seq_len: int) -> str:
+    """A note when the compared batch or length exceeds what this side's config allocates for
+    (its figures there are a what-if: its KV cache would not hold them), else ""."""
+    over = []
+    if batch > args.max_batch_size:
+        over.append(f"batch {batch} > its max_batch_size {args.max_batch_size}")
+    if seq_len > args.max_seq_len:
+        over.append(f"{seq_len:,} tokens > its max_seq_len {args.max_seq_len:,}")
+    if not over:
+        return ""
+    return f"{name} is compared beyond what it allocates for ({'; '.join(over)}): a what-if"
 
 
 def _numeric(row: dict[str, Any]) -> bool:
@@ -199,6 +213,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{s['n_gpus']} GPU{'s' if s['n_gpus'] > 1 else ''})",
         "",
     ]
+    lines += [f"*Note: {n}*" for n in result.get("notes", [])] + (
+        [""] if result.get("notes") else []
+    )
     changes = result["changes"]
     lines.append(f"**Changes ({len(changes)})**" if changes else "**No changes**")
     lines += [f"- {c['text']}" for c in changes] + [""]

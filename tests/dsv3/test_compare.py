@@ -102,3 +102,14 @@ def test_671b_compare_is_fast_and_complete():
     assert m["H100 SXM x8: weights + KV fit"]["a"] is False
     assert m["H200 x8: decode"]["b"] > m["H200 x8: decode"]["a"]
     assert [c["text"] for c in r["changes"]] == ["n_layers 61 -> 40", "layers 40-60 only in A"]
+
+
+def test_a_side_compared_beyond_its_allocation_is_noted():
+    """B's batch and length may exceed A's limits (the page checks them against B): A's
+    figures there are a what-if, and the comparison says so, by side and limit."""
+    a, b = presets.load("tiny"), presets.load("mixed-layers")
+    r = compare(a, b, batch=b.max_batch_size, seq_len=b.max_seq_len)
+    assert len(r["notes"]) == 1 and r["notes"][0].startswith("A is compared beyond")
+    assert f"max_batch_size {a.max_batch_size}" in r["notes"][0]
+    assert r["notes"][0] in to_markdown(r)
+    assert compare(a, b, batch=1, seq_len=a.max_seq_len)["notes"] == []
