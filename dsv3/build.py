@@ -33,7 +33,7 @@ def build_model(
     est = estimate(args, dtype_name, batch, seq_len)
     dev = torch.device(device)
     if dev.type != "meta":
-        fits, why = check_fits(est["total_bytes"], dev)
+        fits, why = check_fits(est["total_bytes"], dev, dtype=dtype_name)
         if not fits:
             raise MemoryBudgetError(f"build refused before allocating: {why}")
     failure = ""

@@ -85,15 +85,23 @@ def memory_limit(device: str | torch.device, freed: int = 0) -> tuple[int, str]:
     return int((free + freed) * frac), f"{int(frac * 100)}% of {what}"
 
 
-def check_fits(nbytes: float, device: str | torch.device, freed: int = 0) -> tuple[bool, str]:
+SMALLER_DTYPES = {"fp32": "bf16 or fp8", "bf16": "fp8", "fp8": ""}  # what a refusal suggests
+
+
+def check_fits(
+    nbytes: float, device: str | torch.device, freed: int = 0, dtype: str | None = None
+) -> tuple[bool, str]:
     """(fits, reason) for an allocation of `nbytes` on `device` (with `freed` more bytes free:
-    see memory_limit)."""
+    see memory_limit). `dtype`, the build's ("fp32"/"bf16"/"fp8"), keeps the suggestion to
+    dtypes smaller than it (none is, for fp8); None suggests both."""
     limit, what = memory_limit(device, freed)
     if nbytes <= limit:
         return True, f"needs {human_bytes(nbytes)}, budget {human_bytes(limit)} ({what})"
+    smaller = SMALLER_DTYPES.get(dtype, "bf16 or fp8") if dtype is not None else "bf16 or fp8"
+    tries = ", ".join(t for t in ("a smaller preset", smaller) if t)
     return False, (
         f"needs {human_bytes(nbytes)} but the budget is {human_bytes(limit)} ({what}); "
-        "try a smaller preset, bf16 or fp8, or the meta device"
+        f"try {tries}, or the meta device"
     )
 
 

@@ -107,3 +107,13 @@ def test_dropped_model_is_freed_without_a_gc_pass(tiny_args):
         assert ref() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    "dtype, hint", [(None, "bf16 or fp8"), ("fp32", "bf16 or fp8"), ("bf16", "fp8"), ("fp8", "")]
+)
+def test_a_refusal_suggests_only_smaller_dtypes(monkeypatch, dtype, hint):
+    monkeypatch.setenv("DSV3_MEMORY_LIMIT", "1MiB")
+    fits, why = check_fits(2 << 20, "cpu", dtype=dtype)
+    assert not fits and "a smaller preset" in why and "meta device" in why
+    assert (f"try a smaller preset, {hint}, or" in why) if hint else "bf16" not in why

@@ -31,14 +31,14 @@ def stale_note(form_error: Any) -> str:
     return "⚠ **stale**: the form has an error (see Configure); showing the last valid config.\n\n"
 
 
-def _fits_line(nbytes: float, device: str, what: str) -> str:
+def _fits_line(nbytes: float, device: str, what: str, dtype: str | None = None) -> str:
     dev = lazy.runtime.resolve_device(device)
     if dev == "meta":
         return f"✔ {what} on **meta**: shapes only, nothing is allocated"
     try:
         from dsv3 import memory
 
-        fits, reason = memory.check_fits(nbytes, dev)
+        fits, reason = memory.check_fits(nbytes, dev, dtype=dtype)
     except (RuntimeError, AssertionError) as e:  # e.g. cuda asked on a machine without one
         return f"✘ {what} on **{dev}**: device not usable here ({e})"
     return f"{'✔ fits' if fits else '✘ does not fit'} {what} on **{dev}**: {reason}"
@@ -159,8 +159,8 @@ def summary(
             f"{human_bytes(e['activation_bytes'])} + KV = **{human_bytes(e['total_bytes'])}**; "
             f"per GPU with {e['n_gpus']} GPU(s): **{human_bytes(e['per_gpu_bytes'])}**.",
             "",
-            f"{_fits_line(e['weight_bytes'], device, f'a {dtype} build')}  ",
-            _fits_line(e["per_gpu_bytes"], device, "weights + KV + activations per GPU")
+            f"{_fits_line(e['weight_bytes'], device, f'a {dtype} build', dtype)}  ",
+            _fits_line(e["per_gpu_bytes"], device, "weights + KV + activations per GPU", dtype)
             + (f"  \n{note}" if note else ""),
         ]
     )
