@@ -213,9 +213,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{s['n_gpus']} GPU{'s' if s['n_gpus'] > 1 else ''})",
         "",
     ]
-    lines += [f"*Note: {n}*" for n in result.get("notes", [])] + (
-        [""] if result.get("notes") else []
-    )
+    if result.get("notes"):
+        lines += [f"*Note: {n}*" for n in result["notes"]] + [""]
     changes = result["changes"]
     lines.append(f"**Changes ({len(changes)})**" if changes else "**No changes**")
     lines += [f"- {c['text']}" for c in changes] + [""]

@@ -97,7 +97,7 @@ def check_fits(
     limit, what = memory_limit(device, freed)
     if nbytes <= limit:
         return True, f"needs {human_bytes(nbytes)}, budget {human_bytes(limit)} ({what})"
-    smaller = SMALLER_DTYPES.get(dtype, "bf16 or fp8") if dtype is not None else "bf16 or fp8"
+    smaller = SMALLER_DTYPES.get(dtype, "bf16 or fp8")  # None (unknown): both
     tries = ", ".join(t for t in ("a smaller preset", smaller) if t)
     return False, (
         f"needs {human_bytes(nbytes)} but the budget is {human_bytes(limit)} ({what}); "

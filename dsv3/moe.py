@@ -17,9 +17,10 @@ weights copied into one batch) runs them, when measured faster than the sorted d
 
 Layout: on CPU float32 stacks are stored in-major (`expert_layout`): w1 keeps its (E, I, D)
 shape, the reference's, with strides (I*D, 1, I), so every expert product x W^T multiplies by a
-contiguous matrix (and `w1.view(...)` fails: reshape, or `.contiguous()` before saving). A CPU `bmm` by a transposed batch ran at half the
-speed of the same product by a contiguous one (Intel Xeon, torch 2.13), and the padded and
-grouped dispatches are such products; `benchmarks/run.py` (section moe) measures both layouts.
+contiguous matrix (and `w1.view(...)` fails: reshape, or `.contiguous()` before saving). A CPU
+`bmm` by a transposed batch ran at half the speed of the same product by a contiguous one (Intel
+Xeon, torch 2.13), and the padded and grouped dispatches are such products;
+`benchmarks/run.py` (section moe) measures both layouts.
 """
 
 from __future__ import annotations
@@ -376,7 +377,8 @@ def measured_impl(x, N: int, counts, w1, w2, w3) -> str:
         "padded": lambda: dispatch_padded(x_ND, counts, w1, w2, w3),
     }
     if len(counts) > default_run():  # else both padded forms are one run
-        cands["padded-one"] = lambda: dispatch_padded(x_ND, counts, w1, w2, w3, len(counts))
+        one = padded_run("padded-one", len(counts))
+        cands["padded-one"] = lambda: dispatch_padded(x_ND, counts, w1, w2, w3, one)
     if grouped_mm_supported(x_ND, w1, w2, w3):
         cands["grouped"] = lambda: dispatch_grouped(x_ND, counts, w1, w2, w3)
     if N < len(counts):  # few pairs (decoding): copying the active experts' weights may pay

@@ -117,13 +117,13 @@ def dsa_view(session: Any, layer: Any = 0, head: Any = "") -> tuple[Any, str]:
     try:
         n_layers = session.model.args.n_layers
         layer = whole(layer, "layer", 0, n_layers - 1)
-        heads = session.model.args.for_layer(layer).index_n_heads
-        head = None if head in ("", None) else whole(head, "index head", 0, heads - 1)
+        la = session.model.args.for_layer(layer)
+        head = None if head in ("", None) else whole(head, "index head", 0, la.index_n_heads - 1)
         sel = stats.indexer_selection(session.model, layer, head)
     except (ConfigError, ValueError) as e:
         return gr.skip(), problem(e)
     if sel is None:
-        kind = session.model.args.for_layer(layer).attn_kind
+        kind = la.attn_kind
         why = "is not a DSA layer" if kind != "dsa" else "recorded nothing yet: press Run"
         if kind == "dsa" and _last(session).get("meta"):
             why = "ran on meta: shapes only, no kept keys (build on cpu or cuda to see them)"

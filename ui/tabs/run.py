@@ -390,6 +390,11 @@ def _run_views_follow(page: Any, event: Any) -> None:
         [page.run_msg, page.balance, page.balance_table],
         **page.quiet(),
     )
+    _redraw_run_views(page, event)
+
+
+def _redraw_run_views(page: Any, event: Any) -> None:
+    """The Inspect views that read the run from the session, redrawn after `event`."""
     for step in page.run_views_steps:
         event.then(*step, **page.quiet())
 
@@ -506,8 +511,7 @@ def wire(page: Any) -> None:
         concurrency_id="model",
     )
     ran.then(*status, **page.quiet())
-    for step in page.run_views_steps:  # the Inspect views that read the run from the session
-        ran.then(*step, **page.quiet())
+    _redraw_run_views(page, ran)
     page.model_status_step = status
     # /session: what the session holds (API clients and tests check it after every call).
     page.session_btn.click(
