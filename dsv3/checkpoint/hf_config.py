@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..config import BLOCK_SIZE, MOE_FIELDS, ConfigError, ModelArgs, yarn_mscale
 
@@ -485,8 +487,11 @@ def fetch_hf_config(repo_id: str, token: str | None = None) -> dict[str, Any]:
             field="repo",
         ) from None
     token = token or os.environ.get("HF_TOKEN") or None
+    # With no route to the Hub huggingface_hub retries for ~25 s before it gives up; a server
+    # that cannot even open a connection reads its cache only, and says so at once.
+    cache_only = {"local_files_only": True} if hub_unreachable() else {}
     try:
-        path = hf_hub_download(repo_id, "config.json", token=token)
+        path = hf_hub_download(repo_id, "config.json", token=token, **cache_only)
     except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
         # (before EntryNotFoundError, of which LocalEntryNotFoundError is a kind)
         why = "cannot be reached: no internet on this server (or HF_HUB_OFFLINE is set)"
@@ -503,6 +508,21 @@ def fetch_hf_config(repo_id: str, token: str | None = None) -> dict[str, Any]:
     else:
         return read_hf_config(path)
     raise ConfigError(f"Hub repository {repo_id!r} {why}", field="repo")
+
+
+def hub_unreachable(timeout: float = 3.0) -> bool:
+    """True when no TCP connection to the Hub's host (HF_ENDPOINT, default huggingface.co)
+    opens within `timeout` s: no name resolution, no route. False behind a proxy (the proxy,
+    not the host, is what the download would reach) and whenever a connection opens."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except (OSError, ValueError):
+        return True
+    return False
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:

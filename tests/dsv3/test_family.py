@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dsv3 import ConfigError, ModelArgs, Transformer, args_from_hf_config, load_hf
-from dsv3.checkpoint import dsv3_to_hf_state_dict, fetch_hf_config, hf_config_from_args
+from dsv3.checkpoint import dsv3_to_hf_state_dict, fetch_hf_config, hf_config, hf_config_from_args
 from dsv3.layers import dequantize, quantize_fp8
 from dsv3.params import count_params
 from dsv3.rotary import correction_range, freqs, yarn_ramp
@@ -121,6 +121,7 @@ def test_fetch_hf_config_offline_and_not_found(monkeypatch, tmp_path):
         raise errors.LocalEntryNotFoundError("no connection")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(hf_config, "hub_unreachable", lambda: False)  # a connection opens
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     with pytest.raises(ConfigError, match="cannot be reached: no internet") as e:
         fetch_hf_config("moonshotai/Kimi-K2-Instruct")
@@ -141,6 +142,49 @@ def test_fetch_hf_config_offline_and_not_found(monkeypatch, tmp_path):
     assert args_from_hf_config(fetch_hf_config(" moonshotai/Moonlight-16B-A3B ")).dim == 2048
     with pytest.raises(ConfigError, match="repository id"):
         fetch_hf_config("  ")
+
+
+def test_fetch_hf_config_without_a_route_reads_the_cache_only(monkeypatch, tmp_path):
+    """No connection to the Hub's host: one cache-only call (huggingface_hub would otherwise
+    retry for ~25 s), a cached config.json still read, an uncached one refused at once."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    calls = []
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(_cfg("moonlight-16b-a3b.json")))
+
+    def cache(repo_id, filename, token=None, **kw):
+        calls.append((repo_id, kw))
+        if repo_id != "moonshotai/Moonlight-16B-A3B":
+            raise errors.LocalEntryNotFoundError("not in the cache")
+        return str(saved)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache)
+    monkeypatch.setattr(hf_config, "hub_unreachable", lambda: True)
+    assert args_from_hf_config(fetch_hf_config("moonshotai/Moonlight-16B-A3B")).dim == 2048
+    with pytest.raises(ConfigError, match="cannot be reached: no internet"):
+        fetch_hf_config("moonshotai/Kimi-K2-Instruct")
+    assert [kw for _, kw in calls] == [{"local_files_only": True}] * 2
+
+
+def test_hub_unreachable_probes_the_endpoint(monkeypatch):
+    import socket
+
+    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert not hf_config.hub_unreachable()
+    # the port now closed: connection refused
+    assert hf_config.hub_unreachable()
+    monkeypatch.setenv("HF_ENDPOINT", "https://no-such-host.invalid")
+    assert hf_config.hub_unreachable()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # the proxy decides
+    assert not hf_config.hub_unreachable()
 
 
 # ---------------------------------------------------------------------- YaRN, fp8 scales

@@ -15,14 +15,12 @@ from dsv3.architecture import architecture, filter_trace
 
 from .. import plots
 from ..components import Choice, RawSlider, WholeNumber
-from ..messages import args_of, choice, problem, whole
+from ..messages import BEFORE_RUN, META_RUN, args_of, choice, problem, whole
 from ..state import Session
 from .estimate import stale_note
 
 TABLE_POSITIONS = 32  # rows of the cos/sin tables shown as numbers
 ROTARY_DEFAULT = 64
-BEFORE_RUN = "Build a model and press Run forward: this shows the run's {}"
-META_RUN = "meta run: shapes only, no {} (build on cpu or cuda to see it)"
 PATHS = ["as configured", "naive", "absorb"]
 TRACE_COLUMNS = ["name", "type", "layer", "shape"]
 

@@ -17,7 +17,18 @@ from dsv3.params import human_bytes
 
 from .. import lazy, plots
 from ..components import Choice, WholeNumber
-from ..messages import args_of, choice, config_line, id_list, lit, ok, plain, problem, whole
+from ..messages import (
+    META_RUN,
+    args_of,
+    choice,
+    config_line,
+    id_list,
+    lit,
+    ok,
+    plain,
+    problem,
+    whole,
+)
 from ..state import Session, make_room, register
 from .estimate import DEVICES, DTYPES, check_batch
 
@@ -424,7 +435,7 @@ def _run_outputs(r: dict[str, Any], trace: list[dict], n_layers: int) -> tuple[A
     info = {"ok": True, **r, "routing": routing, "trace_len": len(trace)}
     meta = bool(r.get("meta"))
     if meta:
-        heat = bal = plots.empty("meta run: shapes only, no routing")
+        heat = bal = plots.empty(META_RUN.format("routing"))
     else:
         heat = plots.expert_load(routing, n_layers=n_layers)
         bal = plots.routing_balance(routing, n_layers=n_layers, groups=False)
