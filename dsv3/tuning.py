@@ -22,8 +22,10 @@ from collections.abc import Callable, Hashable
 
 MODES = ("measured", "rule")
 PROBE_BUDGET_S = 0.02  # time one class's probe may spend after its warm-up round
-PROBE_ROUNDS = 7  # timed rounds at most (fewer when the budget runs out, at least one): a
-# probe of sub-millisecond candidates on a shared machine needs several to see through noise
+PROBE_ROUNDS = 7  # timed rounds at most (fewer when the budget runs out): a probe of
+# sub-millisecond candidates on a shared machine needs several to see through noise
+PROBE_MIN_ROUNDS = 3  # timed rounds at least, whatever the budget: with one, a probe of
+# 5-6 ms candidates (the benchmark's 2x256 expert dispatch) picked one 0.87x as fast as the best
 
 _LOCK = threading.RLock()  # re-entrant: a candidate may probe an inner class on its warm-up
 _CHOICES: dict[Hashable, str] = {}
@@ -73,19 +75,21 @@ def measure(
     candidates: dict[str, Callable[[], object]],
     budget_s: float = PROBE_BUDGET_S,
     rounds: int = PROBE_ROUNDS,
+    min_rounds: int = PROBE_MIN_ROUNDS,
 ) -> dict[str, float]:
-    """Best time of each candidate: one untimed warm-up round, then up to `rounds` interleaved
-    rounds (so that load from elsewhere hits them alike) while within `budget_s`."""
+    """Best time of each candidate: one untimed warm-up round, then `min_rounds` to `rounds`
+    interleaved rounds (so that load from elsewhere hits them alike), more than `min_rounds`
+    only while within `budget_s`."""
     for fn in candidates.values():
         fn()
     best = dict.fromkeys(candidates, float("inf"))
     t_start = time.perf_counter()
-    for _ in range(rounds):
+    for r in range(1, rounds + 1):
         for name, fn in candidates.items():
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
-        if time.perf_counter() - t_start > budget_s:
+        if r >= min_rounds and time.perf_counter() - t_start > budget_s:
             break
     return best
 
