@@ -7,7 +7,10 @@
     to_markdown(result), to_csv(result)   # strings, for display and download
 
 Per-layer changes compare the resolved `args.for_layer(i)`, so a changed global value shows on
-every layer that inherits it (collapsed into ranges: "layers 1-31 n_heads 16 -> 32").
+every layer that inherits it where some layer overrides that field (collapsed into ranges:
+"layers 0-4 n_heads 16 -> 8", "layers 6-7 ...": which layers follow the change); where no layer
+does, the global change alone says it. A field a layer's kind does not use (the experts' fields
+on a dense layer, inter_dim on a MoE one) is not a change of that layer.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import dataclasses
 import io
 from typing import Any
 
-from .config import LAYER_FIELDS, ModelArgs
+from .config import LAYER_FIELDS, MOE_FIELDS, ModelArgs
 from .params import estimate, human_bytes
 from .roofline import GPU, roofline
 
@@ -54,6 +57,12 @@ def changes(a: ModelArgs, b: ModelArgs) -> list[dict[str, Any]]:
         va, vb = getattr(a, f.name), getattr(b, f.name)
         if f.name != "layer_config" and va != vb:
             out.append({"layers": None, "field": f.name, "a": va, "b": vb})
+    common = range(min(a.n_layers, b.n_layers))
+    uniform = {  # global changes no layer overrides: listed once, not per layer
+        c["field"]
+        for c in out
+        if not any(c["field"] in x.layer_config.get(i, {}) for x in (a, b) for i in common)
+    }
     per_layer: list[tuple[int, str, Any, Any]] = []
     for i in range(max(a.n_layers, b.n_layers)):
         if i >= a.n_layers or i >= b.n_layers:
@@ -65,6 +74,8 @@ def changes(a: ModelArgs, b: ModelArgs) -> list[dict[str, Any]]:
             (i, k, getattr(la, k), getattr(lb, k))
             for k in LAYER_FIELDS
             if getattr(la, k) != getattr(lb, k)
+            and k not in uniform
+            and not (inert(k, la.ffn) or inert(k, lb.ffn))
         ]
     # Collapse runs: the same change on consecutive layers is one entry.
     open_runs: dict[tuple[str, Any, Any], dict[str, Any]] = {}
@@ -84,11 +95,22 @@ def changes(a: ModelArgs, b: ModelArgs) -> list[dict[str, Any]]:
     return out
 
 
+def inert(field: str, ffn: str) -> bool:
+    """Whether a layer of kind `ffn` ("dense" or "moe") has no use for `field`: the experts'
+    fields on a dense layer, inter_dim (the dense MLP's width) on a MoE layer."""
+    return field in MOE_FIELDS if ffn == "dense" else field == "inter_dim"
+
+
 def _change_text(c: dict[str, Any]) -> str:
     where = "" if c["layers"] is None else _where(*c["layers"]) + " "
     if c["field"] == "layer":
         return f"{where}{c['b']}"
-    return f"{where}{c['field']} {c['a']} -> {c['b']}"
+    return f"{where}{c['field']} {_value(c['a'])} -> {_value(c['b'])}"
+
+
+def _value(v: Any) -> str:
+    """A config value as the form shows it (None: "auto", as gate_bias's choice)."""
+    return "auto" if v is None else str(v)
 
 
 def _side(
@@ -116,14 +138,11 @@ def _side(
         ("kv cache", f"KV per token, {k}", "bytes", est["kv_bytes_per_token"][k])
         for k in ("naive", "absorb")
     ]
-    rows.append(
-        (
-            "kv cache",
-            f"KV cache {batch} x {seq_len} ({args.attn_impl})",
-            "bytes",
-            est["kv_cache_bytes"][args.attn_impl],
-        )
-    )
+    rows += [
+        ("kv cache", f"KV cache {batch} x {seq_len}, {k}", "bytes", est["kv_cache_bytes"][k])
+        for k in ("naive", "absorb")
+    ]
+    rows.append(("kv cache", "attention path it runs (attn_impl)", "text", args.attn_impl))
     rows.append(
         ("compute", f"FLOPs per token ({seq_len} context)", "flops", est["flops_per_token"])
     )
@@ -188,6 +207,22 @@ def _numeric(row: dict[str, Any]) -> bool:
     return row["unit"] not in ("text", "bool")
 
 
+def _scaled(value: float, units: tuple[tuple[float, str], ...]) -> str:
+    """value in the largest unit it reaches (the last one below all): 3 significant digits."""
+    if value == 0:
+        return f"0 {units[-1][1]}"
+    for size, name in units:
+        if abs(value) >= size or size == units[-1][0]:
+            v = value / size
+            return f"{v:,.{max(0, 2 - len(str(int(abs(v)))) + 1)}f} {name}"
+    raise AssertionError("unreachable")
+
+
+FLOP_UNITS = ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP"),
+              (1.0, "FLOP"))  # fmt: skip
+SECOND_UNITS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns"))
+
+
 def _fmt(value: Any, unit: str, signed: bool = False) -> str:
     sign = "+" if signed and value > 0 else ""
     if unit == "count":
@@ -195,14 +230,24 @@ def _fmt(value: Any, unit: str, signed: bool = False) -> str:
     if unit == "bytes":
         return sign + human_bytes(value)
     if unit == "flops":
-        return f"{sign}{value / 1e9:,.2f} GFLOP"
+        return sign + _scaled(value, FLOP_UNITS)
     if unit == "seconds":
-        return f"{sign}{value * 1e3:,.3f} ms"
+        return sign + _scaled(value, SECOND_UNITS)
     if unit == "tokens/s":
         return f"{sign}{value:,.0f} tok/s"
     if unit == "bool":
         return "yes" if value else "no"
     return str(value)
+
+
+def _ratio(r: float) -> str:
+    """B / A for the table: 3 decimals near 1, whole numbers with separators when large,
+    3 significant digits when small."""
+    if r >= 100:
+        return f"{r:,.0f}x"
+    if r >= 0.01:
+        return f"{r:.3f}x"
+    return f"{r:.3g}x"
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -224,7 +269,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         delta = ratio = ""
         if _numeric(r):
             delta = _fmt(b - a, u, signed=True) if b != a else "="
-            ratio = f"{b / a:.3f}x" if a else ""
+            ratio = _ratio(b / a) if a else ""
         cells = [r["metric"], _fmt(a, u), _fmt(b, u), delta, ratio]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"

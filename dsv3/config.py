@@ -474,7 +474,8 @@ def _check_layer(la: LayerArgs, explicit: set[str]) -> None:
         # else `name`. A rule broken by global values reads better without "in layer 0".
         name = next((f for f in involved if f in explicit), name)
         layer = i if explicit else None
-        raise ConfigError(f"{msg}{_where(layer)}", field=name, layer=layer)
+        head, sep, allowed = msg.partition("; allowed:")  # "... in layer 3; allowed: 1..16"
+        raise ConfigError(f"{head}{_where(layer)}{sep}{allowed}", field=name, layer=layer)
 
     if la.attn_kind == "dsa":
         if la.q_lora_rank == 0:
@@ -493,9 +494,16 @@ def _check_layer(la: LayerArgs, explicit: set[str]) -> None:
             )
     if la.ffn == "moe":
         if la.n_activated_experts > la.n_routed_experts:
-            name = "n_routed_experts" if "n_routed_experts" in explicit else "n_activated_experts"
+            if "n_routed_experts" in explicit and "n_activated_experts" not in explicit:
+                # this layer's expert count is what went below the top-k it inherits
+                fail(
+                    "n_routed_experts",
+                    f"n_routed_experts={la.n_routed_experts} is below n_activated_experts="
+                    f"{la.n_activated_experts}; allowed: {la.n_activated_experts}.."
+                    f"{INT_RANGES['n_routed_experts'][1]}",
+                )
             fail(
-                name,
+                "n_activated_experts",
                 f"n_activated_experts={la.n_activated_experts} exceeds "
                 f"n_routed_experts={la.n_routed_experts}; allowed: 1..{la.n_routed_experts}",
             )

@@ -47,6 +47,7 @@ class Session:
     built_at: str = ""  # wall-clock time of the build, shown beside runs
     runs: int = 0
     last_run: dict[str, Any] = field(default_factory=dict)  # the views' data of the last run
+    exported: str = ""  # the file the last export of this model wrote
     notes: dict[str, Any] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)  # for oldest-first eviction
     busy: int = 0  # requests of this session in progress: never evicted meanwhile
@@ -73,6 +74,7 @@ class Session:
         self.model_bytes = 0
         self.runs = 0
         self.last_run = {}
+        self.exported = ""
         self.source = self.built_at = ""
         if was_cuda or held:
             memory.release_memory()  # gc, CUDA cache, malloc_trim

@@ -64,6 +64,56 @@ def test_inherited_changes_show_per_layer_in_ranges():
     ]
 
 
+def test_a_global_change_no_layer_overrides_is_listed_once():
+    a = ModelArgs(**BASE)
+    texts = [c["text"] for c in compare(a, a.replace(n_heads=8))["changes"]]
+    assert texts == ["n_heads 16 -> 8"]
+
+
+def test_fields_a_layer_does_not_use_are_not_its_changes():
+    """Experts' fields on a dense layer and inter_dim on a MoE layer change nothing there."""
+    a = ModelArgs(**BASE)  # layer 0 dense
+    b = ModelArgs(**BASE, layer_config={0: {"n_routed_experts": 6}, 3: {"inter_dim": 64}})
+    assert compare(a, b)["changes"] == []
+    c = ModelArgs(**BASE, layer_config={2: {"n_routed_experts": 32}, 0: {"inter_dim": 64}})
+    assert [x["text"] for x in compare(a, c)["changes"]] == [
+        "layer 0 inter_dim 1024 -> 64",
+        "layer 2 n_routed_experts 64 -> 32",
+    ]
+
+
+def test_kv_cache_rows_compare_like_with_like():
+    """A naive B and an absorb A: each cache row holds one path's figure for both sides."""
+    a = ModelArgs(**BASE)
+    b = a.replace(attn_impl="naive")
+    m = rows(compare(a, b, batch=1, seq_len=512))
+    for impl in ("naive", "absorb"):
+        row = m[f"KV cache 1 x 512, {impl}"]
+        assert row["a"] == row["b"] > 0
+    assert (
+        m["attention path it runs (attn_impl)"]["a"],
+        m["attention path it runs (attn_impl)"]["b"],
+    ) == (
+        "absorb",
+        "naive",
+    )
+
+
+def test_small_and_large_figures_stay_readable():
+    a = ModelArgs(**BASE)
+    b = presets.load("deepseek-v3-671b")
+    md = to_markdown(compare(a, b))
+    assert "0.00 GFLOP" not in md and "0.000 ms" not in md
+    assert "MFLOP" in md or "kFLOP" in md
+    ratio = next(
+        line.split("|")[-2].strip() for line in md.splitlines() if "| total parameters" in line
+    )
+    assert ratio.endswith("x") and "," in ratio  # thousands separated
+    assert "gate_bias auto -> " in to_markdown(
+        compare(a.replace(gate_bias=None), a.replace(gate_bias=True))
+    )
+
+
 def test_layer_map_collapses_runs():
     args = presets.load("seed-demo")
     assert layer_map(args) == (

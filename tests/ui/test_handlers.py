@@ -308,6 +308,13 @@ def test_browser_save_load_delete(tiny_cfg):
     assert msg.startswith("⚠")
     store2, dd, msg = configure.delete_browser(store, "mine")
     assert store2 == {} and dd["choices"] == []
+    # with two saved, a delete chooses neither: a second click deletes nothing
+    two, _, _ = configure.save_browser({"wide": tiny_cfg}, "mine", tiny_cfg)
+    left, dd, msg = configure.delete_browser(two, "mine")
+    assert left == {"wide": tiny_cfg} and dd["value"] is None and dd["choices"] == ["wide"]
+    _, _, msg = configure.delete_browser(left, dd["value"])
+    assert msg == "⚠ choose a saved config first"
+    assert configure.load_browser(left, None)[1] == "⚠ choose a saved config first"
 
 
 def test_config_download_upload_round_trip(tiny_cfg):

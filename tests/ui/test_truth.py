@@ -326,3 +326,57 @@ def test_dsa_index_head_range_is_the_layers(tiny_cfg):
         _, note = inspect.dsa_view(s, 1, bad)
         assert "**index head**" in note and "allowed: 0..3" in note
     assert "index head 3 alone" in inspect.dsa_view(s, 1, "3")[1]
+
+
+def test_a_refused_batch_leaves_the_config_views_following_the_config():
+    """small (max batch 8) with batch 8, then tiny (max 4): the summary refuses the batch, the
+    layer map and per-layer table (which no batch changes) show tiny's 4 layers, not small's 8;
+    Compare drops its downloads (another comparison's) and draws both configs' maps."""
+    from ui.tabs import compare
+
+    small, tiny = presets.load("small").to_dict(), presets.load("tiny").to_dict()
+    md, table, layer_map, _ = estimate.estimate(tiny, "auto", "bf16", 8, 0, 1)
+    assert "batch" in md and "max_batch_size=4" in md
+    assert len(table) == 4 and "(4 layers)" in layer_map.layout.title.text
+    md, md_file, csv_file, map_a, map_b = compare.compare_view(small, tiny, "bf16", 8, 0, 1)
+    assert md.startswith("⚠") and md_file["visible"] is False and csv_file["visible"] is False
+    assert "(8 layers)" in map_a.layout.title.text and "(4 layers)" in map_b.layout.title.text
+
+
+def test_an_export_goes_with_the_model_it_came_from(tiny_cfg):
+    """After an export the file and message stay while the model does (a refused build keeps
+    it); a new model (build, import) or a free clears them: they were the old model's."""
+    s = _built(tiny_cfg)
+    assert files_tab.weights_follow(s) == (None, "the model changed since the last export: "
+                                           "press Export for this one")  # fmt: skip
+    path, msg = files_tab.export_weights(s)
+    assert msg.startswith("✔") and s.exported == path
+    kept = files_tab.weights_follow(s)
+    assert all(isinstance(x, dict) and x.get("__type__") == "update" for x in kept)  # skips
+    s.free()
+    assert files_tab.weights_follow(s) == (None, "")
+
+
+def test_an_override_a_dense_layer_cannot_use_is_noted_and_changes_nothing(tiny_cfg):
+    s = _built(tiny_cfg)
+    cfg = {**tiny_cfg, "layer_config": {0: {"n_routed_experts": 6}}}  # layer 0: dense
+    note = "note: layer 0 is dense: n_routed_experts has no effect there"
+    assert note in configure.valid_line(cfg)
+    assert run.model_status(s, cfg).startswith("✔")  # the same model: no rebuild asked
+
+
+def test_a_cross_field_layer_error_names_the_field_that_breaks_it(tiny_cfg):
+    """Layer 3 with 16 experts, then top-32 there: n_activated_experts is out of its range
+    (1..16), named first; an expert count set below the inherited top-k names that count."""
+    from dsv3 import ConfigError
+
+    args = ModelArgs.from_dict(tiny_cfg)
+    with pytest.raises(ConfigError) as e:
+        args.replace(layer_config={3: {"n_routed_experts": 16, "n_activated_experts": 32}})
+    assert (e.value.field, e.value.layer) == ("n_activated_experts", 3)
+    assert str(e.value).endswith("in layer 3; allowed: 1..16")
+    with pytest.raises(ConfigError) as e:
+        args.replace(layer_config={3: {"n_routed_experts": 1}})
+    assert e.value.field == "n_routed_experts" and f"allowed: {args.n_activated_experts}.." in str(
+        e.value
+    )

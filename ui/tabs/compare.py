@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from dsv3 import ConfigError
+from dsv3 import ConfigError, ModelArgs
 from dsv3.compare import compare, to_csv, to_markdown
 
 from .. import plots
@@ -71,21 +71,35 @@ def compare_view(
     try:
         a, b, result = _result(pinned, cfg, dtype, batch, length, n_gpus)
     except (ConfigError, ValueError) as e:
-        return problem(e), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        # No table for these settings: its downloads go (they were another comparison's);
+        # the layer maps depend on the configs alone and follow them where they are valid.
+        gone = gr.update(value=None, visible=False)
+        return problem(e), gone, gone, *_maps(pinned, cfg)
     folder = Path(tempfile.mkdtemp(prefix="dsv3-compare-"))
     md_path, csv_path = folder / "compare.md", folder / "compare.csv"
     md = to_markdown(result)
     md_path.write_text(md, encoding="utf-8")
     csv_path.write_text(to_csv(result), encoding="utf-8")
-    maps = [plots.layer_map([la.to_dict() for la in x.layers()]) for x in (a, b)]
-    for fig, name in zip(maps, ("A (pinned)", "B (the form)")):
-        fig.update_layout(title_text=f"{name}: {fig.layout.title.text}")
     return (
         stale_note(form_error) + md,
         gr.update(value=str(md_path), visible=True),
         gr.update(value=str(csv_path), visible=True),
-        *maps,
+        *_maps(a, b),
     )
+
+
+def _maps(a: Any, b: Any) -> list[Any]:
+    """The layer maps of A and B (ModelArgs or configs; an invalid one keeps its map)."""
+    maps = []
+    for x, name in ((a, "A (pinned)"), (b, "B (the form)")):
+        try:
+            args = x if isinstance(x, ModelArgs) else args_of(x)
+        except (ConfigError, ValueError):
+            maps.append(gr.skip())
+            continue
+        fig = plots.layer_map([la.to_dict() for la in args.layers()])
+        maps.append(fig.update_layout(title_text=f"{name}: {fig.layout.title.text}"))
+    return maps
 
 
 # ---------------------------------------------------------------------- layout

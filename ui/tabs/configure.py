@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 
 from dsv3 import ConfigError, ModelArgs, args_from_hf_config, count_params, presets
+from dsv3.compare import inert
 
 from .. import fields, plots, settings
 from ..components import Choice, Table, WholeNumber, guard_files
@@ -64,7 +65,24 @@ def size_text(args: ModelArgs) -> str:
 
 
 def valid_line(cfg: dict[str, Any]) -> str:
-    return ok(f"valid: {config_line(cfg)}")
+    """The form's status for a valid config, with a note on overrides that change nothing."""
+    return ok(f"valid: {config_line(cfg)}") + _inert_note(cfg)
+
+
+def _inert_note(cfg: dict[str, Any]) -> str:
+    """ "  \nnote: layer 0 is dense: n_routed_experts has no effect there" for each override
+    of a field the layer's kind does not use (accepted: the kind may change back)."""
+    try:
+        args = args_of(cfg)
+    except ConfigError:
+        return ""
+    notes = [
+        f"layer {i} is {args.ffn_kind(i)}: {k} has no effect there"
+        for i, over in sorted(args.layer_config.items())
+        for k in over
+        if inert(k, args.ffn_kind(i))
+    ]
+    return "".join(f"  \nnote: {lit(n)}" for n in notes)
 
 
 def config_to_form(cfg: dict[str, Any]) -> list[Any]:
@@ -156,11 +174,17 @@ def save_browser(store: Any, name: Any, cfg: Any, form_error: str = "") -> tuple
     )
 
 
+def _not_saved(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        return "⚠ choose a saved config first"
+    return f"⚠ no preset named {lit(repr(name))} saved in this browser"
+
+
 def load_browser(store: Any, name: Any) -> tuple[Any, str]:
     """A config saved in this browser -> (config, status)."""
     store = store if isinstance(store, dict) else {}
     if not isinstance(name, str) or name not in store:
-        return gr.skip(), f"⚠ no preset named {lit(repr(name))} saved in this browser"
+        return gr.skip(), _not_saved(name)
     try:
         cfg = args_of(store[name]).to_dict()
     except ConfigError as e:  # saved by an older version, say
@@ -178,8 +202,10 @@ def not_a_preset(status: Any) -> Any:
 def delete_browser(store: Any, name: Any) -> tuple[Any, Any, str]:
     store = dict(store) if isinstance(store, dict) else {}
     if not isinstance(name, str) or store.pop(name, None) is None:
-        return gr.skip(), gr.skip(), f"⚠ no preset named {lit(repr(name))} saved in this browser"
-    return store, saved_names_update(store), ok(f"deleted **{lit(name)}** from this browser")
+        return gr.skip(), gr.skip(), _not_saved(name)
+    # Nothing chosen after a delete: a second click must not delete the next config too.
+    names = gr.update(choices=sorted(store), value=None)
+    return store, names, ok(f"deleted **{lit(name)}** from this browser")
 
 
 def export_config(cfg: Any, name: Any = "", form_error: str = "") -> tuple[Any, str]:

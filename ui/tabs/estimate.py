@@ -108,15 +108,30 @@ def estimate(
         e = estimate_model(args, dtype=dtype, batch=batch, seq_len=length, n_gpus=n_gpus)
         note = split_note(args, n_gpus, dtype)
     except (ConfigError, ValueError) as err:
-        return problem(err), gr.skip(), gr.skip(), gr.skip()
+        return problem(err), *config_views(cfg, dtype)
     md = stale_note(form_error) + summary(e, args, device, dtype, batch, length, note)
+    return md, *_views(args, e)
+
+
+def _views(args: ModelArgs, e: dict) -> tuple[Any, Any, Any]:
     layers = [la.to_dict() for la in args.layers()]
     return (
-        md,
         pd.DataFrame(e["layers"]),
         plots.layer_map(layers),
         plots.params_by_group(e["params"]),
     )
+
+
+def config_views(cfg: Any, dtype: Any) -> tuple[Any, ...]:
+    """The per-layer table, layer map and parameter chart: they depend on the config (and
+    dtype) alone, so a batch or length the config refuses leaves them following the config
+    rather than showing the last one's. Config or dtype invalid: all three kept."""
+    try:
+        args = args_of(cfg)
+        e = estimate_model(args, dtype=choice(dtype, "dtype", DTYPES), batch=1, seq_len=1)
+    except (ConfigError, ValueError):
+        return gr.skip(), gr.skip(), gr.skip()
+    return _views(args, e)
 
 
 def summary(

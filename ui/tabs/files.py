@@ -48,7 +48,18 @@ def export_weights(session: Session | None) -> tuple[Any, str]:
     with session.in_use():
         checkpoint.save(session.model, path)
     size = path.stat().st_size
+    session.exported = str(path)
     return str(path), ok(f"{path.name}: {human_bytes(size)} in {time.perf_counter() - t0:.2f} s")
+
+
+def weights_follow(session: Any) -> tuple[Any, Any]:
+    """The export's file and message once the model changed (a build, free or import): the
+    file was the previous model's, so it goes; a model kept (a refused build) keeps them."""
+    if isinstance(session, Session) and session.exported:
+        return gr.skip(), gr.skip()
+    held = isinstance(session, Session) and session.model is not None
+    return None, ("the model changed since the last export: press Export for this one"
+                  if held else "")  # fmt: skip
 
 
 class Refused(Exception):

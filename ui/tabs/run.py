@@ -402,6 +402,9 @@ def _run_views_follow(page: Any, event: Any) -> None:
         **page.quiet(),
     )
     _redraw_run_views(page, event)
+    from .files import weights_follow  # files imports this module
+
+    event.then(weights_follow, page.session, [page.weights_file, page.weights_msg], **page.quiet())
 
 
 def _redraw_run_views(page: Any, event: Any) -> None:
