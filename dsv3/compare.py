@@ -105,12 +105,13 @@ def _change_text(c: dict[str, Any]) -> str:
     where = "" if c["layers"] is None else _where(*c["layers"]) + " "
     if c["field"] == "layer":
         return f"{where}{c['b']}"
-    return f"{where}{c['field']} {_value(c['a'])} -> {_value(c['b'])}"
+    f = c["field"]
+    return f"{where}{f} {_value(f, c['a'])} -> {_value(f, c['b'])}"
 
 
-def _value(v: Any) -> str:
-    """A config value as the form shows it (None: "auto", as gate_bias's choice)."""
-    return "auto" if v is None else str(v)
+def _value(field: str, v: Any) -> str:
+    """A config value as the form shows it (gate_bias None is its "auto" choice)."""
+    return "auto" if v is None and field == "gate_bias" else str(v)
 
 
 def _side(

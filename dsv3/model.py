@@ -344,9 +344,19 @@ class Transformer(nn.Module):
             for cache in block.attn.caches:
                 cache.ensure(batch, min(seq_len, self.args.max_seq_len), like, keep=True)
 
-    def cache_bytes(self) -> int:
+    def cache_bytes(self, batch: int | None = None, positions: int | None = None) -> int:
+        """Bytes the KV caches hold allocated (they grow ahead while decoding), or with
+        `batch` and `positions` the bytes of that many sequences' first positions in them."""
         blocks = (*self.layers, *self.mtp.values())
-        return sum(c.nbytes() for block in blocks for c in block.attn.caches)
+        caches = [c for block in blocks for c in block.attn.caches]
+        if batch is None:
+            return sum(c.nbytes() for c in caches)
+        used = 0
+        for c in caches:
+            b, t = c.capacity  # (0, 0) while empty
+            if b and t:
+                used += c.nbytes() // (b * t) * min(batch, b) * min(positions or 0, t)
+        return used
 
     def _rotary(self, device: torch.device, start_pos: int, seqlen: int):
         """(cos, sin) for positions start_pos..start_pos+seqlen-1, float32."""

@@ -21,6 +21,9 @@ from .tabs import compare, configure, estimate, files, inspect, run
 CSS = """
 .status p { margin: 0.2em 0; }
 #estimate-summary table { font-size: 0.9em; }
+/* Wide Markdown tables scroll sideways on a narrow screen instead of breaking numbers. */
+#compare-md table, #estimate-summary table { display: block; overflow-x: auto; }
+#compare-md td, #compare-md th { white-space: nowrap; }
 /* The override table's headers are fixed: renaming one would only change what it shows. */
 #overrides thead th, #overrides thead th * { pointer-events: none; }
 """

@@ -198,6 +198,7 @@ def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict
             "input_shape": [B, S],
             "output_shape": list(logits.shape),
             "meta": True,
+            "decode_steps_asked": int(decode_steps),  # not run: no values to pick tokens from
         }
     out.update(peak_bytes=mem.peak, peak_kind=mem.kind, prefill_how=prefill_how)
     return out
@@ -260,6 +261,7 @@ def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[
         generated=generated,
         logits_finite=bool(torch.isfinite(logits.float()).all()),
         kv_cache_bytes=model.cache_bytes(),
+        kv_cache_used_bytes=model.cache_bytes(B, S + int(decode_steps)),
     )
     return out
 

@@ -18,6 +18,7 @@ __all__ = [
     "args_from_hf_config",
     "fetch_hf_config",
     "hf_config_from_args",
+    "hf_defaulted",
     "read_hf_config",
 ]
 
@@ -349,6 +350,25 @@ def _rope_from_hf(c: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def hf_defaulted(cfg: dict[str, Any]) -> list[str]:
+    """The shape keys (hidden_size, n_routed_experts, ...) of a config.json that
+    `args_from_hf_config` takes from transformers' config class defaults because the file
+    leaves them out (a near-empty deepseek_v3 config is V3 671B), in the defaults' order; []
+    for what is not a supported config. Switches released files omit (rope_interleave,
+    norm_topk_prob) are not listed."""
+    if not isinstance(cfg, dict):
+        return []
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]
+    model_type = cfg.get("model_type", "deepseek_v3")
+    if model_type not in _FAMILY:
+        return []
+    extra = _V32_DEFAULTS if model_type == "deepseek_v32" else {}
+    shape = set(CONFIG_NAMES.values()) | set(_V32_DEFAULTS)  # not switches real files omit
+    defaults = {**_HF_DEFAULTS[_FAMILY[model_type]], **extra}
+    return [k for k in defaults if k in shape and k not in cfg]
+
+
 def hf_config_from_args(args: ModelArgs) -> dict[str, Any]:
     """ModelArgs -> a transformers config dict (DeepseekV3Config, or DeepseekV2Config for
     softmax routing) with which transformers computes exactly what dsv3 computes.
@@ -529,7 +549,7 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's config.json as a dict; not JSON, not UTF-8 or not an object -> ConfigError."""
     path = Path(path)
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path.name} is not valid JSON: {e}", field="config.json") from None
     if not isinstance(cfg, dict):

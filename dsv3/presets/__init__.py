@@ -92,6 +92,11 @@ def parse(text: str, source: str = "preset") -> dict[str, Any]:
             f"a preset has exactly: {', '.join(_KEYS)}",
             field=str(unknown[0]),
         )
+    if "schema" not in doc:
+        raise ConfigError(
+            f"{source}: missing key 'schema' (a preset document has \"schema\": {SCHEMA})",
+            field="schema",
+        )
     schema = doc.get("schema")
     if schema != SCHEMA or isinstance(schema, bool):
         raise ConfigError(
@@ -106,6 +111,12 @@ def parse(text: str, source: str = "preset") -> dict[str, Any]:
             )
     if "args" not in doc:
         raise ConfigError(f"{source}: missing key 'args' (the ModelArgs fields)", field="args")
+    if not isinstance(doc["args"], dict):
+        raise ConfigError(
+            f"{source}: args must be a JSON object of ModelArgs fields, got "
+            f"{type(doc['args']).__name__}",
+            field="args",
+        )
     try:
         args = ModelArgs.from_dict(doc["args"])
     except ConfigError as e:
@@ -126,7 +137,7 @@ def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
     A file without a "name" is named after its file stem."""
     path = _resolve(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(f"preset {path.name} is not UTF-8 text: {e}", field="preset") from None
     out = parse(text, source=f"preset {path.name}")

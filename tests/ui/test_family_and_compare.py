@@ -106,3 +106,22 @@ def test_a_cuda_run_is_set_against_its_roofline_floor(monkeypatch):
     fl = run._floor(args, "bf16", r)
     assert 0.2 < fl["prefill_fraction"] < 1 and 0 < fl["decode_fraction"] < 1
     assert fl["prefill_floor_s"] * 1e3 == pytest.approx(0.0216 * 1e3 * fl["prefill_fraction"])
+
+
+def test_an_hf_config_that_leaves_shapes_out_says_which_take_defaults(tmp_path):
+    """A near-empty deepseek_v3 config is V3 671B (transformers' defaults): the status names
+    the keys that came from there; a byte-order mark does not stop an upload."""
+    cfg, msg = configure.hf_config('{"model_type": "deepseek_v3", "hidden_size": 7168}')
+    assert msg.startswith("✔") and "take transformers' defaults: vocab_size" in msg
+    assert "hidden_size," not in msg.split("defaults:")[1]
+    bom = tmp_path / "config.json"
+    bom.write_text('{"model_type": "deepseek_v3", "num_hidden_layers": 4}', encoding="utf-8-sig")
+    cfg, msg = configure.import_config(str(bom))
+    assert msg.startswith("✔") and cfg["n_layers"] == 4 and "vocab_size" in msg
+
+
+def test_a_preset_document_with_bad_args_says_so():
+    for text, words in [('{"args": "nope"}', "missing key 'schema'"),
+                        ('{"schema": 1, "args": "nope"}', "args must be a JSON object")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=words):
+            presets.parse(text)

@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 
 from dsv3 import ConfigError, ModelArgs, args_from_hf_config, count_params, presets
+from dsv3.checkpoint.hf_config import hf_defaulted
 from dsv3.compare import inert
 
 from .. import fields, plots, settings
@@ -235,7 +236,7 @@ def _config_from_json(doc: Any, text: str, name: str) -> tuple[ModelArgs, list[s
     (args, fields left default)."""
     if is_hf_config(doc):
         try:
-            return args_from_hf_config(doc), []
+            return args_from_hf_config(doc), hf_defaulted(doc)  # transformers' defaults
         except ConfigError as e:
             raise ConfigError(f"{name}: {e}", field=e.field, layer=e.layer) from None
     if isinstance(doc, dict) and "args" in doc:
@@ -310,7 +311,15 @@ def hf_config(text: Any) -> tuple[Any, str]:
         args = args_from_hf_config(doc)
     except ConfigError as e:
         return gr.skip(), problem(e)
-    return args.to_dict(), ok(f"read **{lit(source)}** ({size_text(args)}); no weights loaded")
+    left = hf_defaulted(doc)
+    note = (
+        f"; {len(left)} key(s) not in it take transformers' defaults: {', '.join(left)}"
+        if left
+        else ""
+    )
+    return args.to_dict(), ok(
+        f"read **{lit(source)}** ({size_text(args)}); no weights loaded{note}"
+    )
 
 
 def import_config(file: Any) -> tuple[Any, str]:
@@ -326,7 +335,7 @@ def import_config(file: Any) -> tuple[Any, str]:
             raise ConfigError(
                 f"{path.name} is larger than 1 MiB; a preset is a small JSON file", field="preset"
             )
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:

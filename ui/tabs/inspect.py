@@ -161,12 +161,22 @@ def rotary(
     sin = pd.DataFrame(info["sin"][:TABLE_POSITIONS], columns=cols).round(4)
     cos.insert(0, "pos", info["positions"][:TABLE_POSITIONS])
     sin.insert(0, "pos", info["positions"][:TABLE_POSITIONS])
-    state = "on" if info["use_yarn"] else "off"
+    if info["use_yarn"]:
+        yarn = (
+            f"YaRN **on** (max_seq_len {args.max_seq_len}, original_seq_len "
+            f"{args.original_seq_len}, factor {args.rope_factor:g}); correction range pairs "
+            f"{info['low']}..{info['high']}; **mscale {info['mscale']:.4f}**"
+        )
+    else:  # its factor and correction range are not used: do not show them as if they were
+        why = (
+            f"rope_scaling {args.rope_scaling}"
+            if args.rope_scaling != "auto"
+            else f"max_seq_len {args.max_seq_len} <= original_seq_len {args.original_seq_len}"
+        )
+        yarn = f"YaRN **off** ({why}): plain RoPE, rope_theta {args.rope_theta:g}"
     md = stale_note(form_error) + (
-        f"YaRN **{state}** (max_seq_len {args.max_seq_len}, original_seq_len "
-        f"{args.original_seq_len}, factor {args.rope_factor:g}); correction range pairs "
-        f"{info['low']}..{info['high']}; **mscale {info['mscale']:.4f}**; softmax scale "
-        f"**{info['softmax_scale']:.6f}** (= qk_head_dim^-0.5 x mscale^2)"
+        f"{yarn}; softmax scale **{info['softmax_scale']:.6f}** (= qk_head_dim^-0.5"
+        + (" x mscale^2)" if info["use_yarn"] else ")")
     )
     return plots.rotary_freqs(info), plots.rotary_tables(info), cos, sin, md
 

@@ -354,9 +354,11 @@ def run_markdown(r: dict[str, Any]) -> str:
         else ""
     )
     if r.get("meta"):
+        steps = r.get("decode_steps_asked") or 0
+        skipped = f"; the {steps} decode steps asked were not run" if steps else ""
         return ok(
             f"{which}meta run: input {r['input_shape']} -> logits {r['output_shape']} (shapes "
-            "only, nothing computed)"
+            f"only, nothing computed{skipped})"
         )
     lines = [
         f"{which}input {r['input_shape']} -> logits **{r['output_shape']}** on {r['device']} "
@@ -370,10 +372,15 @@ def run_markdown(r: dict[str, Any]) -> str:
             f"{r['decode_seconds'] * 1e3:.1f} ms, **{r['decode_tokens_per_s']:,.1f} tokens/s** "
             f"({lit(r.get('decode_how', 'eager'))}); generated {id_list(r['generated'])}"
         )
-    lines.append(
-        f"KV cache {human_bytes(r['kv_cache_bytes'])}; peak memory "
-        f"**{human_bytes(r['peak_bytes'])}** ({r['peak_kind']})"
-    )
+    used = r.get("kv_cache_used_bytes")
+    kv = f"KV cache {human_bytes(r['kv_cache_bytes'])} allocated"
+    if used is not None and used != r["kv_cache_bytes"]:
+        kv = (
+            f"KV cache {human_bytes(used)} holding this run's {r['input_shape'][0]} x "
+            f"{r['input_shape'][1] + r.get('decode_steps', 0)} positions, "
+            f"{human_bytes(r['kv_cache_bytes'])} allocated (it grows ahead while decoding)"
+        )
+    lines.append(f"{kv}; peak memory **{human_bytes(r['peak_bytes'])}** ({r['peak_kind']})")
     fl = r.get("floor")
     if fl:
         line = (
