@@ -367,7 +367,7 @@ def architecture(
     use the absorbed form. The group's `note` says so.)
 
     Returns, in model order, dicts with:
-      kind: "embed", "layers" or "head"; label ("layers 3-60, x58"); first, last, count;
+      kind: "embed", "layers", "head" or "mtp" (built, not run); label ("layers 3-60, x58"); first, last, count;
       ffn ("dense" | "moe", layers only); attn_path; override (any layer of the group has
       `layer_config` entries); diff {field: [un-overridden value, value]}; diff_text
       ("n_heads 8 -> 16"); same_as (label of an earlier group with the same shapes, or None);
@@ -462,6 +462,30 @@ def architecture(
             ],
         )
     )
+    for la in args.mtp_layers():  # built and counted, not run by the forward: shown as such
+        D, bsd = args.dim, [("batch", B), ("seq", S), ("dim", args.dim)]
+        rows.append(
+            _end_row(
+                "mtp",
+                f"MTP {la.layer_id} (not run)",
+                f"[norm(h) | norm(embed(next token))] 2*dim {2 * D} -> dim {D}, then a "
+                f"{la.ffn} block (layer_config key {la.layer_id}), the shared norm + head",
+                "multi-token prediction: built, counted and loaded, but a forward predicts the "
+                "next token only (as the reference's inference)",
+                [
+                    _module("head", "enorm", "RMSNorm (next token's embedding)", bsd, True),
+                    _module("head", "hnorm", "RMSNorm (the main model's hidden state)", bsd, True),
+                    _module("head", "eh_proj", "Linear 2*dim -> dim", bsd),
+                    _module("head", "block", f"MLA + {la.ffn} as a layer", bsd),
+                    _module(
+                        "head",
+                        "head",
+                        "shared norm + head",
+                        [("batch", B), ("vocab", args.vocab_size)],
+                    ),
+                ],
+            )
+        )
     return rows
 
 

@@ -37,7 +37,9 @@ def test_671b_collapses_into_few_groups_fast():
     start = time.perf_counter()
     rows = architecture(args, batch=2, seq=128)
     assert time.perf_counter() - start < 0.5  # no torch, no allocation
-    assert [r["kind"] for r in rows] == ["embed", "layers", "layers", "head"]
+    # V3's MTP module closes the view: built and counted, marked as not run
+    assert [r["kind"] for r in rows] == ["embed", "layers", "layers", "head", "mtp"]
+    assert rows[-1]["label"] == "MTP 61 (not run)"
     dense, moe = layer_groups(rows)
     assert dense["label"] == "layers 0-2, x3" and dense["ffn"] == "dense"
     assert moe["label"] == "layers 3-60, x58" and moe["count"] == 58 and moe["ffn"] == "moe"

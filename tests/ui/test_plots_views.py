@@ -195,7 +195,8 @@ def test_architecture_table_for_671b_is_short_and_names_axes():
     table = fig.data[0]
     assert table.type == "table"
     labels = list(table.cells.values[0])
-    assert len(labels) == 4 and "layers 3-60, x58" in labels[2]
+    assert len(labels) == 5 and "layers 3-60, x58" in labels[2]
+    assert labels[4] == "<b>MTP 61 (not run)</b>"
     attn = table.cells.values[1][2]
     assert "heads 128" in attn and "head_dim 192" in attn and "latent 512" in attn
     assert "experts 256" in table.cells.values[2][2] and "topk 8" in table.cells.values[2][2]

@@ -5,6 +5,7 @@ the run that made them. Each test is one of the bugs found by trying the app."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +159,14 @@ def test_import_of_the_apps_own_export_gives_the_same_model(tiny_cfg):
     assert cfg == s.config
     s2.model.reset_cache()
     assert torch.equal(s2.model(tokens, full=True), want)
+    # a config.json beside the export is not read: the message says so, not that it was
+    other = Path(path).parent / "config.json"
+    other.write_text(json.dumps({"model_type": "kimi_k2"}))
+    _, _, msg = files_tab.import_hf([path, str(other)], "cpu", "fp32", Session())
+    assert "not used: config.json (the export carries its own config)" in msg, msg
+    assert "export: config.json" not in msg
+    _, _, msg = files_tab.import_hf([path], "meta", "fp32", Session())
+    assert "onto meta" in msg and "the weights were not loaded" in msg
 
 
 def test_wrong_format_errors_name_the_upload_not_a_temp_folder(tiny_cfg, tmp_path):
@@ -380,3 +389,14 @@ def test_a_cross_field_layer_error_names_the_field_that_breaks_it(tiny_cfg):
     assert e.value.field == "n_routed_experts" and f"allowed: {args.n_activated_experts}.." in str(
         e.value
     )
+
+
+def test_the_mtp_module_is_said_to_be_built_but_not_run(tiny_cfg):
+    cfg = {**tiny_cfg, "n_mtp_layers": 1}
+    s = _built(cfg)
+    r = runtime.run(s.model, runtime.make_tokens(cfg["vocab_size"], 1, 8, 0), 2)
+    md = run.run_markdown(r)
+    assert "MTP module (1 layer) is built but not run" in md
+    assert "holding this run's 1 x 10 positions" in md or "allocated" in md
+    summary = estimate.estimate(cfg, "auto", "fp32", 1, 0, 1)[0]
+    assert "embedding lookup and MTP module not counted" in summary

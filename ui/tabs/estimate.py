@@ -154,7 +154,9 @@ def summary(
     return "\n".join(
         [
             f"**{p['total']:,} parameters** ({plots.human(p['total'])}), "
-            f"**{p['active']:,} active** per token ({plots.human(p['active'])}){mtp}",
+            f"**{p['active']:,} active** per token ({plots.human(p['active'])}: the main "
+            f"forward's, embedding lookup{' and MTP module' if p.get('mtp') else ''} not "
+            f"counted){mtp}",
             "",
             "| | fp32 | bf16 | fp8 |",
             "|---|---|---|---|",

@@ -179,15 +179,22 @@ def import_hf(
     except ConfigError as e:
         return session, gr.skip(), problem(e)
     session.free()
-    source = lit(", ".join(p.name for p in paths))
+    used = [p for p in paths if kind != "native" or p == plan[1]]
+    unused = [p.name for p in paths if p not in used]
+    source = lit(", ".join(p.name for p in used))
     adopt(
         session, model, None, seconds, lazy.runtime.tensor_bytes(model), f"import {source}", request
     )
     total = plots.human(count_params(model.args)["total"])
     what = "this app's export" if kind == "native" else "a Hugging Face checkpoint"
+    notes = ""
+    if unused:  # an export carries its own config: a config.json beside it is not read
+        notes += f"; not used: {lit(', '.join(unused))} (the export carries its own config)"
+    if dev == "meta":
+        notes += "; on meta only the shapes are kept: the weights were not loaded"
     msg = (
         f"imported {total} params ({what}: {source}) in {seconds:.2f} s onto {dev} in "
-        f"{model.dtype_name}; it replaced the session's model"
+        f"{model.dtype_name}; it replaced the session's model{notes}"
     )
     return session, session.config, ok(msg)
 

@@ -393,6 +393,12 @@ def run_markdown(r: dict[str, Any]) -> str:
                 f"**{fl['decode_fraction']:.0%}**"
             )
         lines.append(line)
+    if r.get("mtp_layers"):
+        lines.append(
+            f"the MTP module ({r['mtp_layers']} layer{'s' if r['mtp_layers'] > 1 else ''}) is "
+            "built but not run: the forward predicts the next token only, as the reference's "
+            "inference does"
+        )
     if not r.get("logits_finite", True):
         lines.append("⚠ logits contain NaN/inf")
     return ok("  \n".join(lines))
