@@ -147,10 +147,9 @@ def _side(
     rows.append(
         ("compute", f"FLOPs per token ({seq_len} context)", "flops", est["flops_per_token"])
     )
-    rows.append(
-        ("memory", f"per-GPU weights ({n_gpus} GPUs)", "bytes", est["per_gpu_weight_bytes"])
-    )
-    rows.append(("memory", f"per-GPU memory ({n_gpus} GPUs)", "bytes", est["per_gpu_bytes"]))
+    gpus_text = f"{n_gpus} GPU{'s' if n_gpus > 1 else ''}"
+    rows.append(("memory", f"per-GPU weights ({gpus_text})", "bytes", est["per_gpu_weight_bytes"]))
+    rows.append(("memory", f"per-GPU memory ({gpus_text})", "bytes", est["per_gpu_bytes"]))
     for g in gpus:
         r = roofline(args, g, dtype, batch, seq_len, n_gpus)
         name = f"{r['gpu']} x{n_gpus}"

@@ -23,7 +23,7 @@ CSS = """
 #estimate-summary table { font-size: 0.9em; }
 /* Wide Markdown tables scroll sideways on a narrow screen instead of breaking numbers. */
 #compare-md table, #estimate-summary table { display: block; overflow-x: auto; }
-#compare-md td, #compare-md th { white-space: nowrap; }
+#compare-md td:not(:first-child), #compare-md th:not(:first-child) { white-space: nowrap; }
 /* The override table's headers are fixed: renaming one would only change what it shows. */
 #overrides thead th, #overrides thead th * { pointer-events: none; }
 """

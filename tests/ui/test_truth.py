@@ -356,8 +356,8 @@ def test_an_export_goes_with_the_model_it_came_from(tiny_cfg):
     """After an export the file and message stay while the model does (a refused build keeps
     it); a new model (build, import) or a free clears them: they were the old model's."""
     s = _built(tiny_cfg)
-    assert files_tab.weights_follow(s) == (None, "the model changed since the last export: "
-                                           "press Export for this one")  # fmt: skip
+    no_export = "no export of this model yet: press Export to download its weights"
+    assert files_tab.weights_follow(s) == (None, no_export)
     path, msg = files_tab.export_weights(s)
     assert msg.startswith("✔") and s.exported == path
     kept = files_tab.weights_follow(s)

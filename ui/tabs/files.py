@@ -58,7 +58,7 @@ def weights_follow(session: Any) -> tuple[Any, Any]:
     if isinstance(session, Session) and session.exported:
         return gr.skip(), gr.skip()
     held = isinstance(session, Session) and session.model is not None
-    return None, ("the model changed since the last export: press Export for this one"
+    return None, ("no export of this model yet: press Export to download its weights"
                   if held else "")  # fmt: skip
 
 
