@@ -24,13 +24,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .config import LAYER_FIELDS, MOE_FIELDS, LayerArgs, ModelArgs
+from .config import LAYER_FIELDS, LayerArgs, ModelArgs, unused_by
 
 ATTN_PATHS = ("naive", "absorb")
 # Fields that only matter for one kind of feed-forward: a dense layer's differences in them
 # have no effect and are not listed (and vice versa).
-_MOE_ONLY = set(MOE_FIELDS)
-_DENSE_ONLY = {"inter_dim"}
 # Modules that read as one step of the path (a compact view puts a step on one line).
 STEPS = {
     "wq_a": "q",
@@ -265,13 +263,7 @@ def _ffn(la: LayerArgs, B: int, S: int) -> list[dict[str, Any]]:
 
 
 def _relevant(name: str, la: LayerArgs, base: LayerArgs) -> bool:
-    if name == "ffn":
-        return True
-    if la.ffn == "dense" and base.ffn == "dense" and name in _MOE_ONLY:
-        return False
-    if la.ffn == "moe" and base.ffn == "moe" and name in _DENSE_ONLY:
-        return False
-    return True
+    return not (unused_by(name, la.ffn) and unused_by(name, base.ffn))
 
 
 def _differences(la: LayerArgs, base: LayerArgs) -> dict[str, list]:
@@ -367,7 +359,8 @@ def architecture(
     use the absorbed form. The group's `note` says so.)
 
     Returns, in model order, dicts with:
-      kind: "embed", "layers", "head" or "mtp" (built, not run); label ("layers 3-60, x58"); first, last, count;
+      kind: "embed", "layers", "head" or "mtp" (built, not run);
+      label ("layers 3-60, x58"); first, last, count;
       ffn ("dense" | "moe", layers only); attn_path; override (any layer of the group has
       `layer_config` entries); diff {field: [un-overridden value, value]}; diff_text
       ("n_heads 8 -> 16"); same_as (label of an earlier group with the same shapes, or None);
@@ -469,7 +462,7 @@ def architecture(
                 "mtp",
                 f"MTP {la.layer_id} (not run)",
                 f"[norm(h) | norm(embed(next token))] 2*dim {2 * D} -> dim {D}, then a "
-                f"{la.ffn} block (layer_config key {la.layer_id}), the shared norm + head",
+                f"{la.ffn} block (checkpoint layers.{la.layer_id}), the shared norm + head",
                 "multi-token prediction: built, counted and loaded, but a forward predicts the "
                 "next token only (as the reference's inference)",
                 [
@@ -490,8 +483,8 @@ def architecture(
 
 
 def _end_row(kind: str, label: str, summary: str, note: str, modules: list) -> dict[str, Any]:
-    """The embedding's or the head's row: one module group outside the layers, never
-    overridden."""
+    """The embedding's, the head's or an MTP module's row: one module group outside the
+    layers, never overridden."""
     return {
         "kind": kind,
         "label": label,

@@ -9,8 +9,9 @@
 Per-layer changes compare the resolved `args.for_layer(i)`, so a changed global value shows on
 every layer that inherits it where some layer overrides that field (collapsed into ranges:
 "layers 0-4 n_heads 16 -> 8", "layers 6-7 ...": which layers follow the change); where no layer
-does, the global change alone says it. A field a layer's kind does not use (the experts' fields
-on a dense layer, inter_dim on a MoE one) is not a change of that layer.
+does, the global change alone says it. A field neither side's layer uses
+(`config.unused_by`: the experts' fields on a dense layer, inter_dim on a MoE one) is not a
+change of that layer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import dataclasses
 import io
 from typing import Any
 
-from .config import LAYER_FIELDS, MOE_FIELDS, ModelArgs
+from .config import LAYER_FIELDS, ModelArgs, unused_by
 from .params import estimate, human_bytes
 from .roofline import GPU, roofline
 
@@ -58,10 +59,14 @@ def changes(a: ModelArgs, b: ModelArgs) -> list[dict[str, Any]]:
         if f.name != "layer_config" and va != vb:
             out.append({"layers": None, "field": f.name, "a": va, "b": vb})
     common = range(min(a.n_layers, b.n_layers))
-    uniform = {  # global changes no layer overrides: listed once, not per layer
+    uniform = {  # global changes no layer overrides (where it is used): listed once
         c["field"]
         for c in out
-        if not any(c["field"] in x.layer_config.get(i, {}) for x in (a, b) for i in common)
+        if not any(
+            c["field"] in x.layer_config.get(i, {}) and not unused_by(c["field"], x.ffn_kind(i))
+            for x in (a, b)
+            for i in common
+        )
     }
     per_layer: list[tuple[int, str, Any, Any]] = []
     for i in range(max(a.n_layers, b.n_layers)):
@@ -75,7 +80,7 @@ def changes(a: ModelArgs, b: ModelArgs) -> list[dict[str, Any]]:
             for k in LAYER_FIELDS
             if getattr(la, k) != getattr(lb, k)
             and k not in uniform
-            and not (inert(k, la.ffn) or inert(k, lb.ffn))
+            and not (unused_by(k, la.ffn) and unused_by(k, lb.ffn))  # used on one side
         ]
     # Collapse runs: the same change on consecutive layers is one entry.
     open_runs: dict[tuple[str, Any, Any], dict[str, Any]] = {}
@@ -93,12 +98,6 @@ def changes(a: ModelArgs, b: ModelArgs) -> list[dict[str, Any]]:
     for c in out:
         c["text"] = _change_text(c)
     return out
-
-
-def inert(field: str, ffn: str) -> bool:
-    """Whether a layer of kind `ffn` ("dense" or "moe") has no use for `field`: the experts'
-    fields on a dense layer, inter_dim (the dense MLP's width) on a MoE layer."""
-    return field in MOE_FIELDS if ffn == "dense" else field == "inter_dim"
 
 
 def _change_text(c: dict[str, Any]) -> str:

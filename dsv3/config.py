@@ -81,6 +81,15 @@ MOE_FIELDS = (
     "route_scale",
     "gate_bias",
 )
+
+
+def unused_by(field: str, ffn: str) -> bool:
+    """Whether a layer of kind `ffn` ("dense" or "moe") has no use for per-layer `field`: the
+    experts' fields on a dense layer, inter_dim (the dense MLP's width) on a MoE layer. An
+    override of such a field is accepted (the kind may change back) and changes nothing."""
+    return field in MOE_FIELDS if ffn == "dense" else field == "inter_dim"
+
+
 # DeepSeek Sparse Attention (V3.2-Exp): the per-layer switch, then the indexer's global shape.
 DSA_FIELDS = ("attn_kind", "index_n_heads", "index_head_dim", "index_topk")
 ROTARY_FIELDS = (
@@ -496,11 +505,13 @@ def _check_layer(la: LayerArgs, explicit: set[str]) -> None:
         if la.n_activated_experts > la.n_routed_experts:
             if "n_routed_experts" in explicit and "n_activated_experts" not in explicit:
                 # this layer's expert count is what went below the top-k it inherits
+                groups = la.n_expert_groups
                 fail(
                     "n_routed_experts",
                     f"n_routed_experts={la.n_routed_experts} is below n_activated_experts="
                     f"{la.n_activated_experts}; allowed: {la.n_activated_experts}.."
-                    f"{INT_RANGES['n_routed_experts'][1]}",
+                    f"{INT_RANGES['n_routed_experts'][1]}"
+                    + (f", a multiple of n_expert_groups={groups}" if groups > 1 else ""),
                 )
             fail(
                 "n_activated_experts",

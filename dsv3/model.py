@@ -344,9 +344,9 @@ class Transformer(nn.Module):
             for cache in block.attn.caches:
                 cache.ensure(batch, min(seq_len, self.args.max_seq_len), like, keep=True)
 
-    def cache_bytes(self, batch: int | None = None, positions: int | None = None) -> int:
-        """Bytes the KV caches hold allocated (they grow ahead while decoding), or with
-        `batch` and `positions` the bytes of that many sequences' first positions in them."""
+    def cache_bytes(self, batch: int | None = None, positions: int = 0) -> int:
+        """Bytes the KV caches hold allocated (grown ahead while decoding, or reserved for CUDA
+        graphs), or with `batch` the bytes of that many sequences' first `positions`."""
         blocks = (*self.layers, *self.mtp.values())
         caches = [c for block in blocks for c in block.attn.caches]
         if batch is None:
@@ -355,7 +355,7 @@ class Transformer(nn.Module):
         for c in caches:
             b, t = c.capacity  # (0, 0) while empty
             if b and t:
-                used += c.nbytes() // (b * t) * min(batch, b) * min(positions or 0, t)
+                used += c.nbytes() // (b * t) * min(batch, b) * min(positions, t)
         return used
 
     def _rotary(self, device: torch.device, start_pos: int, seqlen: int):

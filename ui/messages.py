@@ -13,10 +13,10 @@ from typing import Any
 
 from dsv3 import ConfigError, ModelArgs
 
-# Markdown and HTML characters a user's text must not bring into a status line.
 # What a run view shows before any run, and after a run on meta (shapes, no values).
 BEFORE_RUN = "Build a model and press Run forward: this shows the run's {}"
 META_RUN = "meta run: shapes only, no {} (build on cpu or cuda to see it)"
+# Markdown and HTML characters a user's text must not bring into a status line.
 _SPECIAL = re.compile(r"([\\`*\[\]<>&#|~!])")
 
 

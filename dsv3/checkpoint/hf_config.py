@@ -7,6 +7,7 @@ import json
 import math
 import os
 import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -532,11 +533,17 @@ def fetch_hf_config(repo_id: str, token: str | None = None) -> dict[str, Any]:
 
 def hub_unreachable(timeout: float = 3.0) -> bool:
     """True when no TCP connection to the Hub's host (HF_ENDPOINT, default huggingface.co)
-    opens within `timeout` s: no name resolution, no route. False behind a proxy (the proxy,
-    not the host, is what the download would reach) and whenever a connection opens."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    opens within `timeout` s: no name resolution, no route. False where a proxy serves that
+    host (the proxy, not the host, is what the download reaches), with HF_HUB_OFFLINE set
+    (huggingface_hub then reads the cache itself) and whenever a connection opens."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
     url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxies = urllib.request.getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(
+        url.hostname or ""
+    ):
+        return False
     try:
         port = url.port or (80 if url.scheme == "http" else 443)
         socket.create_connection((url.hostname or "", port), timeout=timeout).close()

@@ -80,6 +80,16 @@ def test_fields_a_layer_does_not_use_are_not_its_changes():
         "layer 0 inter_dim 1024 -> 64",
         "layer 2 n_routed_experts 64 -> 32",
     ]
+    # a layer that changes kind shows the settings its new kind uses
+    d = ModelArgs(**BASE, layer_config={3: {"ffn": "dense", "inter_dim": 64}})
+    assert [x["text"] for x in compare(a, d)["changes"]] == [
+        "layer 3 inter_dim 1024 -> 64",
+        "layer 3 ffn moe -> dense",
+    ]
+    # an unused override does not make a global change look per-layer
+    e = ModelArgs(**BASE, layer_config={0: {"n_routed_experts": 6}})
+    texts = [x["text"] for x in compare(e, e.replace(n_routed_experts=32))["changes"]]
+    assert texts == ["n_routed_experts 64 -> 32"]
 
 
 def test_kv_cache_rows_compare_like_with_like():

@@ -171,7 +171,8 @@ def test_fetch_hf_config_without_a_route_reads_the_cache_only(monkeypatch, tmp_p
 def test_hub_unreachable_probes_the_endpoint(monkeypatch):
     import socket
 
-    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+              "HF_HUB_OFFLINE"):  # fmt: skip
         monkeypatch.delenv(v, raising=False)
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
@@ -184,6 +185,9 @@ def test_hub_unreachable_probes_the_endpoint(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://no-such-host.invalid")
     assert hf_config.hub_unreachable()
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # the proxy decides
+    assert not hf_config.hub_unreachable()
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # huggingface_hub reads the cache itself
     assert not hf_config.hub_unreachable()
 
 

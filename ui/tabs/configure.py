@@ -20,7 +20,7 @@ import gradio as gr
 
 from dsv3 import ConfigError, ModelArgs, args_from_hf_config, count_params, presets
 from dsv3.checkpoint.hf_config import hf_defaulted
-from dsv3.compare import inert
+from dsv3.config import unused_by
 
 from .. import fields, plots, settings
 from ..components import Choice, Table, WholeNumber, guard_files
@@ -81,7 +81,7 @@ def _inert_note(cfg: dict[str, Any]) -> str:
         f"layer {i} is {args.ffn_kind(i)}: {k} has no effect there"
         for i, over in sorted(args.layer_config.items())
         for k in over
-        if inert(k, args.ffn_kind(i))
+        if unused_by(k, args.ffn_kind(i))
     ]
     return "".join(f"  \nnote: {lit(n)}" for n in notes)
 
@@ -231,12 +231,23 @@ def _upload_path(file: Any) -> Path | None:
     return Path(path) if isinstance(path, str) and path else None
 
 
+def defaults_note(left: list[str], hf: bool) -> str:
+    """ "; 2 key(s) not in the file take transformers' defaults: a, b" (an HF config's keys),
+    "; 2 field(s) not in the file keep their defaults: a, b" (ModelArgs fields); "" for none."""
+    if not left:
+        return ""
+    what = (
+        "key(s) not in the file take transformers'" if hf else "field(s) not in the file keep their"
+    )
+    return f"; {len(left)} {what} defaults: {', '.join(left)}"
+
+
 def _config_from_json(doc: Any, text: str, name: str) -> tuple[ModelArgs, list[str]]:
     """A preset document, a Hugging Face config.json, or a plain dict of ModelArgs fields ->
-    (args, fields left default)."""
+    (args, fields left default: HF keys for an HF config)."""
     if is_hf_config(doc):
         try:
-            return args_from_hf_config(doc), hf_defaulted(doc)  # transformers' defaults
+            return args_from_hf_config(doc), hf_defaulted(doc)
         except ConfigError as e:
             raise ConfigError(f"{name}: {e}", field=e.field, layer=e.layer) from None
     if isinstance(doc, dict) and "args" in doc:
@@ -311,12 +322,7 @@ def hf_config(text: Any) -> tuple[Any, str]:
         args = args_from_hf_config(doc)
     except ConfigError as e:
         return gr.skip(), problem(e)
-    left = hf_defaulted(doc)
-    note = (
-        f"; {len(left)} key(s) not in it take transformers' defaults: {', '.join(left)}"
-        if left
-        else ""
-    )
+    note = defaults_note(hf_defaulted(doc), hf=True)
     return args.to_dict(), ok(
         f"read **{lit(source)}** ({size_text(args)}); no weights loaded{note}"
     )
@@ -349,11 +355,7 @@ def import_config(file: Any) -> tuple[Any, str]:
         return gr.skip(), problem(ConfigError(f"{path.name} is not UTF-8 text", field="preset"))
     except (ConfigError, TypeError) as e:
         return gr.skip(), problem(e)
-    note = ""
-    if defaulted:
-        note = f"; {len(defaulted)} field(s) not in the file keep their defaults: " + ", ".join(
-            defaulted
-        )
+    note = defaults_note(defaulted, hf=is_hf_config(doc))
     msg = ok(f"imported **{name}** ({size_text(args)}){note}")
     return args.to_dict(), msg
 

@@ -57,9 +57,14 @@ def weights_follow(session: Any) -> tuple[Any, Any]:
     file was the previous model's, so it goes; a model kept (a refused build) keeps them."""
     if isinstance(session, Session) and session.exported:
         return gr.skip(), gr.skip()
-    held = isinstance(session, Session) and session.model is not None
-    return None, ("no export of this model yet: press Export to download its weights"
-                  if held else "")  # fmt: skip
+    exportable = (
+        isinstance(session, Session)
+        and session.model is not None
+        and session.device != "meta"
+        and session.model_bytes <= settings.EXPORT_LIMIT
+    )
+    text = "no export of this model yet: press Export to download its weights"
+    return None, text if exportable else ""
 
 
 class Refused(Exception):

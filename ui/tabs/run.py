@@ -378,7 +378,7 @@ def run_markdown(r: dict[str, Any]) -> str:
         kv = (
             f"KV cache {human_bytes(used)} holding this run's {r['input_shape'][0]} x "
             f"{r['input_shape'][1] + r.get('decode_steps', 0)} positions, "
-            f"{human_bytes(r['kv_cache_bytes'])} allocated (it grows ahead while decoding)"
+            f"{human_bytes(r['kv_cache_bytes'])} allocated"
         )
     lines.append(f"{kv}; peak memory **{human_bytes(r['peak_bytes'])}** ({r['peak_kind']})")
     fl = r.get("floor")
