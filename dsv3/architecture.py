@@ -27,8 +27,6 @@ from typing import Any
 from .config import LAYER_FIELDS, LayerArgs, ModelArgs, unused_by
 
 ATTN_PATHS = ("naive", "absorb")
-# Fields that only matter for one kind of feed-forward: a dense layer's differences in them
-# have no effect and are not listed (and vice versa).
 # Modules that read as one step of the path (a compact view puts a step on one line).
 STEPS = {
     "wq_a": "q",
@@ -263,6 +261,8 @@ def _ffn(la: LayerArgs, B: int, S: int) -> list[dict[str, Any]]:
 
 
 def _relevant(name: str, la: LayerArgs, base: LayerArgs) -> bool:
+    """A field one kind of feed-forward does not use (`unused_by`) is no difference between
+    two layers of that kind: it has no effect, so it is not listed."""
     return not (unused_by(name, la.ffn) and unused_by(name, base.ffn))
 
 

@@ -146,9 +146,10 @@ def _side(
     rows.append(
         ("compute", f"FLOPs per token ({seq_len} context)", "flops", est["flops_per_token"])
     )
-    gpus_text = f"{n_gpus} GPU{'s' if n_gpus > 1 else ''}"
-    rows.append(("memory", f"per-GPU weights ({gpus_text})", "bytes", est["per_gpu_weight_bytes"]))
-    rows.append(("memory", f"per-GPU memory ({gpus_text})", "bytes", est["per_gpu_bytes"]))
+    rows.append(
+        ("memory", f"per-GPU weights ({_gpus(n_gpus)})", "bytes", est["per_gpu_weight_bytes"])
+    )
+    rows.append(("memory", f"per-GPU memory ({_gpus(n_gpus)})", "bytes", est["per_gpu_bytes"]))
     for g in gpus:
         r = roofline(args, g, dtype, batch, seq_len, n_gpus)
         name = f"{r['gpu']} x{n_gpus}"
@@ -158,6 +159,10 @@ def _side(
             ("speed", f"{name}: weights + KV fit", "bool", r["memory"]["fits"]),
         ]
     return rows
+
+
+def _gpus(n: int) -> str:
+    return f"{n} GPU{'s' if n > 1 else ''}"
 
 
 def _kinds(args: ModelArgs) -> str:
@@ -254,7 +259,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
         f"### A vs B ({s['dtype']}, batch {s['batch']} x {s['seq_len']} tokens, "
-        f"{s['n_gpus']} GPU{'s' if s['n_gpus'] > 1 else ''})",
+        f"{_gpus(s['n_gpus'])})",
         "",
     ]
     if result.get("notes"):

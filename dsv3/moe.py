@@ -355,8 +355,8 @@ def measured_impl(x, N: int, counts, w1, w2, w3) -> str:
     experts, gathered) for this shape class (`dispatch_class`): on its first use each runs on
     random rows with these counts (or, past PROBE_FLOPS, with those of the busiest run of
     `default_run()` consecutive experts, where the two padded forms are one) and the winner is
-    cached (`dsv3.tuning`). A probe costs a dozen or more of these dispatches (~10-100 ms on 2 cores),
-    once per class per process."""
+    cached (`dsv3.tuning`). A probe costs a dozen or more of these dispatches (~10-100 ms on 2
+    cores), once per class per process."""
     key = dispatch_class(N, len(counts), w1, x)
     got = tuning.cached(key)
     if got is not None:

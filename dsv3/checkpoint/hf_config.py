@@ -142,8 +142,7 @@ def args_from_hf_config(cfg: dict[str, Any] | str | os.PathLike) -> ModelArgs:
         cfg = read_hf_config(path / "config.json" if path.is_dir() else path)
     if not isinstance(cfg, dict):
         raise ConfigError(f"HF config must be a JSON object, got {type(cfg).__name__}")
-    if isinstance(cfg.get("text_config"), dict):  # a multimodal wrapper (Kimi K2.5): the LM
-        cfg = cfg["text_config"]
+    cfg = _language_model(cfg)
     model_type = cfg.get("model_type", "deepseek_v3")
     if model_type not in _FAMILY:
         raise ConfigError(
@@ -158,8 +157,7 @@ def args_from_hf_config(cfg: dict[str, Any] | str | os.PathLike) -> ModelArgs:
             field="architectures",
         )
     family = _FAMILY[model_type]
-    extra = _V32_DEFAULTS if model_type == "deepseek_v32" else {}
-    c = {**_HF_DEFAULTS[family], **extra, **cfg}  # an explicit null stays null, as in HF
+    c = {**_defaults(model_type), **cfg}  # an explicit null stays null, as in HF
 
     def unsupported(key: str, why: str) -> ConfigError:
         return ConfigError(f"HF config {key}={c.get(key)!r}: {why}", field=key)
@@ -359,15 +357,23 @@ def hf_defaulted(cfg: dict[str, Any]) -> list[str]:
     norm_topk_prob) are not listed."""
     if not isinstance(cfg, dict):
         return []
-    if isinstance(cfg.get("text_config"), dict):
-        cfg = cfg["text_config"]
+    cfg = _language_model(cfg)
     model_type = cfg.get("model_type", "deepseek_v3")
     if model_type not in _FAMILY:
         return []
-    extra = _V32_DEFAULTS if model_type == "deepseek_v32" else {}
     shape = set(CONFIG_NAMES.values()) | set(_V32_DEFAULTS)  # not switches real files omit
-    defaults = {**_HF_DEFAULTS[_FAMILY[model_type]], **extra}
-    return [k for k in defaults if k in shape and k not in cfg]
+    return [k for k in _defaults(model_type) if k in shape and k not in cfg]
+
+
+def _language_model(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config: a multimodal wrapper's (Kimi K2.5) `text_config`."""
+    return cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
+
+
+def _defaults(model_type: str) -> dict[str, Any]:
+    """transformers' config-class defaults for a supported `model_type` (V3.2 over V3's)."""
+    extra = _V32_DEFAULTS if model_type == "deepseek_v32" else {}
+    return {**_HF_DEFAULTS[_FAMILY[model_type]], **extra}
 
 
 def hf_config_from_args(args: ModelArgs) -> dict[str, Any]:
