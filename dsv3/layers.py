@@ -64,10 +64,27 @@ def quantize_fp8(
 
 GEMV_ROWS = 8  # CUDA inputs of up to this many rows may take the Triton kernel (`Linear._cuda`)
 SKINNY_ROWS = 32  # CPU inputs with 2..SKINNY_ROWS rows may take the (W x^T)^T form
+HALF = (torch.bfloat16, torch.float16)
 
 
 def _skinny(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ x2.t()).t().contiguous()
+
+
+def without_onednn(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with torch's oneDNN (mkldnn) products turned off, so that 16-bit
+    CPU matmuls run torch's own kernels. oneDNN spends ~30 us on every bf16 product whatever
+    its size (Intel Xeon, torch 2.13: a (2, 256) x (256, 128) product 37 us, 10-18 us without
+    it, the same numbers for a matrix-vector product), while torch's kernels are several times
+    slower on large ones: callers measure both forms per shape class (`linear`,
+    `GroupedExperts._few_or_sorted`). The switch is process-wide: a product running on another
+    thread meanwhile takes torch's kernels too (the app runs one forward at a time)."""
+    was = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch._C._set_mkldnn_enabled(was)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -75,26 +92,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows) possibly as (W x^T)^T: BLAS packs the whole weight for the former and may stream it
     once for the latter. Which is faster depends on the CPU (on an AMD EPYC the latter, 1.2-2x;
     on an Intel Xeon the former, 2-5x), so it is measured once per shape class (`dsv3.tuning`;
-    with DSV3_DISPATCH=rule the latter, as tuned on the EPYC). One row already runs as a
-    matrix-vector product; many rows favour the usual form."""
+    with DSV3_DISPATCH=rule the latter, as tuned on the EPYC). One float32 row already runs as
+    a matrix-vector product; many rows favour the usual form. 16-bit weights (1..SKINNY_ROWS
+    rows) also measure `F.linear` without oneDNN (`without_onednn`)."""
     # This wrapper runs ~60 times per decode step: its own cost matters on a slow core (the
     # cached choice is looked up before anything else is asked of the environment).
     rows = x.numel() // max(x.shape[-1], 1)
-    if not 1 < rows <= SKINNY_ROWS or x.device.type != "cpu" or weight.dim() != 2:
+    if not 0 < rows <= SKINNY_ROWS or x.device.type != "cpu" or weight.dim() != 2:
+        return F.linear(x, weight, bias)
+    half = weight.dtype in HALF
+    if rows == 1 and not half:
         return F.linear(x, weight, bias)
     key = ("linear", 1 << (rows - 1).bit_length(), *weight.shape, weight.stride(-1) == 1,
            weight.dtype, torch.get_num_threads())  # fmt: skip
     form = tuning.cached(key)
+    if form is None:
+        if not tuning.measured():
+            form = "skinny" if rows > 1 else "linear"
+        else:
+            x2 = x.reshape(rows, x.shape[-1])
+            forms = {"linear": lambda: F.linear(x2, weight)}
+            if rows > 1:
+                forms["skinny"] = lambda: _skinny(x2, weight)
+            if half:
+                forms["linear, no oneDNN"] = lambda: without_onednn(F.linear, x2, weight)
+            form = tuning.choose(key, forms)
     if form == "linear":
         return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, x.shape[-1])
-    if form is None and tuning.measured():
-        form = tuning.choose(
-            key, {"linear": lambda: F.linear(x2, weight), "skinny": lambda: _skinny(x2, weight)}
-        )
-        if form == "linear":
-            return F.linear(x, weight, bias)
-    y = _skinny(x2, weight)
+    if form == "linear, no oneDNN":
+        return without_onednn(F.linear, x, weight, bias)
+    y = _skinny(x.reshape(rows, x.shape[-1]), weight)
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], weight.shape[0])

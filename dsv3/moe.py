@@ -35,6 +35,7 @@ from . import fp8, fused, tuning
 from .config import LayerArgs
 from .layers import (
     FP8,
+    HALF,
     MLP,
     SKINNY_ROWS,
     KeepsDerived,
@@ -42,6 +43,7 @@ from .layers import (
     dequantize,
     linear,
     scale_shape,
+    without_onednn,
 )
 from .routing import Gate
 
@@ -464,15 +466,18 @@ class GroupedExperts(KeepsDerived):
             )
             if how == "pairs":
                 return self._few_pairs(x_TD, weights_TK, idx_TK)
+            if how == "pairs, no oneDNN":
+                return without_onednn(self._few_pairs, x_TD, weights_TK, idx_TK)
             if how == "pairs, gathered" and self._gather_ok(counts_E):
                 return self._few_pairs_gathered(x_TD, weights_TK, idx_TK)
         return self._sorted(x_TD, weights_TK, idx_TK, counts_E, impl)
 
     def _few_or_sorted(self, x_TD, weights_TK, idx_TK, counts_E) -> str:
-        """ "pairs" (`_few_pairs`), "pairs, gathered" (`_few_pairs_gathered`) or "sorted" (the
-        sorted dispatch `_sorted`, with the dispatch `auto` picks), the fastest for this shape
-        class: measured on its first use on these inputs, then cached (`dsv3.tuning`).
-        DSV3_DISPATCH=rule: "pairs"."""
+        """ "pairs" (`_few_pairs`), "pairs, gathered" (`_few_pairs_gathered`), "sorted" (the
+        sorted dispatch `_sorted`, with the dispatch `auto` picks) or, for 16-bit inputs,
+        "pairs, no oneDNN" (`_few_pairs` on torch's own kernels, `without_onednn`): the fastest
+        for this shape class, measured on its first use on these inputs, then cached
+        (`dsv3.tuning`). DSV3_DISPATCH=rule: "pairs"."""
         shape = dispatch_class(idx_TK.numel(), self.n_experts, self.w1, x_TD)[1:]
         key = ("moe-pairs", idx_TK.shape[1], *shape)
         got = tuning.cached(key)
@@ -484,6 +489,10 @@ class GroupedExperts(KeepsDerived):
             "pairs": lambda: self._few_pairs(x_TD, weights_TK, idx_TK),
             "sorted": lambda: self._sorted(x_TD, weights_TK, idx_TK, counts_E, "auto"),
         }
+        if x_TD.dtype in HALF:  # 16-bit matrix-vector products: oneDNN's per-call cost
+            cands["pairs, no oneDNN"] = lambda: without_onednn(
+                self._few_pairs, x_TD, weights_TK, idx_TK
+            )
         if self._gather_ok(counts_E):
             cands["pairs, gathered"] = lambda: self._few_pairs_gathered(x_TD, weights_TK, idx_TK)
         return tuning.choose(key, cands)

@@ -160,6 +160,76 @@ def test_measured_linear_equals_f_linear(monkeypatch, rows):
     assert kinds == ({"linear"} if 1 < rows <= 32 else set())
 
 
+@pytest.mark.parametrize("rows", [1, 2, 8, 33])
+@pytest.mark.parametrize("form", ["linear", "skinny", "linear, no oneDNN"])
+def test_every_16_bit_linear_form_agrees(monkeypatch, rows, form):
+    """bf16 decode-sized products measure three forms (oneDNN's per-call cost makes torch's own
+    kernels faster on small ones); whichever is cached, the numbers are F.linear's up to bf16
+    rounding. One row is measured too (for float32 it stays a plain F.linear)."""
+    monkeypatch.setenv("DSV3_DISPATCH", "measured")
+    torch.manual_seed(0)
+    x, w = torch.randn(rows, 1, 256).bfloat16(), torch.randn(128, 256).bfloat16()
+    b = torch.randn(128).bfloat16()
+    assert torch._C._get_mkldnn_enabled()
+    linear(x, w, b)  # the probe
+    if rows > 32:
+        assert tuning.choices() == []
+        return
+    ((key, _, times),) = tuning.choices()
+    assert set(times) == {"linear", "linear, no oneDNN"} | ({"skinny"} if rows > 1 else set())
+    tuning._CHOICES[key] = form  # what a probe on another machine may pick
+    got = linear(x, w, b)
+    assert got.shape == (rows, 1, 128) and torch._C._get_mkldnn_enabled()
+    want = F.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=6e-2)
+
+
+@pytest.mark.parametrize("how", ["pairs", "pairs, no oneDNN", "pairs, gathered", "sorted"])
+def test_every_16_bit_few_pairs_form_agrees(monkeypatch, how):
+    """A bf16 decode step's routed experts: the forms `_few_or_sorted` measures (torch's own
+    matrix-vector kernels among them) give the same outputs, whichever a probe picks."""
+    from dsv3.moe import GroupedExperts
+
+    monkeypatch.setenv("DSV3_DISPATCH", "measured")
+    torch.manual_seed(0)
+    E, D, I, T, K = 16, 256, 128, 2, 4
+    ex = GroupedExperts(E, D, I, dtype=torch.bfloat16)
+    for name in ("w1", "w2", "w3"):
+        getattr(ex, name).data = (
+            torch.randn_like(getattr(ex, name), dtype=torch.float32) * 0.1
+        ).bfloat16()
+    x = torch.randn(T, D).bfloat16()
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    weights = torch.rand(T, K).bfloat16()
+    counts = torch.bincount(idx.flatten(), minlength=E).tolist()
+    want = ex(x, weights, idx, counts, impl="loop").float()  # "pairs", no probe
+    ex(x, weights, idx, counts)  # auto: the probe
+    ((key, _, times),) = tuning.choices("moe-pairs")
+    assert set(times) == {"pairs", "pairs, no oneDNN", "pairs, gathered", "sorted"}
+    tuning._CHOICES[key] = how
+    got = ex(x, weights, idx, counts)
+    assert got.dtype == torch.bfloat16 and torch._C._get_mkldnn_enabled()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_without_onednn_restores_the_switch():
+    from dsv3.layers import without_onednn
+
+    def fail():
+        assert not torch._C._get_mkldnn_enabled()
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        without_onednn(fail)
+    assert torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)  # a user who turned it off keeps it off
+    try:
+        without_onednn(lambda: None)
+        assert not torch._C._get_mkldnn_enabled()
+    finally:
+        torch._C._set_mkldnn_enabled(True)
+
+
 def test_model_measured_equals_rule(monkeypatch):
     """A forward and decode steps give the same logits with measured and with rule choices."""
     args = ModelArgs(**TINY)
