@@ -75,8 +75,8 @@ def without_onednn(fn, *args, **kwargs):
     """fn(*args, **kwargs) with torch's oneDNN (mkldnn) products turned off, so that 16-bit
     CPU matmuls run torch's own kernels. oneDNN spends ~30 us on every bf16 product whatever
     its size (Intel Xeon, torch 2.13: a (2, 256) x (256, 128) product 37 us, 10-18 us without
-    it, the same numbers for a matrix-vector product), while torch's kernels are several times
-    slower on large ones: callers measure both forms per shape class (`linear`,
+    it; matrix-vector products likewise), while torch's kernels are several times slower on
+    large ones: callers measure both forms per shape class (`linear`,
     `GroupedExperts._few_or_sorted`). The switch is process-wide: a product running on another
     thread meanwhile takes torch's kernels too (the app runs one forward at a time)."""
     was = torch._C._get_mkldnn_enabled()

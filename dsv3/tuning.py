@@ -6,8 +6,8 @@ AMD EPYC `(W x^T)^T` beat `x W^T` for decode-sized inputs and padded `bmm` beat 
 for the routed experts; on an Intel Xeon both orders reversed (benchmarks/run.py). So instead
 of a rule, the first call of a shape class (the caller's key: shapes, a size bucket, dtype,
 device, thread count) runs every candidate a few times, interleaved, and caches the one with
-the least best time. The candidates compute the same numbers (tests/dsv3/test_perf_paths.py),
-so the choice changes speed only.
+the least best time. The candidates compute the same numbers up to rounding (in bf16,
+bf16's; tests/dsv3/test_perf_paths.py), so the choice changes speed only.
 
 `DSV3_DISPATCH=rule` skips the measurement and uses the callers' fixed rules (deterministic
 choices for tests; the default is `measured`). `choices()` lists what was chosen and measured.
