@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from . import tuning
 from .config import CHOICES, FLOAT_RANGES, INT_RANGES, ConfigError, ModelArgs
 from .dist.plan import param_bytes
 from .dist.shard import init_process_group_from_env
@@ -215,6 +216,7 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
                 f"{human_bytes(pb['total'])} of weights ({human_bytes(pb['sharded'])} sharded, "
                 f"{human_bytes(pb['replicated'])} replicated)"
             )
+        probes = tuning.count()
         t0 = time.perf_counter()
         out = model(tokens)
     except (ConfigError, ValueError) as e:  # MemoryBudgetError and CheckpointError included
@@ -222,7 +224,7 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
         return 2
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    print(f"build {build_s:.2f} s, forward {time.perf_counter() - t0:.3f} s")
+    print(f"build {build_s:.2f} s, forward {time.perf_counter() - t0:.3f} s{_probed(probes)}")
     print(out.size())
     if ns.decode > 0 and device != "meta":
         _decode(model, out, ns.seq, ns.decode)
@@ -235,6 +237,7 @@ def _decode(model, logits, seq: int, steps: int) -> None:
     steps = min(steps, model.args.max_seq_len - seq)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     sync()
+    probes = tuning.count()
     t0 = time.perf_counter()
     ids = []
     for i in range(steps):
@@ -247,8 +250,20 @@ def _decode(model, logits, seq: int, steps: int) -> None:
     how = model.graphs.note or (
         f"{model.graphs.replays} CUDA graph replays" if model.graphs.replays else "eager"
     )
-    print(f"decode {steps} steps x batch {B}: {dt:.3f} s, {B * steps / dt:,.1f} tokens/s ({how})")
+    print(
+        f"decode {steps} steps x batch {B}: {dt:.3f} s, {B * steps / dt:,.1f} tokens/s "
+        f"({how}){_probed(probes)}"
+    )
     print("row 0:", torch.cat(ids, 1)[0].tolist()[:32])
+
+
+def _probed(before: int) -> str:
+    """A note when kernel choices were measured (`dsv3.tuning`) since `tuning.count()` was
+    `before`: a first run of a shape pays for them, a later one does not."""
+    n = tuning.count() - before
+    return (
+        f" (includes measuring {n} kernel choice{'s' if n > 1 else ''} on first use)" if n else ""
+    )
 
 
 if __name__ == "__main__":

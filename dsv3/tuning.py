@@ -94,6 +94,13 @@ def measure(
     return best
 
 
+def count() -> int:
+    """How many shape classes have been measured (and cached) so far in this process: a
+    caller that times its own work compares this before and after, to tell a first run, which
+    paid for the probes, from the runs after it."""
+    return len(_CHOICES)
+
+
 def choices(prefix: str | None = None) -> list[tuple[Hashable, str, dict[str, float]]]:
     """[(key, chosen, {candidate: best seconds})] of every measured class (keys starting with
     `prefix` when given: keys are tuples whose first item names the kind of choice)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dsv3 import ModelArgs, Transformer, fused, memory
+from dsv3 import ModelArgs, Transformer, fused, memory, tuning
 
 try:  # optional: only present on Hugging Face Spaces
     import spaces  # type: ignore[import-not-found]
@@ -183,7 +183,7 @@ def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict
     mem = RunMemory(device)
     g = model.graphs
     with mem:
-        before = (g.captures, g.replays)
+        before = (g.captures, g.replays, tuning.count())
         t0 = time.perf_counter()
         # full: the last layer routes every position too (the expert-load plot shows them all)
         logits = model(tokens.to(model.device), start_pos=0, full=True)
@@ -205,20 +205,29 @@ def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict
     return out
 
 
-def _how(graphs, before: tuple[int, int]) -> str:
-    """How the forwards since `before` (graphs' (captures, replays)) ran: eager, from CUDA
-    graphs captured during them (their time includes the capture), or replayed."""
+def _how(graphs, before: tuple[int, int, int]) -> str:
+    """How the forwards since `before` (graphs' (captures, replays), `tuning.count()`) ran:
+    eager, from CUDA graphs captured during them (their time includes the capture), or
+    replayed; and whether their time includes first-use kernel measurements (`dsv3.tuning`:
+    a first run of a shape can take several times as long as the next)."""
     caps, reps = graphs.captures - before[0], graphs.replays - before[1]
-    # Fused decode kernels that failed to run on this GPU (their torch twins ran instead)
-    failed = f"; fused kernels not used here: {', '.join(fused.FAILED)}" if fused.FAILED else ""
+    notes = ""
+    if fused.FAILED:  # fused kernels that failed to run on this GPU (their twins ran instead)
+        notes += f"; fused kernels not used here: {', '.join(fused.FAILED)}"
+    probes = tuning.count() - before[2]
+    if probes:
+        notes += (
+            f"; the time includes measuring {probes} kernel choice{'s' if probes > 1 else ''} "
+            "on first use (the next run of these shapes skips that)"
+        )
     if not reps:
-        return "eager" + (f" ({graphs.note})" if graphs.note else "") + failed
+        return "eager" + (f" ({graphs.note})" if graphs.note else "") + notes
     if caps:
         return (
             f"CUDA graphs, {caps} captured in this run (the time includes the capture; the "
-            "next run of this shape replays)" + failed
+            "next run of this shape replays)" + notes
         )
-    return "replayed CUDA graphs" + failed
+    return "replayed CUDA graphs" + notes
 
 
 def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[str, Any]:
@@ -241,7 +250,7 @@ def _decode(model, logits, tokens, decode_steps: int, prefill_s: float) -> dict[
     # A fingerprint of the prefill logits: tells runs (and sessions) apart at a glance.
     out["logits_head"] = [round(v, 6) for v in logits[0, :4].float().tolist()]
     picked: list[torch.Tensor] = []  # (B, 1) each, on the model's device
-    before = (model.graphs.captures, model.graphs.replays)
+    before = (model.graphs.captures, model.graphs.replays, tuning.count())
     t1 = time.perf_counter()
     for step in range(int(decode_steps)):
         nxt = logits.float().argmax(dim=-1, keepdim=True)  # (B, 1)

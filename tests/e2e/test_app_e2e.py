@@ -70,8 +70,9 @@ def test_tiny_estimate_build_forward_rotary(client):
     )
     assert info["ok"], md
     assert info["output_shape"] == [2, 1024] and info["decode_steps"] == 2
-    # how the forwards ran: on this CPU machine eagerly (a CUDA server says "CUDA graphs ...")
-    assert info["prefill_how"] == "eager" and "tokens/s** (eager)" in md
+    # how the forwards ran: on this CPU machine eagerly (a CUDA server says "CUDA graphs ..."),
+    # the server's first run of these shapes measuring its kernel choices (dsv3.tuning)
+    assert info["prefill_how"].startswith("eager") and "tokens/s** (eager" in md
     z = array(traces(heat)[0]["z"])  # load over the uniform share; the dense layer 0 is empty
     uniform = [r["n_tokens"] * r["topk"] / r["n_experts"] for r in info["routing"]]
     rel = [[c / u for c in r["counts"]] for r, u in zip(info["routing"], uniform)]
