@@ -262,8 +262,9 @@ def estimate(
     kv_tok = {k: kv_elems_per_token(args, k) * act_bytes for k in ("naive", "absorb")}
     kv_cache = {k: v * batch * seq_len for k, v in kv_tok.items()}
 
-    # Matmul FLOPs per token: active params minus vectors (norms, biases) and embedding lookup.
-    vec = sum(t.numel for t in specs if len(t.shape) == 1)
+    # Matmul FLOPs per token: active params minus vectors (norms, biases) and embedding lookup;
+    # the main model's vectors only, as "active" counts the main forward (MTP is not run).
+    vec = sum(t.numel for t in specs if len(t.shape) == 1 and not t.name.startswith("mtp."))
     matmul_active = counts["active"] - vec + sum(t.numel for t in specs if t.name == "norm.weight")
     pairs = seq_len * (seq_len + 1) / 2  # causal (query, key) pairs in a prefill
     attn_pair_flops = 0.0  # per sequence: MLA scores and values, DSA indexer scores
@@ -331,6 +332,7 @@ def estimate(
         "total_bytes": total,
         "n_gpus": n,
         "per_gpu_weight_bytes": per_gpu_weights,
+        "per_gpu_kv_bytes": kv_gpu,
         "per_gpu_bytes": per_gpu,
         "layers": rows,
     }

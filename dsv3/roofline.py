@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ModelArgs, scale_shape
-from .params import BYTES, TensorSpec, estimate, tensor_specs, weight_bytes_per_gpu
+from .params import BYTES, TensorSpec, estimate, tensor_specs
 
 __all__ = ["GPU", "GPUS", "fits", "measure_gpu", "roofline", "speed_table"]
 
@@ -236,17 +236,19 @@ def fits(
     seq_len: int = 128,
     n_gpus: int = 1,
 ) -> dict[str, Any]:
-    """Whether one GPU's weights and KV cache for batch x seq_len tokens fit its memory
-    (activations and the runtime's own memory not counted: a necessary condition)."""
+    """Whether one GPU's weights, KV cache and activations for batch x seq_len tokens fit its
+    memory: the Estimate's per-GPU figure (`params.estimate`, the same numbers), without the
+    runtime's own memory (a necessary condition)."""
     gpu, n = _gpu(gpu), max(int(n_gpus), 1)
-    weights = weight_bytes_per_gpu(args, dtype, n)
-    kv = _kv_elems(args, n) * BYTES.get(dtype, 2) * batch * seq_len
+    e = estimate(args, dtype, batch, seq_len, n)
+    weights, kv, total = e["per_gpu_weight_bytes"], e["per_gpu_kv_bytes"], e["per_gpu_bytes"]
     return {
         "weights_per_gpu": weights,
         "kv_per_gpu": kv,
-        "bytes_per_gpu": weights + kv,
+        "activations_per_gpu": total - weights - kv,
+        "bytes_per_gpu": total,
         "gpu_memory": gpu.memory_bytes,
-        "fits": weights + kv <= gpu.memory_bytes,
+        "fits": total <= gpu.memory_bytes,
     }
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from dsv3 import ConfigError, ModelArgs, Transformer, load_hf, load_reference
 from dsv3.checkpoint import dsv3_to_hf_state_dict, hf_config_from_args
 from dsv3.names import from_mtp
-from dsv3.params import count_params, tensor_specs
+from dsv3.params import count_params, estimate, tensor_specs
 
 from ..conftest import TINY
 from ..hf_oracle import hf_model_from_dsv3
@@ -117,6 +117,16 @@ def test_counts_main_plus_mtp_and_meta_build():
     meta = Transformer(args, device="meta")
     assert c["total"] == sum(p.numel() for p in meta.parameters())
     assert [t.name for t in tensor_specs(args)] == list(meta.state_dict().keys())
+
+
+def test_estimate_flops_leave_the_mtp_module_out():
+    """The forward the app runs predicts the next token only: an MTP module adds parameters
+    and weights but no FLOPs (its norms once lowered the FLOPs per token)."""
+    args = ModelArgs(**MTP)
+    e, main = estimate(args, "fp32", 2, 32), estimate(args.replace(n_mtp_layers=0), "fp32", 2, 32)
+    assert e["flops_per_token"] == main["flops_per_token"] > 0
+    assert e["flops_forward"] == main["flops_forward"]
+    assert e["weight_bytes"] > main["weight_bytes"]
 
 
 def test_load_hf_round_trip_with_the_mtp_layer(tmp_path):

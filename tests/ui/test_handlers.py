@@ -180,7 +180,7 @@ def test_estimate_671b_is_fast_and_reports_per_gpu():
     md, table, *_ = estimate.estimate(cfg, "cpu", "bf16", 1, 4096, 8)
     assert time.perf_counter() - t0 < 3.0
     assert "main model **671,026,419,200**" in md
-    assert "per GPU with 8 GPU(s)" in md and "does not fit" in md
+    assert "per GPU with 8 GPUs" in md and "does not fit" in md
     assert len(table) == 61
 
 

@@ -408,3 +408,37 @@ def test_the_mtp_module_is_said_to_be_built_but_not_run(tiny_cfg):
     assert "holding this run's 1 x 10 positions" in md
     summary = estimate.estimate(cfg, "auto", "fp32", 1, 0, 1)[0]
     assert "embedding lookup and MTP module not counted" in summary
+
+
+def test_the_memory_sum_names_every_term(tiny_cfg):
+    """ "weights + activations + KV = total" once read "+ KV =" with no figure."""
+    from dsv3 import estimate as estimate_model
+    from dsv3.params import human_bytes
+
+    md = estimate.estimate(tiny_cfg, "cpu", "fp32", 2, 64, 1)[0]
+    e = estimate_model(ModelArgs.from_dict(tiny_cfg), "fp32", 2, 64)
+    kv = human_bytes(e["kv_cache_bytes"][tiny_cfg["attn_impl"]])
+    assert f"+ KV {kv} ({tiny_cfg['attn_impl']}) = **{human_bytes(e['total_bytes'])}**" in md
+
+
+@pytest.mark.parametrize("length", [4096, 16384])
+def test_the_speed_table_memory_is_the_estimates_per_gpu_figure(length):
+    """The speed table held memory for at most 4096 tokens and without activations, so a
+    length of 16384 showed 162.75 GiB per GPU there and 168.36 GiB in the Estimate."""
+    cfg = presets.load("deepseek-v3.2-exp").to_dict()
+    md = estimate.estimate(cfg, "cuda", "bf16", 1, length, 8)[0]
+    per_gpu = md.split("per GPU with 8 GPUs: **")[1].split("**")[0]
+    head, table = estimate.speed(cfg, "bf16", 1, length)
+    assert f"prefill of **1 x {length}** tokens" in head
+    eight = table[table["GPUs"] == 8]
+    assert set(eight["memory per GPU"]) == {per_gpu}
+
+
+def test_a_split_the_model_cannot_take_shows_no_per_gpu_fit(tiny_cfg):
+    """ "✔ fits ... per GPU" stood next to "✘ does not split over 3 GPUs"."""
+    md = estimate.estimate(tiny_cfg, "cpu", "fp32", 1, 0, 3)[0]
+    assert "✘ does not split over 3 GPUs: vocab_size=1024" in md
+    assert "per GPU with 3 GPUs: none, the model does not split that way" in md
+    assert "per GPU on" not in md and md.count("✔ fits") == 1  # the whole build's line only
+    two = estimate.estimate(tiny_cfg, "cpu", "fp32", 1, 0, 2)[0]
+    assert "per GPU with 2 GPUs: **" in two and "does not split" not in two

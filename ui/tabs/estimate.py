@@ -142,6 +142,12 @@ def summary(
     mark = {k: " (configured)" if k == args.attn_impl else "" for k in ("naive", "absorb")}
     kv_dtype = e.get("kv_dtype", dtype)
     kv_why = " (fp8 models keep their cache in bf16)" if dtype == "fp8" else ""
+    n = e["n_gpus"]
+    per_gpu = (  # a split the model cannot take has no per-GPU figure (`note` says why)
+        f"per GPU with {n} GPU{'s' if n > 1 else ''}: **{human_bytes(e['per_gpu_bytes'])}**."
+        if not note
+        else f"per GPU with {n} GPUs: none, the model does not split that way (below)."
+    )
     mtp = ""
     if p.get("mtp"):
         stored = e.get("checkpoint_params")
@@ -173,12 +179,12 @@ def summary(
             f"{plots.human(e['flops_forward'])} for batch {batch} x {length}.",
             f"Memory ({dtype} weights, {kv_dtype} activations and cache): weights "
             f"{human_bytes(e['weight_bytes'])} + activations "
-            f"{human_bytes(e['activation_bytes'])} + KV = **{human_bytes(e['total_bytes'])}**; "
-            f"per GPU with {e['n_gpus']} GPU(s): **{human_bytes(e['per_gpu_bytes'])}**.",
+            f"{human_bytes(e['activation_bytes'])} + KV {human_bytes(kvc[args.attn_impl])} "
+            f"({args.attn_impl}) = **{human_bytes(e['total_bytes'])}**; " + per_gpu,
             "",
             f"{_fits_line(e['weight_bytes'], device, f'a {dtype} build', dtype)}  ",
-            _fits_line(e["per_gpu_bytes"], device, "weights + KV + activations per GPU", dtype)
-            + (f"  \n{note}" if note else ""),
+            note
+            or _fits_line(e["per_gpu_bytes"], device, "weights + KV + activations per GPU", dtype),
         ]
     )
 
@@ -210,14 +216,15 @@ def speed(
     cfg: Any, dtype: Any = "bf16", batch: Any = 1, length: Any = 0, form_error: Any = ""
 ) -> tuple[str, Any]:
     """Predicted floors per GPU type (roofline): -> (Markdown, table). Prefill of batch x
-    min(length, 4096) tokens, then one decode step."""
+    length tokens (the Estimate's), then one decode step; memory per GPU as the Estimate
+    counts it."""
     try:
         args = args_of(cfg)
         dtype = choice(dtype, "dtype", DTYPES)
         batch, length = sizes(args, batch, length)
     except (ConfigError, ValueError) as err:
         return problem(err), gr.skip()
-    prompt = min(length, 4096)
+    prompt = length
     gpus = list(GPUS.values()) + ([this_gpu()] if this_gpu() is not None else [])
     rows = speed_table(
         args, dtype=dtype, batch=batch, prompt_len=prompt, gpus=tuple(gpus), n_gpus=SPEED_GPUS
@@ -241,8 +248,10 @@ def speed(
     notes = sorted({r["note"] for r in rows if r.get("note")})
     md = stale_note(form_error) + (
         f"Floors from spec sheets (dsv3.roofline): prefill of **{batch} x {prompt}** tokens, "
-        f"then one decode step at batch {batch}, in {dtype}. A floor is the larger of compute "
-        "time and memory time (plus communication for several GPUs); real runs are slower."
+        f"then one decode step at batch {batch}, in {dtype}; memory per GPU: weights + KV cache "
+        "+ activations, as the Estimate counts them. A floor is the larger of compute time and "
+        "memory time (plus communication for several GPUs); it leaves out kernel launches and "
+        "the host, so real runs are slower, most of all for small models."
         + "".join(f"  \n{n}" for n in notes)
     )
     return md, table
