@@ -442,3 +442,18 @@ def test_a_split_the_model_cannot_take_shows_no_per_gpu_fit(tiny_cfg):
     assert "per GPU on" not in md and md.count("✔ fits") == 1  # the whole build's line only
     two = estimate.estimate(tiny_cfg, "cpu", "fp32", 1, 0, 2)[0]
     assert "per GPU with 2 GPUs: **" in two and "does not split" not in two
+
+
+def test_the_index_head_box_answers_without_enter():
+    """A head typed into Inspect > DSA and left (Tab or a click elsewhere) changed nothing:
+    the box listened to Enter alone, while the layer box follows every change."""
+    import app
+
+    cfg = app.demo.get_config_file()
+    ids = {c["id"]: c.get("props", {}).get("elem_id") for c in cfg["components"]}
+    triggers = [
+        {(ids.get(i), ev) for i, ev in dep["targets"]}
+        for dep in cfg["dependencies"]
+        if any(ids.get(i) == "dsa-head" for i, _ in dep["targets"])
+    ]
+    assert {("dsa-head", "submit"), ("dsa-head", "blur"), ("dsa-layer", "change")} in triggers

@@ -244,7 +244,9 @@ def render(page: Any) -> None:
             with gr.Row():
                 page.dsa_layer = WholeNumber(0, label="layer", elem_id="dsa-layer")
                 page.dsa_head = gr.Textbox(
-                    "", label="index head (blank = the layer's choice)", elem_id="dsa-head"
+                    "",
+                    label="index head (blank: the keys the layer keeps, all heads weighted)",
+                    elem_id="dsa-head",
                 )
             page.dsa_note = gr.Markdown(elem_id="dsa-note")
             page.dsa_plot = _run_plot("Kept keys", "dsa-plot", "keys each query kept (DSA layers)")
@@ -328,7 +330,7 @@ def wire(page: Any) -> None:
     )
     dsa_in = [page.session, page.dsa_layer, page.dsa_head]
     gr.on(
-        [page.dsa_layer.change, page.dsa_head.submit],
+        [page.dsa_layer.change, page.dsa_head.submit, page.dsa_head.blur],
         dsa_view,
         dsa_in,
         [page.dsa_plot, page.dsa_note],
