@@ -32,9 +32,18 @@ def _expand_scale(scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 weight (..., out, in) times its block scale -> `dtype`. Pure torch, runs on CPU."""
+    """fp8 weight (..., out, in) times its block scale -> `dtype`. Pure torch, runs on CPU.
+    Working memory: the float32 copy and the result (4 + 2 bytes per element for bf16, what
+    `params.estimate` counts as `dequant_bytes`): the scales multiply in place, broadcast over
+    whole 128x128 blocks rather than expanded to the weight's shape."""
     rows, cols = weight.shape[-2:]
-    return (weight.to(torch.float32) * _expand_scale(scale, rows, cols)).to(dtype)
+    w = weight.to(torch.float32)
+    if rows % BLOCK_SIZE == 0 and cols % BLOCK_SIZE == 0:
+        blocks = w.view(*w.shape[:-2], rows // BLOCK_SIZE, BLOCK_SIZE, cols // BLOCK_SIZE, -1)
+        blocks.mul_(scale[..., :, None, :, None])  # blocks (..., R/128, 128, C/128, 128)
+    else:
+        w.mul_(_expand_scale(scale, rows, cols))
+    return w.to(dtype)
 
 
 def quantize_fp8(

@@ -290,6 +290,7 @@ def estimate(
         # DSA: float32 index scores and the kept-key mask, (seq_len x seq_len) per sequence.
         activation += batch * seq_len * seq_len * 5
     total = wbytes[dtype] + kv_cache[args.attn_impl] + activation
+    dequant = dequant_bytes(args) if dtype == "fp8" else 0
 
     n = max(int(n_gpus), 1)
     per_gpu_weights = weight_bytes_per_gpu(args, dtype, n)
@@ -329,6 +330,7 @@ def estimate(
         "flops_per_token": flops_per_token,
         "flops_forward": flops_forward,
         "activation_bytes": activation,
+        "dequant_bytes": dequant,  # fp8 on CPU only: see dequant_bytes
         "total_bytes": total,
         "n_gpus": n,
         "per_gpu_weight_bytes": per_gpu_weights,
@@ -336,6 +338,26 @@ def estimate(
         "per_gpu_bytes": per_gpu,
         "layers": rows,
     }
+
+
+def dequant_bytes(args: ModelArgs) -> int:
+    """Working memory of an fp8 model on CPU, which dequantises its weights for each call
+    (`layers.dequantize`: a float32 copy, then the bf16 result): the largest of one Linear's
+    (6 bytes per element) and one MoE layer's expert stacks, whose three bf16 results live
+    together while the last is made (2 bytes per element of all three + 4 of the last). A GPU
+    with an fp8 path dequantises nothing per call. The main model only (MTP is not run)."""
+    stacks: dict[str, list[int]] = {}
+    largest = 0
+    for t in _resolved(args)[1]:
+        if not t.linear or t.name.startswith("mtp."):
+            continue
+        if len(t.shape) == 3:  # an expert stack (E, out, in)
+            stacks.setdefault(t.name.rsplit(".", 1)[0], []).append(t.numel)
+        else:
+            largest = max(largest, 6 * t.numel)
+    for sizes in stacks.values():
+        largest = max(largest, 2 * sum(sizes) + 4 * max(sizes))
+    return largest
 
 
 def sparse_pairs(seq_len: int, topk: int) -> int:

@@ -129,6 +129,28 @@ def test_estimate_flops_leave_the_mtp_module_out():
     assert e["weight_bytes"] > main["weight_bytes"]
 
 
+def test_dequant_bytes_is_the_largest_per_call_working_set():
+    """fp8 on CPU dequantises per call: one Linear (float32 copy + bf16 result, 6 bytes per
+    element) or one layer's three expert stacks (2 bytes each + 4 for the last); the MTP
+    module is not run, so its weights do not count."""
+    from dsv3.params import dequant_bytes
+
+    args = ModelArgs(**MTP)
+    meta = Transformer(args, device="meta", dtype="fp8")
+    want = 0
+    for name, p in meta.named_parameters():
+        if p.dtype != torch.float8_e4m3fn or name.startswith("mtp."):
+            continue
+        if p.dim() == 3:
+            if name.endswith("w1"):  # w1, w2, w3 of one layer: the same numel each here
+                want = max(want, 2 * 3 * p.numel() + 4 * p.numel())
+        else:
+            want = max(want, 6 * p.numel())
+    assert dequant_bytes(args) == want > 0
+    assert estimate(args, "fp8")["dequant_bytes"] == want
+    assert estimate(args, "bf16")["dequant_bytes"] == 0
+
+
 def test_load_hf_round_trip_with_the_mtp_layer(tmp_path):
     model = _model()
     args, n = model.args, model.args.n_layers

@@ -457,3 +457,19 @@ def test_the_index_head_box_answers_without_enter():
         if any(ids.get(i) == "dsa-head" for i, _ in dep["targets"])
     ]
     assert {("dsa-head", "submit"), ("dsa-head", "blur"), ("dsa-layer", "change")} in triggers
+
+
+def test_fp8_on_cpu_counts_its_dequantised_weights(tiny_cfg):
+    """fp8 weights are dequantised for each call on CPU: the small preset's run took ~5x the
+    estimated working memory (208 MiB measured vs 10 MiB of activations and KV)."""
+    from dsv3 import estimate as estimate_model
+    from dsv3.params import human_bytes
+
+    cfg = presets.load("small").to_dict()
+    e = estimate_model(ModelArgs.from_dict(cfg), "fp8", 4, 136)
+    assert e["dequant_bytes"] > 4 * e["activation_bytes"]
+    md = estimate.estimate(cfg, "cpu", "fp8", 4, 136, 1)[0]
+    term = f"+ fp8 weights dequantised per call on CPU {human_bytes(e['dequant_bytes'])}"
+    assert term in md and human_bytes(e["total_bytes"] + e["dequant_bytes"]) in md
+    for device, dtype in (("meta", "fp8"), ("cpu", "bf16")):
+        assert "dequantised per call" not in estimate.estimate(cfg, device, dtype, 4, 136, 1)[0]

@@ -143,8 +143,12 @@ def summary(
     kv_dtype = e.get("kv_dtype", dtype)
     kv_why = " (fp8 models keep their cache in bf16)" if dtype == "fp8" else ""
     n = e["n_gpus"]
+    # fp8 on CPU dequantises its weights for each call: working memory a GPU does not need
+    deq = e["dequant_bytes"] if lazy.runtime.resolve_device(device) == "cpu" else 0
+    deq_term = f" + fp8 weights dequantised per call on CPU {human_bytes(deq)}" if deq else ""
+    per_gpu_bytes = e["per_gpu_bytes"] + deq
     per_gpu = (  # a split the model cannot take has no per-GPU figure (`note` says why)
-        f"per GPU with {n} GPU{'s' if n > 1 else ''}: **{human_bytes(e['per_gpu_bytes'])}**."
+        f"per GPU with {n} GPU{'s' if n > 1 else ''}: **{human_bytes(per_gpu_bytes)}**."
         if not note
         else f"per GPU with {n} GPUs: none, the model does not split that way (below)."
     )
@@ -180,11 +184,16 @@ def summary(
             f"Memory ({dtype} weights, {kv_dtype} activations and cache): weights "
             f"{human_bytes(e['weight_bytes'])} + activations "
             f"{human_bytes(e['activation_bytes'])} + KV {human_bytes(kvc[args.attn_impl])} "
-            f"({args.attn_impl}) = **{human_bytes(e['total_bytes'])}**; " + per_gpu,
+            f"({args.attn_impl}){deq_term} = **{human_bytes(e['total_bytes'] + deq)}**; " + per_gpu,
             "",
             f"{_fits_line(e['weight_bytes'], device, f'a {dtype} build', dtype)}  ",
             note
-            or _fits_line(e["per_gpu_bytes"], device, "weights + KV + activations per GPU", dtype),
+            or _fits_line(
+                per_gpu_bytes,
+                device,
+                "weights + KV + activations" + (" + dequantised fp8" if deq else "") + " per GPU",
+                dtype,
+            ),
         ]
     )
 

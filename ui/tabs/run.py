@@ -274,9 +274,12 @@ def _run_session(session: Session, args: ModelArgs, tokens, decode_steps: int):
         tokens = tokens.to("meta")
     else:
         need = estimate_model(args, session.dtype, tokens.shape[0], tokens.shape[1] + decode_steps)
-        fits, reason = memory.check_fits(need["total_bytes"] - need["weight_bytes"], session.device)
+        extra, what = need["total_bytes"] - need["weight_bytes"], "KV cache and activations"
+        if session.device == "cpu" and need["dequant_bytes"]:  # fp8, dequantised per call
+            extra, what = extra + need["dequant_bytes"], what + " and fp8 weights dequantised"
+        fits, reason = memory.check_fits(extra, session.device)
         if not fits:
-            raise ConfigError(f"this run's KV cache and activations {reason}", field="batch")
+            raise ConfigError(f"this run's {what} {reason}", field="batch")
     try:
         r = memory.run_guarded(rt.run, session.model, tokens, decode_steps)
         return r, memory.run_guarded(rt.trace, session.model, tokens)
