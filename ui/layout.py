@@ -24,6 +24,9 @@ CSS = """
 /* Wide Markdown tables scroll sideways on a narrow screen instead of breaking numbers. */
 #compare-md table, #estimate-summary table { display: block; overflow-x: auto; }
 #compare-md td:not(:first-child), #compare-md th:not(:first-child) { white-space: nowrap; }
+/* The architecture table keeps its columns readable on a phone: it scrolls sideways. */
+#architecture { overflow-x: auto; }
+#architecture .js-plotly-plot { min-width: 880px; }
 /* The override table's headers are fixed: renaming one would only change what it shows. */
 #overrides thead th, #overrides thead th * { pointer-events: none; }
 """

@@ -473,3 +473,14 @@ def test_fp8_on_cpu_counts_its_dequantised_weights(tiny_cfg):
     assert term in md and human_bytes(e["total_bytes"] + e["dequant_bytes"]) in md
     for device, dtype in (("meta", "fp8"), ("cpu", "bf16")):
         assert "dequantised per call" not in estimate.estimate(cfg, device, dtype, 4, 136, 1)[0]
+
+
+def test_the_architecture_shapes_follow_typed_token_ids(tiny_cfg):
+    """After a run of typed ids (2 x 8) the view still said "batch 2 x seq 16 (the Run
+    inputs)": the boxes a typed run does not read."""
+    fig, note = inspect.architecture_view(tiny_cfg, "as configured", 2, 16, "", "1 2 3; 4 5 6")
+    assert "batch 2 x seq 3 (the typed token ids)" in note
+    _, note = inspect.architecture_view(tiny_cfg, "as configured", 2, 16, "", "")
+    assert "batch 2 x seq 16 (the Run tab's batch and length)" in note
+    _, note = inspect.architecture_view(tiny_cfg, "as configured", 2, 16, "", "1 2; 3")
+    assert "batch 2 x seq 16 (the Run tab's batch and length)" in note  # rows of unequal length

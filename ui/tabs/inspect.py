@@ -27,23 +27,46 @@ TRACE_COLUMNS = ["name", "type", "layer", "shape"]
 
 # ---------------------------------------------------------------------- architecture
 def architecture_view(
-    cfg: Any, path: Any = "as configured", batch: Any = 1, seq: Any = 16, form_error: Any = ""
+    cfg: Any,
+    path: Any = "as configured",
+    batch: Any = 1,
+    seq: Any = 16,
+    form_error: Any = "",
+    token_ids: Any = "",
 ) -> tuple[Any, str]:
-    """The config's architecture -> (figure, note). Shapes for the Run inputs' batch x seq."""
+    """The config's architecture -> (figure, note). Shapes for the Run inputs: the typed token
+    ids' batch x length when there are any (a run takes those), else the batch and length."""
     try:
         args = args_of(cfg)
         path = choice(path, "attention path", PATHS)
-        batch, seq = whole(batch, "batch", 1), whole(seq, "seq length", 1)
+        typed = _typed_shape(token_ids)
+        if typed:
+            (batch, seq), source = typed, "the typed token ids"
+        else:
+            batch, seq = whole(batch, "batch", 1), whole(seq, "seq length", 1)
+            source = "the Run tab's batch and length"
     except (ConfigError, ValueError) as e:
         return gr.skip(), problem(e)
     rows = architecture(args, batch, seq, None if path == "as configured" else path)
     groups = sum(r.get("kind") == "layers" for r in rows)
     note = stale_note(form_error) + (
         f"{args.n_layers} layers in {groups} group(s) of identical consecutive layers; shapes "
-        f"for batch {batch} x seq {seq} (the Run inputs). Tinted rows override the base config; "
+        f"for batch {batch} x seq {seq} ({source}). Tinted rows override the base config; "
         "red axes are the sizes an override changed."
     )
     return plots.architecture(rows), note
+
+
+def _typed_shape(text: Any) -> tuple[int, int] | None:
+    """(rows, ids per row) of typed token ids like '1 2 3; 4 5 6', or None when there are none
+    or they are not rows of equal length (the Run button says what is wrong with them)."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    rows = [r.replace(",", " ").split() for r in text.replace("\n", ";").split(";")]
+    rows = [r for r in rows if r]
+    if not rows or len({len(r) for r in rows}) != 1:
+        return None
+    return len(rows), len(rows[0])
 
 
 # ---------------------------------------------------------------------- run views
@@ -303,11 +326,17 @@ def wire(page: Any) -> None:
     )
     page.arch_step = (
         architecture_view,
-        [page.cfg, page.arch_path, page.batch, page.seq_len, page.form_error],
+        [page.cfg, page.arch_path, page.batch, page.seq_len, page.form_error, page.token_ids],
         [page.arch_plot, page.arch_note],
     )
     gr.on(
-        [page.arch_path.change, page.batch.change, page.seq_len.change],
+        [
+            page.arch_path.change,
+            page.batch.change,
+            page.seq_len.change,
+            page.token_ids.blur,
+            page.token_ids.submit,
+        ],
         *page.arch_step,
         **quiet(),
     )
