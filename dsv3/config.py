@@ -407,7 +407,7 @@ class ModelArgs:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"model args are not valid JSON: {e}") from None
+            raise ConfigError(f"model args are not valid JSON: {e}", field="config") from None
         return cls.from_dict(d)
 
     def replace(self, **changes: Any) -> ModelArgs:

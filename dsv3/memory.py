@@ -68,10 +68,16 @@ def available_bytes(device: str | torch.device) -> tuple[int, str]:
     return 2**62, "unknown (no psutil, no /proc/meminfo)"
 
 
-def memory_limit(device: str | torch.device, freed: int = 0) -> tuple[int, str]:
+FREED_NOTE = "that freeing idle models would return"
+
+
+def memory_limit(
+    device: str | torch.device, freed: int = 0, freed_note: str = FREED_NOTE
+) -> tuple[int, str]:
     """The budget one build may use on `device`: DSV3_MEMORY_LIMIT or a fraction of free memory.
     `freed`: bytes that would be free in addition (models a server could drop first), so a
-    caller can ask whether dropping them would help before dropping anything."""
+    caller can ask whether dropping them would help before dropping anything; `freed_note`
+    says where they come from."""
     import torch
 
     env = os.environ.get("DSV3_MEMORY_LIMIT")
@@ -81,7 +87,7 @@ def memory_limit(device: str | torch.device, freed: int = 0) -> tuple[int, str]:
     free, what = available_bytes(dev)
     frac = 0.9 if dev.type == "cuda" else 0.8
     if freed:
-        what += f" + {human_bytes(freed)} that freeing idle models would return"
+        what += f" + {human_bytes(freed)} {freed_note}"
     return int((free + freed) * frac), f"{int(frac * 100)}% of {what}"
 
 
@@ -89,12 +95,17 @@ SMALLER_DTYPES = {"fp32": "bf16 or fp8", "bf16": "fp8", "fp8": ""}  # what a ref
 
 
 def check_fits(
-    nbytes: float, device: str | torch.device, freed: int = 0, dtype: str | None = None
+    nbytes: float,
+    device: str | torch.device,
+    freed: int = 0,
+    dtype: str | None = None,
+    freed_note: str = FREED_NOTE,
 ) -> tuple[bool, str]:
-    """(fits, reason) for an allocation of `nbytes` on `device` (with `freed` more bytes free:
-    see memory_limit). `dtype`, the build's ("fp32"/"bf16"/"fp8"), keeps the suggestion to
-    dtypes smaller than it (none is, for fp8); None suggests both."""
-    limit, what = memory_limit(device, freed)
+    """(fits, reason) for an allocation of `nbytes` on `device` (with `freed` more bytes free,
+    from where `freed_note` says: see memory_limit). `dtype`, the build's ("fp32"/"bf16"/
+    "fp8"), keeps the suggestion to dtypes smaller than it (none is, for fp8); None suggests
+    both."""
+    limit, what = memory_limit(device, freed, freed_note)
     if nbytes <= limit:
         return True, f"needs {human_bytes(nbytes)}, budget {human_bytes(limit)} ({what})"
     smaller = SMALLER_DTYPES.get(dtype, "bf16 or fp8")  # None (unknown): both

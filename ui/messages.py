@@ -15,6 +15,7 @@ from dsv3 import ConfigError, ModelArgs
 
 # What a run view shows before any run, and after a run on meta (shapes, no values).
 BEFORE_RUN = "Build a model and press Run forward: this shows the run's {}"
+BUILT_NOT_RUN = "Press Run forward for the model built: this shows the run's {}"
 META_RUN = "meta run: shapes only, no {} (build on cpu or cuda to see it)"
 # Markdown and HTML characters a user's text must not bring into a status line.
 _SPECIAL = re.compile(r"([\\`*\[\]<>&#|~!])")
@@ -132,7 +133,7 @@ def id_list(rows: list[list[int]], keep: int = 3) -> str:
 
 
 def config_line(cfg: dict[str, Any]) -> str:
-    """'4 layers, dim 64, 1 layer override' for a config dict."""
+    """'4 layers, dim 64, overrides on 1 layer' for a config dict."""
     n_over = len(cfg.get("layer_config") or {})
-    extra = f", {n_over} layer override(s)" if n_over else ""
+    extra = f", overrides on {n_over} layer{'s' if n_over > 1 else ''}" if n_over else ""
     return f"{cfg.get('n_layers')} layers, dim {cfg.get('dim')}{extra}"

@@ -199,6 +199,7 @@ def run(model: Transformer, tokens: torch.Tensor, decode_steps: int = 0) -> dict
             "output_shape": list(logits.shape),
             "meta": True,
             "decode_steps_asked": int(decode_steps),  # not run: no values to pick tokens from
+            "mtp_layers": len(model.mtp),
         }
     out.update(peak_bytes=mem.peak, peak_kind=mem.kind, prefill_how=prefill_how)
     out["mtp_layers"] = len(model.mtp)

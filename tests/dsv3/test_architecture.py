@@ -63,6 +63,18 @@ def test_671b_collapses_into_few_groups_fast():
     assert module(moe, "wq_b")["text"] == "(batch 2, seq 128, heads 128, head_dim 192)"
 
 
+@pytest.mark.parametrize("seq", [16, 4096])
+def test_dsa_rows_say_when_the_indexer_skips_its_scores(seq):
+    """While a prefill is no longer than index_topk every key is kept: the indexer makes its
+    keys but no queries, weights or scores (the shape trace has no rows for them)."""
+    args = presets.load("deepseek-v3.2-exp")
+    row = next(r for r in layer_groups(architecture(args, 1, seq)) if "index q" in
+               [m["name"] for m in r["modules"]])  # fmt: skip
+    skipped = {m["name"] for m in row["modules"] if "skipped while ctx <= index_topk" in m["op"]}
+    want = {"index q", "index weights", "index scores", "kept"} if seq <= 2048 else set()
+    assert skipped == want
+
+
 def test_naive_path_expands_per_head():
     rows = architecture(presets.load("deepseek-v3-671b"), seq=16, attn_path="naive")
     moe = layer_groups(rows)[1]

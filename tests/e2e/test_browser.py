@@ -88,12 +88,16 @@ def test_page_build_forward_plots(url):
 
             # One override: layer 2 gets 8 heads -> the config and the estimate change.
             _edit_row(page, 0, "2", "n_heads", "8")
-            expect(page.locator("#config-msg")).to_contain_text("1 layer override", timeout=30_000)
+            expect(page.locator("#config-msg")).to_contain_text(
+                "overrides on 1 layer", timeout=30_000
+            )
             expect(page.locator("#estimate-summary")).not_to_contain_text("387,416", timeout=30_000)
             # A second blank row waits under the first: layer 3 goes dense, and layer 2's edit
             # stays.
             _edit_row(page, 1, "3", "ffn", "dense")
-            expect(page.locator("#config-msg")).to_contain_text("2 layer override", timeout=30_000)
+            expect(page.locator("#config-msg")).to_contain_text(
+                "overrides on 2 layers", timeout=30_000
+            )
             expect(page.locator("#overrides [data-testid='cell-0-2']")).to_contain_text("8")
 
             page.locator("#build-btn").click()
@@ -137,7 +141,9 @@ def test_page_build_forward_plots(url):
             expect(page.locator("#saved input")).to_have_value("edited-tiny", timeout=30_000)
             expect(page.locator("#config-msg")).not_to_contain_text("override", timeout=30_000)
             page.get_by_role("button", name="Load", exact=True).click()
-            expect(page.locator("#config-msg")).to_contain_text("2 layer override", timeout=30_000)
+            expect(page.locator("#config-msg")).to_contain_text(
+                "overrides on 2 layers", timeout=30_000
+            )
             expect(page.locator("#overrides [data-testid='cell-0-1']")).to_contain_text("n_heads")
             expect(page.locator("#overrides [data-testid='cell-0-2']")).to_contain_text("8")
             assert not errors, errors
@@ -267,7 +273,7 @@ def test_override_table_at_720px_keeps_the_layer_in_sight(url):
             h = heads.nth(i).bounding_box()
             assert box["x"] <= h["x"] and h["x"] + h["width"] <= box["x"] + box["width"] + 1
         _edit_row(page, 0, "2", "moe_inter_dim", "64")
-        expect(page.locator("#config-msg")).to_contain_text("1 layer override", timeout=30_000)
+        expect(page.locator("#config-msg")).to_contain_text("overrides on 1 layer", timeout=30_000)
         table.screenshot(path=str(ARTIFACTS / "overrides_720px.png"))
 
 

@@ -162,7 +162,7 @@ def test_config_to_form_fills_every_widget_and_the_table(tiny_cfg):
     layers = [r[0] for r in out[-3] if r[0]]
     assert sorted(set(layers), key=int) == ["2", "3", "4", "5", "6", "7"]
     assert out[-3][-fields.BLANK_ROWS :] == [blank_row()] * fields.BLANK_ROWS
-    assert "6 layer override(s)" in out[-2] and out[-1] == ""
+    assert "overrides on 6 layers" in out[-2] and out[-1] == ""
 
 
 # ---------------------------------------------------------------------- estimate and rotary

@@ -484,3 +484,52 @@ def test_the_architecture_shapes_follow_typed_token_ids(tiny_cfg):
     assert "batch 2 x seq 16 (the Run tab's batch and length)" in note
     _, note = inspect.architecture_view(tiny_cfg, "as configured", 2, 16, "", "1 2; 3")
     assert "batch 2 x seq 16 (the Run tab's batch and length)" in note  # rows of unequal length
+
+
+def test_a_rebuild_budget_names_the_model_it_replaces(tiny_cfg):
+    """The budget of a rebuild counted the session's own model as "that freeing idle models
+    would return": it is the model the build replaces, and no idle model is freed."""
+    from ui import state
+
+    s = _built(tiny_cfg)
+    ok, reason = state.fits(1024, "cpu", s)
+    assert ok and "that this session's model, which the new one replaces, holds" in reason
+    assert "idle models" not in reason
+    ok, reason = state.fits(1024, "cpu", None)
+    assert ok and "replaces" not in reason
+    s2, msg, _ = run.build(tiny_cfg, "cpu", "fp32", 0, s, progress=NO_PROGRESS)
+    assert "idle models" not in msg
+
+
+def test_a_build_refused_for_its_inputs_says_the_model_is_kept(tiny_cfg):
+    s = _built(tiny_cfg)
+    s2, msg, info = run.build(tiny_cfg, "cpu", "fp32", -1, s, progress=NO_PROGRESS)
+    assert not info["ok"] and "field **seed**" in msg and "the previous model is kept" in msg
+    assert s2.model is s.model
+    fresh, msg, _ = run.build(tiny_cfg, "cpu", "fp32", -1, None, progress=NO_PROGRESS)
+    assert "kept" not in msg
+
+
+def test_views_waiting_for_a_run_know_a_model_is_built(tiny_cfg):
+    """After a (re)build the expert load said "Build a model and press Run forward"."""
+    s = _built(tiny_cfg)
+    fig, _ = inspect.expert_views(s, 1)
+    assert "Press Run forward for the model built" in json.dumps(fig.to_dict(), default=str)
+    fig, _ = inspect.expert_views(None, 1)
+    assert "Build a model and press Run forward" in json.dumps(fig.to_dict(), default=str)
+
+
+def test_a_meta_run_also_says_the_mtp_module_is_not_run(tiny_cfg):
+    cfg = {**tiny_cfg, "n_mtp_layers": 1}
+    s, msg, info = run.build(cfg, "meta", "bf16", 0, None, progress=NO_PROGRESS)
+    assert info["ok"], msg
+    r = runtime.run(s.model, runtime.make_tokens(cfg["vocab_size"], 1, 8, 0), 2)
+    md = run.run_markdown(r)
+    assert "meta run" in md and "MTP module (1 layer) is built but not run" in md
+
+
+def test_pinning_text_that_is_not_json_names_the_field():
+    from ui.tabs import compare
+
+    _, msg = compare.pin("{bad")
+    assert "field **config**" in msg and "not valid JSON" in msg

@@ -167,11 +167,13 @@ def save_browser(store: Any, name: Any, cfg: Any, form_error: str = "") -> tuple
     except ConfigError as e:
         return gr.skip(), gr.skip(), problem(e)
     store = dict(store) if isinstance(store, dict) else {}
+    replaced = name in store
     store[name] = args.to_dict()  # plain, JSON-safe dict
+    said = "replaced the config saved as" if replaced else "saved"
     return (
         store,
         gr.update(choices=sorted(store), value=name),
-        ok(f"saved **{lit(name)}** in this browser"),
+        ok(f"{said} **{lit(name)}** in this browser"),
     )
 
 

@@ -15,7 +15,7 @@ from dsv3.architecture import architecture, filter_trace
 
 from .. import plots
 from ..components import Choice, RawSlider, WholeNumber
-from ..messages import BEFORE_RUN, META_RUN, args_of, choice, problem, whole
+from ..messages import BEFORE_RUN, BUILT_NOT_RUN, META_RUN, args_of, choice, problem, whole
 from ..state import Session
 from .estimate import stale_note
 
@@ -80,7 +80,7 @@ def expert_views(session: Any, ep_gpus: Any = 1) -> tuple[Any, str]:
     if last.get("meta"):
         return plots.empty(META_RUN.format("expert load")), ""
     if not last.get("routing"):
-        return plots.empty(BEFORE_RUN.format("expert load per layer")), ""
+        return plots.empty(_not_run(session).format("expert load per layer")), ""
     try:
         n = whole(ep_gpus, "expert-parallel GPUs", 1, 4096)
         experts = sorted({s.get("n_experts", len(s["counts"])) for s in last["routing"]})
@@ -97,11 +97,17 @@ def expert_views(session: Any, ep_gpus: Any = 1) -> tuple[Any, str]:
     return plots.expert_load(last["routing"], n_gpus=n, n_layers=last["n_layers"]), ""
 
 
+def _not_run(session: Any) -> str:
+    """The hint of a view that waits for a run: build and run, or, with a model built, run."""
+    built = isinstance(session, Session) and session.model is not None
+    return BUILT_NOT_RUN if built else BEFORE_RUN
+
+
 def run_views(session: Any) -> tuple[Any, Any, Any]:
     """After a run: group loads, the router's score distribution, the bias's effect."""
     last = _last(session)
     if not last.get("routing"):
-        hint = plots.empty((META_RUN if last.get("meta") else BEFORE_RUN).format("routing"))
+        hint = plots.empty((META_RUN if last.get("meta") else _not_run(session)).format("routing"))
         return hint, hint, hint
     n = last["n_layers"]
     router = last.get("router") or []
@@ -126,7 +132,13 @@ def trace_view(session: Any, layer: Any = "", module_type: Any = "") -> tuple[An
     except (ConfigError, ValueError) as e:
         return gr.skip(), gr.skip(), problem(e)
     table = pd.DataFrame([{**t, "shape": str(t["shape"])} for t in rows], columns=TRACE_COLUMNS)
-    return table, plots.shape_trace(rows), f"{len(rows)} of {len(trace)} modules"
+    note = f"{len(rows)} of {len(trace)} modules"
+    if len(rows) > TRACE_READABLE:  # a bar per module: hundreds do not read
+        note += "; filter by layer or type above to read them"
+    return table, plots.shape_trace(rows), note
+
+
+TRACE_READABLE = 200  # shape-trace modules above which the view suggests its filters
 
 
 def dsa_view(session: Any, layer: Any = 0, head: Any = "") -> tuple[Any, str]:

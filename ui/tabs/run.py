@@ -175,7 +175,8 @@ def build(
     try:
         args, seed, dev, dtype, wbytes = _build_request(cfg, device, dtype, seed, form_error)
     except (ConfigError, ValueError) as e:
-        return session, problem(e), {**session.summary(), "ok": False, "error": str(e)}
+        kept = "  \nNot built; the previous model is kept." if session.model is not None else ""
+        return session, problem(e) + kept, {**session.summary(), "ok": False, "error": str(e)}
     with session.in_use():
         fits, reason, evicted = make_room(wbytes, dev, session)
         if not fits:
@@ -328,6 +329,13 @@ def forward(
     return (session, *_run_outputs(r, trace, args.n_layers))
 
 
+def _mtp_line(n: int) -> str:
+    return (
+        f"the MTP module ({n} layer{'s' if n > 1 else ''}) is built but not run: the forward "
+        "predicts the next token only, as the reference's inference does"
+    )
+
+
 def _floor(args: ModelArgs, dtype: str, r: dict[str, Any]) -> dict[str, Any] | None:
     """This run's prefill and decode step against the roofline floor of this GPU (measured
     once): the fraction of the physical limit the run reached."""
@@ -362,7 +370,7 @@ def run_markdown(r: dict[str, Any]) -> str:
         return ok(
             f"{which}meta run: input {r['input_shape']} -> logits {r['output_shape']} (shapes "
             f"only, nothing computed{skipped})"
-        )
+        ) + (f"  \n{_mtp_line(r['mtp_layers'])}" if r.get("mtp_layers") else "")
     lines = [
         f"{which}input {r['input_shape']} -> logits **{r['output_shape']}** on {r['device']} "
         f"({r['dtype']})",
@@ -397,11 +405,7 @@ def run_markdown(r: dict[str, Any]) -> str:
             )
         lines.append(line)
     if r.get("mtp_layers"):
-        lines.append(
-            f"the MTP module ({r['mtp_layers']} layer{'s' if r['mtp_layers'] > 1 else ''}) is "
-            "built but not run: the forward predicts the next token only, as the reference's "
-            "inference does"
-        )
+        lines.append(_mtp_line(r["mtp_layers"]))
     if not r.get("logits_finite", True):
         lines.append("⚠ logits contain NaN/inf")
     return ok("  \n".join(lines))
