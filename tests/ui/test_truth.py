@@ -303,7 +303,7 @@ def test_a_new_model_takes_the_old_runs_views_with_it(tiny_cfg):
     md, balance, table = run.run_gone(s)
     assert "gone" in md and table.empty
     fig, _ = inspect.expert_views(s, 1)
-    assert "press Run forward" in json.dumps(fig.to_dict())
+    assert "Press Run forward for the model built" in json.dumps(fig.to_dict())
     m, msg, info = run.build(tiny_cfg, "meta", "fp32", 0, s, progress=NO_PROGRESS)
     run.forward(m, 1, 8, 0, "", 0)
     fig, _ = inspect.expert_views(m, 1)
@@ -533,3 +533,14 @@ def test_pinning_text_that_is_not_json_names_the_field():
 
     _, msg = compare.pin("{bad")
     assert "field **config**" in msg and "not valid JSON" in msg
+
+
+def test_a_long_shape_trace_points_to_its_filters():
+    s = Session()
+    trace = [{"name": f"layers.{i}.attn", "type": "MLA", "layer": i, "shape": [1, 4, 8]}
+             for i in range(300)]  # fmt: skip
+    s.last_run = {"trace": trace, "n_layers": 300}
+    _, _, note = inspect.trace_view(s, "", "all")
+    assert note == "300 of 300 modules; filter by layer or type above to read them"
+    _, _, note = inspect.trace_view(s, "3", "all")
+    assert note == "1 of 300 modules"
