@@ -499,10 +499,16 @@ def section_bf16(rows: Rows, opts) -> None:
 
 
 def _vs_transformers(
-    rows: Rows, opts, args: ModelArgs, label: str, dtype="fp32", target: float | None = 1.5
+    rows: Rows,
+    opts: argparse.Namespace,
+    args: ModelArgs,
+    label: str,
+    dtype: str = "fp32",
+    target: float | None = 1.5,
 ) -> None:
     """Prefill PREFILL and decode DECODE_STEPS steps, dsv3 vs transformers (sdpa, grouped_mm)
-    with the same weights in `dtype`, interleaved; `target` None: information rows."""
+    with the same weights in `dtype`, interleaved; `target` None: no speed target (the rows
+    still fail when the logits disagree)."""
     B, S = PREFILL
     ours = build_ours(args, dtype=dtype)
     hf = build_hf(
@@ -534,7 +540,7 @@ def _vs_transformers(
             f"transformers {ms(best(t['hf']))}",
             ratio,
             f">= {target}x" if target else "",
-            (ratio >= target and diff < tol) if target else None,
+            (ratio >= target and diff < tol) if target else diff < tol,
             f"logits diff {diff:.1e} (tolerance {tol:.0e}){note}",
         )
 

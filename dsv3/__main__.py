@@ -24,7 +24,7 @@ from .config import CHOICES, FLOAT_RANGES, INT_RANGES, ConfigError, ModelArgs
 from .dist.plan import param_bytes
 from .dist.shard import init_process_group_from_env
 from .memory import check_fits, default_device
-from .params import count_params, estimate, human_bytes
+from .params import count_params, estimate, human_bytes, run_bytes
 
 SEED_DEMO = {
     "n_layers": 32,
@@ -184,9 +184,11 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
     if world > 1 and device == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per process
     if device != "meta":
-        need = estimate(args, dtype, ns.batch, ns.seq)["total_bytes"]
+        kind = device.split(":")[0]
+        need = run_bytes(estimate(args, dtype, ns.batch, ns.seq), kind)
         if world > 1:  # this rank's share; CPU ranks of one machine share its RAM
-            per_rank = estimate(args, dtype, ns.batch, ns.seq, n_gpus=world)["per_gpu_bytes"]
+            e = estimate(args, dtype, ns.batch, ns.seq, n_gpus=world)
+            per_rank = run_bytes(e, kind, per_gpu=True)
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device == "cpu" else 1
             need = per_rank * local
         fits, why = check_fits(need, device)
@@ -258,12 +260,8 @@ def _decode(model, logits, seq: int, steps: int) -> None:
 
 
 def _probed(before: int) -> str:
-    """A note when kernel choices were measured (`dsv3.tuning`) since `tuning.count()` was
-    `before`: a first run of a shape pays for them, a later one does not."""
-    n = tuning.count() - before
-    return (
-        f" (includes measuring {n} kernel choice{'s' if n > 1 else ''} on first use)" if n else ""
-    )
+    note = tuning.probe_note(before)
+    return f" ({note})" if note else ""
 
 
 if __name__ == "__main__":

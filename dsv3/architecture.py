@@ -202,7 +202,10 @@ def _indexer(la: LayerArgs, B: int, S: int) -> list[dict[str, Any]]:
         bs + [("kept", min(la.index_topk, T))],
     )
     if T <= la.index_topk:  # every query keeps all its earlier keys: only the keys are made
-        skipped = f" (skipped while ctx <= index_topk {la.index_topk}: every key is kept)"
+        skipped = (
+            f" (a plain forward skips this while ctx <= index_topk {la.index_topk}: every key "
+            "is kept; the app's run computes it for Inspect > DSA)"
+        )
         ops = tuple(o if n in ("index k", "index k cache") else o + skipped
                     for n, o in zip(_INDEXER_STEPS, ops))  # fmt: skip
     return [_module("attention", n, o, a) for n, o, a in zip(_INDEXER_STEPS, ops, axes)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .memory import MemoryBudgetError, check_fits, is_oom, release_memory
-from .params import estimate, human_bytes
+from .params import estimate, human_bytes, run_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +33,7 @@ def build_model(
     est = estimate(args, dtype_name, batch, seq_len)
     dev = torch.device(device)
     if dev.type != "meta":
-        fits, why = check_fits(est["total_bytes"], dev, dtype=dtype_name)
+        fits, why = check_fits(run_bytes(est, dev.type), dev, dtype=dtype_name)
         if not fits:
             raise MemoryBudgetError(f"build refused before allocating: {why}")
     failure = ""

@@ -5,6 +5,9 @@ RMSNorm, LayerNorm (the DSA indexer's key norm), the SwiGLU MLP, the embedding, 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,7 @@ from . import tuning
 from .config import BLOCK_SIZE, COMPUTE_DTYPE, scale_shape
 
 FP8 = torch.float8_e4m3fn
+_R = TypeVar("_R")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8}  # build dtypes by name
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -37,7 +41,7 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     `params.estimate` counts as `dequant_bytes`): the scales multiply in place, broadcast over
     whole 128x128 blocks rather than expanded to the weight's shape."""
     rows, cols = weight.shape[-2:]
-    w = weight.to(torch.float32)
+    w = weight.to(torch.float32, copy=True)  # scaled in place below: never the caller's
     if rows % BLOCK_SIZE == 0 and cols % BLOCK_SIZE == 0:
         blocks = w.view(*w.shape[:-2], rows // BLOCK_SIZE, BLOCK_SIZE, cols // BLOCK_SIZE, -1)
         blocks.mul_(scale[..., :, None, :, None])  # blocks (..., R/128, 128, C/128, 128)
@@ -80,20 +84,32 @@ def _skinny(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ x2.t()).t().contiguous()
 
 
-def without_onednn(fn, *args, **kwargs):
+_ONEDNN_LOCK = threading.Lock()
+_onednn_off = [0, True]  # [calls inside without_onednn, the switch before the first of them]
+
+
+def without_onednn(fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
     """fn(*args, **kwargs) with torch's oneDNN (mkldnn) products turned off, so that 16-bit
     CPU matmuls run torch's own kernels. oneDNN spends ~30 us on every bf16 product whatever
     its size (Intel Xeon, torch 2.13: a (2, 256) x (256, 128) product 37 us, 10-18 us without
     it; matrix-vector products likewise), while torch's kernels are several times slower on
     large ones: callers measure both forms per shape class (`linear`,
     `GroupedExperts._few_or_sorted`). The switch is process-wide: a product running on another
-    thread meanwhile takes torch's kernels too (the app runs one forward at a time)."""
-    was = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
+    thread meanwhile takes torch's kernels too (slower, same numbers up to rounding; the app
+    runs one forward at a time). Overlapping calls on several threads share one count: the
+    first saves the switch and the last puts it back."""
+    with _ONEDNN_LOCK:
+        if _onednn_off[0] == 0:
+            _onednn_off[1] = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+        _onednn_off[0] += 1
     try:
         return fn(*args, **kwargs)
     finally:
-        torch._C._set_mkldnn_enabled(was)
+        with _ONEDNN_LOCK:
+            _onednn_off[0] -= 1
+            if _onednn_off[0] == 0:
+                torch._C._set_mkldnn_enabled(_onednn_off[1])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -119,7 +135,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if not tuning.measured():
             form = "skinny" if rows > 1 else "linear"
         else:
-            x2 = x.reshape(rows, x.shape[-1])
+            x2 = x.reshape(rows, x.shape[-1])  # (rows, in)
             forms = {"linear": lambda: F.linear(x2, weight)}
             if rows > 1:
                 forms["skinny"] = lambda: _skinny(x2, weight)

@@ -479,7 +479,7 @@ class GroupedExperts(KeepsDerived):
         for this shape class, measured on its first use on these inputs, then cached
         (`dsv3.tuning`). DSV3_DISPATCH=rule: "pairs"."""
         shape = dispatch_class(idx_TK.numel(), self.n_experts, self.w1, x_TD)[1:]
-        key = ("moe-pairs", idx_TK.shape[1], *shape)
+        key = ("moe-pairs", idx_TK.shape[1], self.w1.dtype, *shape)  # fp8 and bf16 apart
         got = tuning.cached(key)
         if got is not None:
             return got

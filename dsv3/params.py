@@ -236,6 +236,26 @@ def kv_elems_per_token(args: ModelArgs, attn_impl: str) -> int:
     return sum(layer_kv_elems(la, attn_impl) for la in _layers(args))
 
 
+def configured_kv_elems(args: ModelArgs, n_gpus: int = 1) -> float:
+    """Cached elements per token on one of `n_gpus` GPUs, summed over layers, each layer in its
+    own attn_impl (an override may differ from the config's): naive k/v per head (heads split
+    over GPUs), absorb latent + rope key (replicated), plus a DSA layer's indexer key
+    (replicated). What the built model's cache holds (`Transformer.cache_bytes`)."""
+    n = max(int(n_gpus), 1)
+    total = 0.0
+    for la in _layers(args):
+        index = la.index_head_dim if la.attn_kind == "dsa" else 0
+        own = layer_kv_elems(la, la.attn_impl) - index
+        total += (own / n if la.attn_impl == "naive" else own) + index
+    return total
+
+
+def kv_impl(args: ModelArgs) -> str:
+    """The cache layout the layers use: "naive", "absorb", or "mixed" (overrides differ)."""
+    impls = {la.attn_impl for la in _layers(args)}
+    return impls.pop() if len(impls) == 1 else "mixed"
+
+
 def estimate(
     args: ModelArgs,
     dtype: str = "bf16",
@@ -245,7 +265,7 @@ def estimate(
 ) -> dict:
     """What a build and a forward of `batch` x `seq_len` tokens cost, before allocating.
 
-    Memory = weights + KV cache (the configured attn_impl; DSA indexer keys included) +
+    Memory = weights + KV cache (each layer's attn_impl; DSA indexer keys included) +
     activations (a bound on the live tensors of one layer plus the logits). FLOPs count 2 per
     multiply-add of the matmuls a token passes through (active parameters, embedding excluded)
     plus causal attention over its context; on a DSA layer attention covers the index_topk
@@ -289,16 +309,14 @@ def estimate(
     if any(la.attn_kind == "dsa" for la in _layers(args)) and seq_len > args.index_topk:
         # DSA: float32 index scores and the kept-key mask, (seq_len x seq_len) per sequence.
         activation += batch * seq_len * seq_len * 5
-    total = wbytes[dtype] + kv_cache[args.attn_impl] + activation
+    # The cache the model holds: each layer in its own attn_impl (kv_cache: every layer in one)
+    kv_model = configured_kv_elems(args) * act_bytes * batch * seq_len
+    total = wbytes[dtype] + kv_model + activation
     dequant = dequant_bytes(args) if dtype == "fp8" else 0
 
     n = max(int(n_gpus), 1)
     per_gpu_weights = weight_bytes_per_gpu(args, dtype, n)
-    # The DSA indexer's keys are replicated on every GPU, like the absorb latent.
-    index_kv = sum(la.index_head_dim for la in _layers(args) if la.attn_kind == "dsa")
-    index_kv *= act_bytes * batch * seq_len
-    kv_gpu = kv_cache[args.attn_impl] - index_kv
-    kv_gpu = kv_gpu / (n if args.attn_impl == "naive" else 1) + index_kv
+    kv_gpu = configured_kv_elems(args, n) * act_bytes * batch * seq_len
     per_gpu = per_gpu_weights + kv_gpu + activation
 
     rows = []
@@ -313,7 +331,7 @@ def estimate(
                 "ffn_width": la.moe_inter_dim if la.ffn == "moe" else la.inter_dim,
                 "params": row["total"],
                 "active": row["active"],
-                "kv_bytes_per_token": layer_kv_elems(la, args.attn_impl) * act_bytes,
+                "kv_bytes_per_token": layer_kv_elems(la, la.attn_impl) * act_bytes,
             }
         )
     return {
@@ -325,7 +343,9 @@ def estimate(
         "weight_bytes": wbytes[dtype],
         "weight_bytes_by_dtype": wbytes,
         "kv_bytes_per_token": kv_tok,
-        "kv_cache_bytes": kv_cache,
+        "kv_cache_bytes": kv_cache,  # every layer in that layout
+        "kv_model_bytes": kv_model,  # each layer in its own (what a build holds)
+        "kv_impl": kv_impl(args),
         "kv_dtype": "bf16" if dtype == "fp8" else dtype,  # fp8 models cache in bf16
         "flops_per_token": flops_per_token,
         "flops_forward": flops_forward,
@@ -358,6 +378,14 @@ def dequant_bytes(args: ModelArgs) -> int:
     for sizes in stacks.values():
         largest = max(largest, 2 * sum(sizes) + 4 * max(sizes))
     return largest
+
+
+def run_bytes(e: dict, device_type: str, per_gpu: bool = False) -> float:
+    """What a build and run of estimate `e` need on a device of `device_type`: its total (or
+    per-GPU) figure, plus on CPU the fp8 weights dequantised for each call (`dequant_bytes`,
+    0 for other dtypes). The one rule the app, the CLI and `build_model` check against."""
+    base = e["per_gpu_bytes"] if per_gpu else e["total_bytes"]
+    return base + (e["dequant_bytes"] if device_type == "cpu" else 0)
 
 
 def sparse_pairs(seq_len: int, topk: int) -> int:

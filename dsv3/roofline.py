@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ModelArgs, scale_shape
-from .params import BYTES, TensorSpec, estimate, tensor_specs
+from .params import BYTES, TensorSpec, configured_kv_elems, estimate, tensor_specs
 
 __all__ = ["GPU", "GPUS", "fits", "measure_gpu", "roofline", "speed_table"]
 
@@ -172,21 +172,6 @@ def _weights_read(args: ModelArgs, dtype: str, n: int, tokens: float) -> tuple[f
     return total, (sum(touched) / len(touched) if touched else 0.0)
 
 
-def _kv_elems(args: ModelArgs, n: int) -> float:
-    """Cached elements per token on one GPU, summed over layers, each in its layer's attn_impl
-    layout: naive k/v per head (heads split over GPUs), absorb latent + rope (replicated), plus
-    a DSA layer's indexer key (replicated)."""
-    return sum(
-        (
-            la.n_heads * (la.qk_head_dim + la.v_head_dim) / n
-            if la.attn_impl == "naive"
-            else la.kv_lora_rank + la.qk_rope_head_dim
-        )
-        + (la.index_head_dim if la.attn_kind == "dsa" else 0)
-        for la in args.layers()
-    )
-
-
 def _pair_flops(args: ModelArgs, absorbed: bool) -> float:
     """Attention FLOPs per (query, cached key) pair, summed over layers: scores and values.
     Expanded form (prefill, naive decode) 2H(Dqk + Dv); absorbed decode 2H(2C + Dr)."""
@@ -278,7 +263,7 @@ def roofline(
             f"dsv3.parallel cannot split {why} over {n} GPUs: shares are rounded down"
         )
     act = BYTES.get(dtype, 2)  # activations and KV cache: fp8 builds compute in bf16
-    kv_tok = _kv_elems(args, n) * act
+    kv_tok = configured_kv_elems(args, n) * act
     D, V, L = args.dim, args.vocab_size, args.n_layers
     head = 2 * V * D  # FLOPs of the head per position
 

@@ -30,6 +30,7 @@ PROBE_MIN_ROUNDS = 3  # timed rounds at least, whatever the budget: with one, a 
 _LOCK = threading.RLock()  # re-entrant: a candidate may probe an inner class on its warm-up
 _CHOICES: dict[Hashable, str] = {}
 _TIMES: dict[Hashable, dict[str, float]] = {}
+_PROBES = [0]  # probes timed in this process (only ever grows: `clear` keeps it)
 
 
 def mode() -> str:
@@ -66,6 +67,7 @@ def choose(
             times = {next(iter(candidates)): 0.0}
         else:
             times = (timer or measure)(candidates)
+            _PROBES[0] += 1
         best = min(times, key=times.__getitem__)
         _TIMES[key], _CHOICES[key] = times, best
         return best
@@ -95,10 +97,22 @@ def measure(
 
 
 def count() -> int:
-    """How many shape classes have been measured (and cached) so far in this process: a
-    caller that times its own work compares this before and after, to tell a first run, which
-    paid for the probes, from the runs after it."""
-    return len(_CHOICES)
+    """How many probes have timed candidates so far in this process (it only grows): a
+    caller that times its own work compares this before and after (`probe_note`)."""
+    return _PROBES[0]
+
+
+def probe_note(before: int) -> str:
+    """What a timed run should add when probes ran since `count()` was `before`: a first run
+    of a shape pays for them (the small preset's first CPU prefill took 6.7x the next one's
+    on an Intel Xeon), the next does not. "" when none ran."""
+    n = count() - before
+    if n <= 0:
+        return ""
+    return (
+        f"the time includes measuring {n} kernel choice{'s' if n > 1 else ''} on first use "
+        "(the next run of these shapes skips that)"
+    )
 
 
 def choices(prefix: str | None = None) -> list[tuple[Hashable, str, dict[str, float]]]:

@@ -16,6 +16,8 @@ from dsv3 import ConfigError, ModelArgs
 # What a run view shows before any run, and after a run on meta (shapes, no values).
 BEFORE_RUN = "Build a model and press Run forward: this shows the run's {}"
 BUILT_NOT_RUN = "Press Run forward for the model built: this shows the run's {}"
+NO_ROUTING = "the last run's model has no MoE layer: no {} to show"
+KEPT = "the previous model is kept"
 META_RUN = "meta run: shapes only, no {} (build on cpu or cuda to see it)"
 # Markdown and HTML characters a user's text must not bring into a status line.
 _SPECIAL = re.compile(r"([\\`*\[\]<>&#|~!])")

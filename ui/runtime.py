@@ -215,12 +215,8 @@ def _how(graphs, before: tuple[int, int, int]) -> str:
     notes = ""
     if fused.FAILED:  # fused kernels that failed to run on this GPU (their twins ran instead)
         notes += f"; fused kernels not used here: {', '.join(fused.FAILED)}"
-    probes = tuning.count() - before[2]
-    if probes:
-        notes += (
-            f"; the time includes measuring {probes} kernel choice{'s' if probes > 1 else ''} "
-            "on first use (the next run of these shapes skips that)"
-        )
+    if probed := tuning.probe_note(before[2]):
+        notes += f"; {probed}"
     if not reps:
         return "eager" + (f" ({graphs.note})" if graphs.note else "") + notes
     if caps:

@@ -70,7 +70,7 @@ def test_dsa_rows_say_when_the_indexer_skips_its_scores(seq):
     args = presets.load("deepseek-v3.2-exp")
     row = next(r for r in layer_groups(architecture(args, 1, seq)) if "index q" in
                [m["name"] for m in r["modules"]])  # fmt: skip
-    skipped = {m["name"] for m in row["modules"] if "skipped while ctx <= index_topk" in m["op"]}
+    skipped = {m["name"] for m in row["modules"] if "skips this while ctx <= index_topk" in m["op"]}
     want = {"index q", "index weights", "index scores", "kept"} if seq <= 2048 else set()
     assert skipped == want
 

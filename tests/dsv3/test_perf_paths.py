@@ -259,3 +259,24 @@ def test_cpu_forward_under_another_default_dtype():
     finally:
         torch.set_default_dtype(old)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (3, 256, 128), (200, 256), (3, 128, 300)])
+@pytest.mark.parametrize("in_major", [False, True])
+def test_dequantize_broadcasts_its_scales_bit_equal_to_expanding_them(shape, in_major):
+    """Whole 128x128 blocks take the scales broadcast and multiplied in place (no expanded
+    float32 copy of them); the numbers are those of the expanded product, bit for bit, for
+    stacks and in-major (CPU expert) layouts too, and the input is never changed."""
+    from dsv3.layers import _expand_scale, dequantize
+
+    torch.manual_seed(0)
+    q, scale = quantize_fp8(torch.randn(shape))
+    if in_major and len(shape) == 3:  # (E, out, in) stored with `in` slowest, as on CPU
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    want = q.to(torch.float32) * _expand_scale(scale, *shape[-2:])
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize(q, scale, dtype), want.to(dtype))
+    w = torch.randn(256, 256)
+    before = w.clone()
+    dequantize(w, torch.full((2, 2), 2.0), torch.float32)  # a float32 "weight" is not scaled
+    assert torch.equal(w, before)

@@ -160,8 +160,11 @@ def test_measured_linear_equals_f_linear(monkeypatch, rows):
     assert kinds == ({"linear"} if 1 < rows <= 32 else set())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8, 33])
-@pytest.mark.parametrize("form", ["linear", "skinny", "linear, no oneDNN"])
+@pytest.mark.parametrize(
+    "rows, form",
+    [(r, f) for r in (1, 2, 8) for f in ("linear", "skinny", "linear, no oneDNN") if r > 1 or
+     f != "skinny"] + [(33, "linear")],
+)  # fmt: skip
 def test_every_16_bit_linear_form_agrees(monkeypatch, rows, form):
     """bf16 decode-sized products measure three forms (oneDNN's per-call cost makes torch's own
     kernels faster on small ones); whichever is cached, the numbers are F.linear's up to bf16
@@ -343,3 +346,27 @@ def test_gpu_measure_times_the_device_even_when_the_host_is_slower(monkeypatch, 
     got = tuning.gpu_measure({"kernel": kernel, "torch": lambda: s.call(10e-6, 18e-6)})
     assert got["kernel"] == pytest.approx(8e-6, rel=1e-6)
     assert got["torch"] == pytest.approx(18e-6, rel=1e-6)
+
+
+def test_overlapping_without_onednn_calls_put_the_switch_back():
+    """Two threads inside `without_onednn` at once: the second used to save the switch the
+    first had turned off and restore that, leaving oneDNN off for the rest of the process."""
+    from dsv3.layers import without_onednn
+
+    inside, release = threading.Barrier(2), threading.Event()
+
+    def hold():
+        inside.wait()
+        release.wait(5)
+
+    t = threading.Thread(target=without_onednn, args=(hold,))
+    t.start()
+    inside.wait()  # the first call holds oneDNN off
+    assert not torch._C._get_mkldnn_enabled()
+
+    def second():  # overlaps the first, lets it leave first, leaves last
+        release.set()
+        t.join()
+
+    without_onednn(second)
+    assert torch._C._get_mkldnn_enabled()

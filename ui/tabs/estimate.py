@@ -12,7 +12,7 @@ import pandas as pd
 
 from dsv3 import ConfigError, ModelArgs
 from dsv3 import estimate as estimate_model
-from dsv3.params import human_bytes
+from dsv3.params import human_bytes, run_bytes
 from dsv3.roofline import GPUS, speed_table
 
 from .. import lazy, plots
@@ -139,14 +139,15 @@ def summary(
 ) -> str:
     p = e["params"]
     wb, kvt, kvc = e["weight_bytes_by_dtype"], e["kv_bytes_per_token"], e["kv_cache_bytes"]
-    mark = {k: " (configured)" if k == args.attn_impl else "" for k in ("naive", "absorb")}
+    mark = {k: " (configured)" if k == e["kv_impl"] else "" for k in ("naive", "absorb")}
     kv_dtype = e.get("kv_dtype", dtype)
     kv_why = " (fp8 models keep their cache in bf16)" if dtype == "fp8" else ""
     n = e["n_gpus"]
     # fp8 on CPU dequantises its weights for each call: working memory a GPU does not need
-    deq = e["dequant_bytes"] if lazy.runtime.resolve_device(device) == "cpu" else 0
+    dev = lazy.runtime.resolve_device(device)
+    deq = run_bytes(e, dev) - e["total_bytes"]
     deq_term = f" + fp8 weights dequantised per call on CPU {human_bytes(deq)}" if deq else ""
-    per_gpu_bytes = e["per_gpu_bytes"] + deq
+    per_gpu_bytes = run_bytes(e, dev, per_gpu=True)
     per_gpu = (  # a split the model cannot take has no per-GPU figure (`note` says why)
         f"per GPU with {n} GPU{'s' if n > 1 else ''}: **{human_bytes(per_gpu_bytes)}**."
         if not note
@@ -183,8 +184,8 @@ def summary(
             f"{plots.human(e['flops_forward'])} for batch {batch} x {length}.",
             f"Memory ({dtype} weights, {kv_dtype} activations and cache): weights "
             f"{human_bytes(e['weight_bytes'])} + activations "
-            f"{human_bytes(e['activation_bytes'])} + KV {human_bytes(kvc[args.attn_impl])} "
-            f"({args.attn_impl}){deq_term} = **{human_bytes(e['total_bytes'] + deq)}**; " + per_gpu,
+            f"{human_bytes(e['activation_bytes'])} + KV {human_bytes(e['kv_model_bytes'])} "
+            f"({e['kv_impl']}){deq_term} = **{human_bytes(e['total_bytes'] + deq)}**; " + per_gpu,
             "",
             f"{_fits_line(e['weight_bytes'], device, f'a {dtype} build', dtype)}  ",
             note
@@ -233,10 +234,9 @@ def speed(
         batch, length = sizes(args, batch, length)
     except (ConfigError, ValueError) as err:
         return problem(err), gr.skip()
-    prompt = length
     gpus = list(GPUS.values()) + ([this_gpu()] if this_gpu() is not None else [])
     rows = speed_table(
-        args, dtype=dtype, batch=batch, prompt_len=prompt, gpus=tuple(gpus), n_gpus=SPEED_GPUS
+        args, dtype=dtype, batch=batch, prompt_len=length, gpus=tuple(gpus), n_gpus=SPEED_GPUS
     )
     table = pd.DataFrame(
         [
@@ -256,7 +256,7 @@ def speed(
     )
     notes = sorted({r["note"] for r in rows if r.get("note")})
     md = stale_note(form_error) + (
-        f"Floors from spec sheets (dsv3.roofline): prefill of **{batch} x {prompt}** tokens, "
+        f"Floors from spec sheets (dsv3.roofline): prefill of **{batch} x {length}** tokens, "
         f"then one decode step at batch {batch}, in {dtype}; memory per GPU: weights + KV cache "
         "+ activations, as the Estimate counts them. A floor is the larger of compute time and "
         "memory time (plus communication for several GPUs); it leaves out kernel launches and "

@@ -13,9 +13,18 @@ import pandas as pd
 from dsv3 import ConfigError
 from dsv3.architecture import architecture, filter_trace
 
-from .. import plots
+from .. import lazy, plots
 from ..components import Choice, RawSlider, WholeNumber
-from ..messages import BEFORE_RUN, BUILT_NOT_RUN, META_RUN, args_of, choice, problem, whole
+from ..messages import (
+    BEFORE_RUN,
+    BUILT_NOT_RUN,
+    META_RUN,
+    NO_ROUTING,
+    args_of,
+    choice,
+    problem,
+    whole,
+)
 from ..state import Session
 from .estimate import stale_note
 
@@ -39,7 +48,7 @@ def architecture_view(
     try:
         args = args_of(cfg)
         path = choice(path, "attention path", PATHS)
-        typed = _typed_shape(token_ids)
+        typed = _typed_shape(token_ids, args.vocab_size)
         if typed:
             (batch, seq), source = typed, "the typed token ids"
         else:
@@ -57,16 +66,17 @@ def architecture_view(
     return plots.architecture(rows), note
 
 
-def _typed_shape(text: Any) -> tuple[int, int] | None:
-    """(rows, ids per row) of typed token ids like '1 2 3; 4 5 6', or None when there are none
-    or they are not rows of equal length (the Run button says what is wrong with them)."""
+def _typed_shape(text: Any, vocab_size: int) -> tuple[int, int] | None:
+    """(rows, ids per row) of typed token ids like '1 2 3; 4 5 6' as a run would read them
+    (`runtime.parse_token_ids`), or None when there are none or a run would refuse them (the
+    Run button says why)."""
     if not isinstance(text, str) or not text.strip():
         return None
-    rows = [r.replace(",", " ").split() for r in text.replace("\n", ";").split(";")]
-    rows = [r for r in rows if r]
-    if not rows or len({len(r) for r in rows}) != 1:
+    try:
+        tokens = lazy.runtime.parse_token_ids(text, vocab_size)
+    except ValueError:
         return None
-    return len(rows), len(rows[0])
+    return None if tokens is None else tuple(tokens.shape)
 
 
 # ---------------------------------------------------------------------- run views
@@ -98,8 +108,14 @@ def expert_views(session: Any, ep_gpus: Any = 1) -> tuple[Any, str]:
 
 
 def _not_run(session: Any) -> str:
-    """The hint of a view that waits for a run: build and run, or, with a model built, run."""
-    built = isinstance(session, Session) and session.model is not None
+    """The hint of a view that waits for a run's routing: build and run, or, with a model
+    built (a ZeroGPU session builds at Run), run; after a run without routing, that the model
+    has no MoE layer."""
+    if not isinstance(session, Session):
+        return BEFORE_RUN
+    if session.last_run and not session.last_run.get("meta"):
+        return NO_ROUTING
+    built = session.model is not None or session.source == "zerogpu"
     return BUILT_NOT_RUN if built else BEFORE_RUN
 
 
@@ -116,6 +132,9 @@ def run_views(session: Any) -> tuple[Any, Any, Any]:
         plots.router_scores(router, n_layers=n),
         plots.bias_effect(router, n_layers=n),
     )
+
+
+TRACE_READABLE = 200  # shape-trace modules above which the view suggests its filters
 
 
 def trace_view(session: Any, layer: Any = "", module_type: Any = "") -> tuple[Any, Any, str]:
@@ -136,9 +155,6 @@ def trace_view(session: Any, layer: Any = "", module_type: Any = "") -> tuple[An
     if len(rows) > TRACE_READABLE:  # a bar per module: hundreds do not read
         note += "; filter by layer or type above to read them"
     return table, plots.shape_trace(rows), note
-
-
-TRACE_READABLE = 200  # shape-trace modules above which the view suggests its filters
 
 
 def dsa_view(session: Any, layer: Any = 0, head: Any = "") -> tuple[Any, str]:

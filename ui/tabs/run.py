@@ -13,11 +13,12 @@ import pandas as pd
 from dsv3 import ConfigError, ModelArgs, count_params, memory
 from dsv3 import estimate as estimate_model
 from dsv3.compare import changes
-from dsv3.params import human_bytes
+from dsv3.params import human_bytes, run_bytes
 
 from .. import lazy, plots
 from ..components import Choice, WholeNumber
 from ..messages import (
+    KEPT,
     META_RUN,
     args_of,
     choice,
@@ -143,7 +144,7 @@ def _refusal(args: ModelArgs, dev: str, dtype: str, reason: str, session: Sessio
     )
     msg = msg.replace("weights needs", "weights need")
     if session.model is not None:
-        msg += " The previous model is kept."
+        msg += f" {KEPT.capitalize()}."
     return msg
 
 
@@ -175,7 +176,7 @@ def build(
     try:
         args, seed, dev, dtype, wbytes = _build_request(cfg, device, dtype, seed, form_error)
     except (ConfigError, ValueError) as e:
-        kept = "  \nNot built; the previous model is kept." if session.model is not None else ""
+        kept = f"  \nNot built; {KEPT}." if session.model is not None else ""
         return session, problem(e) + kept, {**session.summary(), "ok": False, "error": str(e)}
     with session.in_use():
         fits, reason, evicted = make_room(wbytes, dev, session)
@@ -275,9 +276,10 @@ def _run_session(session: Session, args: ModelArgs, tokens, decode_steps: int):
         tokens = tokens.to("meta")
     else:
         need = estimate_model(args, session.dtype, tokens.shape[0], tokens.shape[1] + decode_steps)
-        extra, what = need["total_bytes"] - need["weight_bytes"], "KV cache and activations"
-        if session.device == "cpu" and need["dequant_bytes"]:  # fp8, dequantised per call
-            extra, what = extra + need["dequant_bytes"], what + " and fp8 weights dequantised"
+        extra = run_bytes(need, session.device) - need["weight_bytes"]
+        what = "KV cache and activations"
+        if extra > need["total_bytes"] - need["weight_bytes"]:  # fp8 on CPU
+            what += " and fp8 weights dequantised per call"
         fits, reason = memory.check_fits(extra, session.device)
         if not fits:
             raise ConfigError(f"this run's {what} {reason}", field="batch")
