@@ -68,7 +68,8 @@ def choose(
         else:
             times = (timer or measure)(candidates)
             _PROBES[0] += 1
-        best = pick(times)
+        # wall-clock probes tie within TIE; GPU time (CUDA events, no host noise) orders them
+        best = pick(times) if timer is None else min(times, key=times.__getitem__)
         _TIMES[key], _CHOICES[key] = times, best
         return best
 
