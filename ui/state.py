@@ -169,16 +169,13 @@ def fits(nbytes: float, device: str, session: Session | None, freed: int = 0) ->
         return True, "meta device: nothing is allocated"
     own = session.model_bytes if session is not None and session.device == device else 0
     note = memory.FREED_NOTE
-    if own:  # this session's model, which a build or import replaces
-        mine = "that this session's model, which the new one replaces, holds"
+    if own and freed:  # this session's model, which a build or import replaces, and others'
         note = (
-            mine
-            if not freed
-            else (
-                f"that this session's model ({human_bytes(own)}, replaced) and freeing idle models "
-                f"({human_bytes(freed)}) would return"
-            )
+            f"that this session's model ({human_bytes(own)}, replaced) and freeing idle models "
+            f"({human_bytes(freed)}) would return"
         )
+    elif own:
+        note = "that this session's model, which the new one replaces, holds"
     ok, reason = memory.check_fits(nbytes, device, freed=freed + own, freed_note=note)
     cap = settings.SERVER_MEMORY
     if ok and cap is not None:
