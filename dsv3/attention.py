@@ -42,7 +42,7 @@ from torch import nn
 
 from . import fused, tuning
 from .config import LayerArgs
-from .layers import LayerNorm, Linear, RMSNorm, compute_dtype
+from .layers import LayerNorm, Linear, RMSNorm, compute_dtype, linear
 
 
 @dataclass
@@ -358,7 +358,7 @@ class MLA(nn.Module):
         if Sq > 1 and not self.absorbed_prefill:
             # Expand the cached latent into per-head keys/values: cheaper than absorbing at S ~ T.
             kv_all = kv if start_pos == 0 and kv is not None else lat[..., :C]  # (B, T, C)
-            kvb = F.linear(kv_all, wkv_b).view(B, T, H, Dn + Dv)
+            kvb = linear(kv_all, wkv_b).view(B, T, H, Dn + Dv)
             k = torch.cat([kvb[..., :Dn], lat[:, :, None, C:].expand(B, T, H, Dr)], dim=-1)
             o = self._sdpa(q, k, kvb[..., Dn:], q_pos, keep)
             return self.wo(o.flatten(2))

@@ -112,38 +112,60 @@ def without_onednn(fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
                 torch._C._set_mkldnn_enabled(_onednn_off[1])
 
 
+# oneDNN's float32 product (torch's own float32 matmuls call MKL): private to torch, so probed
+ONEDNN_FP32 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """`F.linear` through oneDNN's matmul rather than torch's BLAS (MKL), same float32 math up
+    to summation order. MKL picks its fastest code for Intel CPUs only: on an AMD EPYC
+    (torch 2.13) oneDNN ran prefill-sized float32 products 1.24-1.32x as fast (215-224 GFLOP/s
+    on 2 cores against MKL's 165-175), and the head of a 2-row decode step 1.65x; it costs more
+    per call on small ones. `linear` measures it against `F.linear` per shape class."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """`F.linear(x, weight, bias)`, or for the few-row inputs of decoding on CPU (2..SKINNY_ROWS
-    rows) possibly as (W x^T)^T: BLAS packs the whole weight for the former and may stream it
-    once for the latter. Which is faster depends on the CPU (on an AMD EPYC the latter, 1.2-2x;
-    on an Intel Xeon the former, 2-5x), so it is measured once per shape class (`dsv3.tuning`;
-    with DSV3_DISPATCH=rule the latter, as tuned on the EPYC). One float32 row already runs as
-    a matrix-vector product; many rows favour the usual form. 16-bit weights (1..SKINNY_ROWS
-    rows) also measure `F.linear` without oneDNN (`without_onednn`)."""
+    """`F.linear(x, weight, bias)` in the fastest of equivalent forms, measured once per shape
+    class on CPU (`dsv3.tuning`): which wins depends on the CPU, not the shapes alone.
+    - float32, 2 rows or more: also through oneDNN (`onednn_linear`; MKL, behind F.linear,
+      runs its best code on Intel CPUs only).
+    - 2..SKINNY_ROWS rows (decoding): also as (W x^T)^T, where BLAS may stream the weight once
+      instead of packing it (on an AMD EPYC 1.2-2x faster, on an Intel Xeon 2-5x slower).
+    - 16-bit weights, 1..SKINNY_ROWS rows: also `F.linear` without oneDNN (`without_onednn`).
+    One float32 row runs as a matrix-vector product as it is. With DSV3_DISPATCH=rule: (W x^T)^T
+    for 2..SKINNY_ROWS rows, F.linear otherwise."""
     # This wrapper runs ~60 times per decode step: its own cost matters on a slow core (the
     # cached choice is looked up before anything else is asked of the environment).
     rows = x.numel() // max(x.shape[-1], 1)
-    if not 0 < rows <= SKINNY_ROWS or x.device.type != "cpu" or weight.dim() != 2:
+    if rows == 0 or x.device.type != "cpu" or weight.dim() != 2:
         return F.linear(x, weight, bias)
     half = weight.dtype in HALF
-    if rows == 1 and not half:
+    dnn = ONEDNN_FP32 and weight.dtype == torch.float32 == x.dtype
+    if (rows > SKINNY_ROWS and not dnn) or (rows == 1 and not half):
         return F.linear(x, weight, bias)
     key = ("linear", 1 << (rows - 1).bit_length(), *weight.shape, weight.stride(-1) == 1,
            weight.dtype, torch.get_num_threads())  # fmt: skip
     form = tuning.cached(key)
     if form is None:
         if not tuning.measured():
-            form = "skinny" if rows > 1 else "linear"
+            form = "skinny" if 1 < rows <= SKINNY_ROWS else "linear"
         else:
             x2 = x.reshape(rows, x.shape[-1])  # (rows, in)
             forms = {"linear": lambda: F.linear(x2, weight)}
-            if rows > 1:
+            if 1 < rows <= SKINNY_ROWS:
                 forms["skinny"] = lambda: _skinny(x2, weight)
             if half:
                 forms["linear, no oneDNN"] = lambda: without_onednn(F.linear, x2, weight)
+            if dnn:
+                forms["oneDNN"] = lambda: onednn_linear(x2, weight)
             form = tuning.choose(key, forms)
     if form == "linear":
         return F.linear(x, weight, bias)
+    if form == "oneDNN":
+        if x.requires_grad or weight.requires_grad:  # oneDNN's op has no backward
+            return F.linear(x, weight, bias)
+        return onednn_linear(x, weight, bias)
     if form == "linear, no oneDNN":
         return without_onednn(F.linear, x, weight, bias)
     y = _skinny(x.reshape(rows, x.shape[-1]), weight)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3 import ModelArgs, Transformer, tuning
-from dsv3.layers import linear
+from dsv3.layers import ONEDNN_FP32, linear
 from dsv3.moe import (
     dispatch,
     dispatch_class,
@@ -157,7 +157,46 @@ def test_measured_linear_equals_f_linear(monkeypatch, rows):
     assert got.shape == (rows, 1, 80) and got.is_contiguous()
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     kinds = {k[0] for k, _, _ in tuning.choices()}
-    assert kinds == ({"linear"} if 1 < rows <= 32 else set())
+    measured_rows = rows > 1 if ONEDNN_FP32 else 1 < rows <= 32  # oneDNN: any 2+ rows
+    assert kinds == ({"linear"} if measured_rows else set())
+
+
+@pytest.mark.skipif(not ONEDNN_FP32, reason="this torch has no oneDNN float32 linear")
+@pytest.mark.parametrize(
+    "rows, form",
+    [(r, f) for r in (2, 8, 33, 300) for f in ("linear", "skinny", "oneDNN") if r <= 32 or
+     f != "skinny"],
+)  # fmt: skip
+def test_every_float32_linear_form_agrees(monkeypatch, rows, form):
+    """float32 products of 2+ rows measure oneDNN against F.linear (MKL), decode-sized ones
+    also (W x^T)^T: whichever a probe on some CPU caches, the numbers are F.linear's up to
+    summation order, strided inputs and a bias included."""
+    monkeypatch.setenv("DSV3_DISPATCH", "measured")
+    torch.manual_seed(0)
+    x = torch.randn(rows, 1, 2 * 96)[..., ::2]  # a strided view, as attention's slices are
+    w, b = torch.randn(80, 96), torch.randn(80)
+    linear(x, w, b)  # the probe
+    ((key, _, times),) = tuning.choices()
+    assert set(times) == {"linear", "oneDNN"} | ({"skinny"} if rows <= 32 else set())
+    tuning._CHOICES[key] = form
+    got = linear(x, w, b)
+    assert got.shape == (rows, 1, 80)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not ONEDNN_FP32, reason="this torch has no oneDNN float32 linear")
+def test_onednn_form_keeps_gradients(monkeypatch):
+    """oneDNN's op has no backward: an input that needs a gradient takes F.linear even where
+    the cached form is oneDNN's, so the gradient is there and right."""
+    monkeypatch.setenv("DSV3_DISPATCH", "measured")
+    torch.manual_seed(0)
+    w = torch.randn(80, 96)
+    linear(torch.randn(64, 96), w)
+    ((key, _, _),) = tuning.choices()
+    tuning._CHOICES[key] = "oneDNN"
+    x = torch.randn(64, 96, requires_grad=True)
+    linear(x, w).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(64, 96))
 
 
 @pytest.mark.parametrize(
