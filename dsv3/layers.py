@@ -112,8 +112,9 @@ def without_onednn(fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
                 torch._C._set_mkldnn_enabled(_onednn_off[1])
 
 
-# oneDNN's float32 product (torch's own float32 matmuls call MKL): private to torch, so probed
-ONEDNN_FP32 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's float32 linear (torch's own float32 matmuls call MKL); a private op, so looked up
+_MKLDNN_OPS = torch.ops.mkldnn
+ONEDNN_FP32 = torch.backends.mkldnn.is_available() and hasattr(_MKLDNN_OPS, "_linear_pointwise")
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
