@@ -9,6 +9,11 @@ measures them), for a short loan of a GPU.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: sys.path[0] is benchmarks/
+    import _script
+
+    _script.run_as_module(__file__)
+
 import sys
 import time
 import traceback

@@ -10,6 +10,11 @@ with `torch.compile`d blocks inside the graph. Prints plain text; nothing is ass
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: sys.path[0] is benchmarks/
+    import _script
+
+    _script.run_as_module(__file__)
+
 import argparse
 import sys
 import time

@@ -11,6 +11,11 @@ resident memory returns to within 10% of where it started.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: sys.path[0] is benchmarks/
+    import _script
+
+    _script.run_as_module(__file__)
+
 import argparse
 import statistics
 import sys

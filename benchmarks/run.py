@@ -43,6 +43,11 @@ bf16 path calls no kernels).
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run as a file: sys.path[0] is benchmarks/
+    import _script
+
+    _script.run_as_module(__file__)
+
 import argparse
 import gc
 import json
