@@ -465,11 +465,17 @@ def test_meta_run_applies_the_same_checks(tiny_cfg):
     assert not info["ok"] and "max_seq_len" in md
 
 
-@pytest.mark.parametrize("seed", [None, "", -1, "x"])
+@pytest.mark.parametrize("seed", [None, "", -1, "x", 2**53, 9007199254740993.0])
 def test_bad_seed_keeps_previous_model(built, tiny_cfg, seed):
     model = built.model
     s, msg, info = run.build(tiny_cfg, "cpu", "fp32", seed, built, progress=NO_PROGRESS)
     assert not info["ok"] and "**seed**" in msg and s.model is model
+
+
+def test_largest_seed_a_browser_sends_unchanged_builds(tiny_cfg):
+    """2**53 - 1 is the largest whole number a browser's number box sends as typed."""
+    s, msg, info = run.build(tiny_cfg, "cpu", "fp32", 2**53 - 1, None, progress=NO_PROGRESS)
+    assert info["ok"] and s.seed == 2**53 - 1
 
 
 @pytest.mark.parametrize("batch, length, gpus", [(-1, 0, 1), (1, -5, 1), (0, 0, 1), (1, 0, 0)])

@@ -42,7 +42,9 @@ BALANCE_COLUMNS = [
     "entropy_norm",
     "group_counts",
 ]
-SEED_MAX = 2**63 - 1
+# A browser reads a number box as a double: whole numbers past 2**53 arrive rounded (a typed
+# 9007199254740993 arrives as ...992), so larger seeds are refused rather than silently changed.
+SEED_MAX = 2**53 - 1
 
 
 # ---------------------------------------------------------------------- model status
