@@ -63,9 +63,10 @@ def _allowed(lo: int, hi: int | None) -> str:
     return f"{lo}..{hi}" if hi is not None else f">= {lo}"
 
 
-def whole(value: Any, label: str, lo: int, hi: int | None = None) -> int:
+def whole(value: Any, label: str, lo: int, hi: int | None = None, why: str = "") -> int:
     """A whole number in lo..hi from a loosely typed input, else a ConfigError with `label`.
-    Refuses decimals (2.5, never rounded), text, booleans, NaN/inf and anything out of range."""
+    Refuses decimals (2.5, never rounded), text, booleans, NaN/inf and anything out of range
+    (`why`, when given, follows the allowed range in that message)."""
     allowed = _allowed(lo, hi)
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ConfigError(f"{label} is empty; enter a whole number {allowed}", field=label)
@@ -92,7 +93,8 @@ def whole(value: Any, label: str, lo: int, hi: int | None = None) -> int:
             field=label,
         )
     if n < lo or (hi is not None and n > hi):
-        raise ConfigError(f"{label}={n} is out of range; allowed: {allowed}", field=label)
+        why = f" ({why})" if why else ""
+        raise ConfigError(f"{label}={n} is out of range; allowed: {allowed}{why}", field=label)
     return n
 
 

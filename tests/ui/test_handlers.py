@@ -473,7 +473,10 @@ def test_bad_seed_keeps_previous_model(built, tiny_cfg, seed):
 
 
 def test_largest_seed_a_browser_sends_unchanged_builds(tiny_cfg):
-    """2**53 - 1 is the largest whole number a browser's number box sends as typed."""
+    """2**53 - 1 is the largest whole number a browser's number box sends as typed; past it
+    the refusal says why."""
+    _, msg, info = run.build(tiny_cfg, "cpu", "fp32", 2**53, None, progress=NO_PROGRESS)
+    assert not info["ok"] and "allowed: 0..9007199254740991 (a browser sends" in msg
     s, msg, info = run.build(tiny_cfg, "cpu", "fp32", 2**53 - 1, None, progress=NO_PROGRESS)
     assert info["ok"] and s.seed == 2**53 - 1
 

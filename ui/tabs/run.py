@@ -45,6 +45,7 @@ BALANCE_COLUMNS = [
 # A browser reads a number box as a double: whole numbers past 2**53 arrive rounded (a typed
 # 9007199254740993 arrives as ...992), so larger seeds are refused rather than silently changed.
 SEED_MAX = 2**53 - 1
+SEED_WHY = "a browser sends whole numbers past 2**53 rounded"
 
 
 # ---------------------------------------------------------------------- model status
@@ -103,7 +104,7 @@ def _build_request(cfg: Any, device: Any, dtype: Any, seed: Any, form_error: Any
             field="config",
         )
     args = args_of(cfg)
-    seed = whole(seed, "seed", 0, SEED_MAX)
+    seed = whole(seed, "seed", 0, SEED_MAX, SEED_WHY)
     dtype = choice(dtype, "dtype", DTYPES)
     dev = usable_device(device)
     wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
@@ -260,7 +261,7 @@ def _run_request(args: ModelArgs, batch, seq_len, token_seed, token_ids, decode_
     if tokens is None:
         batch = whole(batch, "batch", 1)  # the config's maxima: _check_shape
         seq_len = whole(seq_len, "seq length", 1)
-        seed = whole(token_seed, "token seed", 0, SEED_MAX)
+        seed = whole(token_seed, "token seed", 0, SEED_MAX, SEED_WHY)
         tokens = lazy.runtime.make_tokens(args.vocab_size, batch, seq_len, seed)
     _check_shape(args, *tokens.shape, decode_steps)
     return tokens, decode_steps
