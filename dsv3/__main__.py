@@ -24,7 +24,7 @@ from .config import CHOICES, FLOAT_RANGES, INT_RANGES, ConfigError, ModelArgs
 from .dist.plan import param_bytes
 from .dist.shard import init_process_group_from_env
 from .memory import check_fits, default_device
-from .params import count_params, estimate, human_bytes, run_bytes
+from .params import NO_FP8_PATH, count_params, estimate, human_bytes, run_bytes
 
 SEED_DEMO = {
     "n_layers": 32,
@@ -183,12 +183,17 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
             dtype = "bf16" if device == "cuda" else "fp32"
     if world > 1 and device == "cuda":
         device = f"cuda:{local_rank}"  # one GPU per process
+    dense = False  # fp8 on a GPU without an fp8 path: bf16 copies of the weights too
+    if dtype == "fp8" and device != "meta":
+        from .fp8 import keeps_dense_copies  # imports Triton: only where fp8 asks for it
+
+        dense = keeps_dense_copies(torch.device(device))
     if device != "meta":
         kind = device.split(":")[0]
-        need = run_bytes(estimate(args, dtype, ns.batch, ns.seq), kind)
+        need = run_bytes(estimate(args, dtype, ns.batch, ns.seq), kind, fp8_path=not dense)
         if world > 1:  # this rank's share; CPU ranks of one machine share its RAM
             e = estimate(args, dtype, ns.batch, ns.seq, n_gpus=world)
-            per_rank = run_bytes(e, kind, per_gpu=True)
+            per_rank = run_bytes(e, kind, per_gpu=True, fp8_path=not dense)
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device == "cpu" else 1
             need = per_rank * local
         fits, why = check_fits(need, device)
@@ -207,6 +212,9 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
     t0 = time.perf_counter()
     try:
         model = Transformer(args, device=device, dtype=dtype)
+        if dense and device != "meta":
+            kept = human_bytes(model.dequantize_once())
+            print(f"fp8 weights also kept dequantised to bf16 ({kept}): {NO_FP8_PATH}")
         build_s = time.perf_counter() - t0
         tokens = torch.randint(0, args.vocab_size, (ns.batch, ns.seq), device=device)
         if world > 1:

@@ -23,8 +23,10 @@ def build_model(
     progress=None,
 ):
     """Build `Transformer(args)` only if its estimate (weights + KV cache + activations for
-    `batch` x `seq_len`) fits the budget; if allocation fails anyway, free the partial model and
-    raise MemoryBudgetError. Returns (model, estimate dict)."""
+    `batch` x `seq_len`, `params.run_bytes`) fits the budget; if allocation fails anyway, free
+    the partial model and raise MemoryBudgetError. fp8 on a GPU without an fp8 path also makes
+    its bf16 weight copies here (`Transformer.dequantize_once`). Returns (model, estimate
+    dict, with `dense_kept_bytes`: the bytes of those copies, else 0)."""
     import torch
 
     from .model import Transformer, resolve_dtype
@@ -32,19 +34,28 @@ def build_model(
     dtype_name = resolve_dtype(dtype)[0]
     est = estimate(args, dtype_name, batch, seq_len)
     dev = torch.device(device)
+    # fp8 on a GPU without an fp8 path keeps bf16 copies of its weights: made here, counted here
+    dense = False
+    if dtype_name == "fp8" and dev.type != "meta":
+        from .fp8 import keeps_dense_copies  # imports Triton: only where fp8 asks for it
+
+        dense = keeps_dense_copies(dev)
     if dev.type != "meta":
-        fits, why = check_fits(run_bytes(est, dev.type), dev, dtype=dtype_name)
+        fits, why = check_fits(run_bytes(est, dev.type, fp8_path=not dense), dev, dtype=dtype_name)
         if not fits:
             raise MemoryBudgetError(f"build refused before allocating: {why}")
-    failure = ""
+    failure, model = "", None
     try:
-        return Transformer(args, device=dev, dtype=dtype, progress=progress), est
+        model = Transformer(args, device=dev, dtype=dtype, progress=progress)
+        est["dense_kept_bytes"] = model.dequantize_once() if dense else 0
+        return model, est
     except Exception as e:
         if not is_oom(e):
             raise
         failure = type(e).__name__
         e.__traceback__ = None  # its frames hold the half-built model
     # Raised outside the except block so no traceback keeps the partial model's frames alive.
+    model = None  # a model whose bf16 copies did not fit goes too
     release_memory()
     raise MemoryBudgetError(
         f"the build ran out of memory on {dev} ({failure}); what it had allocated was freed. "

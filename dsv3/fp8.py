@@ -70,6 +70,12 @@ def fp8_matmul_ok(device: torch.device) -> bool:
     return device.type == "cuda" and triton_ok(device)
 
 
+def keeps_dense_copies(device: torch.device) -> bool:
+    """Does an fp8 model on `device` keep bf16 copies of its weights: a CUDA GPU without an
+    fp8 path (`Transformer.dequantize_once`, `params.dense_copy_bytes`)?"""
+    return device.type == "cuda" and not fp8_matmul_ok(device)
+
+
 if triton is not None:
 
     @triton.jit

@@ -344,6 +344,22 @@ class Transformer(nn.Module):
             for cache in block.attn.caches:
                 cache.ensure(batch, min(seq_len, self.args.max_seq_len), like, keep=True)
 
+    def dequantize_once(self) -> int:
+        """Make now the bf16 copy of every fp8 weight of the main model that a GPU without an
+        fp8 path multiplies by (`Linear.dense_weight`, the experts' `_dense`), rather than on
+        the first forward, so that a build is refused or fails when they do not fit, not a run
+        later. Kept until the weights change (a load makes them again on use). -> their bytes
+        (`params.dense_copy_bytes`); 0 for a model that is not fp8."""
+        from .moe import GroupedExperts
+
+        dtype, kept = self.compute_dtype, 0
+        for m in self.layers.modules():  # the main model: the MTP module is not run
+            if isinstance(m, Linear) and m.scale is not None:
+                kept += m.dense_weight(dtype).nbytes
+            elif isinstance(m, GroupedExperts) and m.w1.dtype == FP8:
+                kept += sum(m._dense(name, dtype).nbytes for name in ("w1", "w2", "w3"))
+        return kept
+
     def cache_bytes(self, batch: int | None = None, positions: int = 0) -> int:
         """Bytes the KV caches hold allocated (grown ahead while decoding, or reserved for CUDA
         graphs), or with `batch` the bytes of that many sequences' first `positions`."""

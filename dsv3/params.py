@@ -202,10 +202,7 @@ def weight_bytes_per_gpu(args: ModelArgs, dtype: str, n_gpus: int = 1) -> int:
     n = max(int(n_gpus), 1)
     total = 0
     for t in _resolved(args)[1]:
-        shape = list(t.shape)
-        if t.sharded and n > 1:
-            dim = placement(t.name)[1]
-            shape[dim] //= n
+        shape = _rank_shape(t, n)
         numel = math.prod(shape)
         if t.name.endswith("gate.bias"):
             total += numel * 4  # float32 in every build
@@ -217,6 +214,32 @@ def weight_bytes_per_gpu(args: ModelArgs, dtype: str, n_gpus: int = 1) -> int:
         else:
             total += numel * 2
     return total
+
+
+def _rank_shape(t: TensorSpec, n_gpus: int) -> list[int]:
+    """The shape of the part of `t` one of `n_gpus` ranks holds (dsv3.parallel's split)."""
+    shape = list(t.shape)
+    if t.sharded and n_gpus > 1:
+        shape[placement(t.name)[1]] //= n_gpus
+    return shape
+
+
+# Why an fp8 model keeps bf16 copies of its weights on some GPUs (`dense_copy_bytes`)
+NO_FP8_PATH = "this GPU has no fp8 path (compute capability below 8.9, or no Triton)"
+
+
+def dense_copy_bytes(args: ModelArgs, n_gpus: int = 1) -> int:
+    """Bytes of the bf16 copies an fp8 model keeps on a GPU without an fp8 path
+    (`dsv3.fp8.fp8_matmul_ok`: compute capability below 8.9, or no Triton), made once at build
+    (`Transformer.dequantize_once`): every fp8 weight of the main model at 2 bytes per element,
+    on one of `n_gpus` ranks as the weights split. The MTP module is not run, so not copied."""
+    n = max(int(n_gpus), 1)
+    specs = _resolved(args)[1]
+    return sum(
+        2 * math.prod(_rank_shape(t, n))
+        for t in specs
+        if t.linear and not t.name.startswith("mtp.")
+    )
 
 
 def layer_kv_elems(la, attn_impl: str) -> int:
@@ -313,6 +336,7 @@ def estimate(
     kv_model = configured_kv_elems(args) * act_bytes * batch * seq_len
     total = wbytes[dtype] + kv_model + activation
     dequant = dequant_bytes(args) if dtype == "fp8" else 0
+    dense = dense_copy_bytes(args) if dtype == "fp8" else 0
 
     n = max(int(n_gpus), 1)
     per_gpu_weights = weight_bytes_per_gpu(args, dtype, n)
@@ -351,6 +375,8 @@ def estimate(
         "flops_forward": flops_forward,
         "activation_bytes": activation,
         "dequant_bytes": dequant,  # fp8 on CPU only: see dequant_bytes
+        "dense_copy_bytes": dense,  # fp8 on a GPU without an fp8 path: see dense_copy_bytes
+        "per_gpu_dense_copy_bytes": dense_copy_bytes(args, n) if dtype == "fp8" else 0,
         "total_bytes": total,
         "n_gpus": n,
         "per_gpu_weight_bytes": per_gpu_weights,
@@ -380,12 +406,18 @@ def dequant_bytes(args: ModelArgs) -> int:
     return largest
 
 
-def run_bytes(e: dict, device_type: str, per_gpu: bool = False) -> float:
+def run_bytes(e: dict, device_type: str, per_gpu: bool = False, fp8_path: bool = True) -> float:
     """What a build and run of estimate `e` need on a device of `device_type`: its total (or
-    per-GPU) figure, plus on CPU the fp8 weights dequantised for each call (`dequant_bytes`,
-    0 for other dtypes). The one rule the app, the CLI and `build_model` check against."""
+    per-GPU) figure, plus for fp8 on CPU the weights dequantised for each call
+    (`dequant_bytes`), on a CUDA GPU without an fp8 path (`fp8_path` False) the bf16 copies
+    kept from the build (`dense_copy_bytes`); 0 for other dtypes. The one rule the app, the
+    CLI and `build_model` check against."""
     base = e["per_gpu_bytes"] if per_gpu else e["total_bytes"]
-    return base + (e["dequant_bytes"] if device_type == "cpu" else 0)
+    if device_type == "cpu":
+        return base + e["dequant_bytes"]
+    if device_type == "cuda" and not fp8_path:
+        return base + e["per_gpu_dense_copy_bytes" if per_gpu else "dense_copy_bytes"]
+    return base
 
 
 def sparse_pairs(seq_len: int, topk: int) -> int:

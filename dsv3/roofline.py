@@ -93,7 +93,10 @@ def _peak(gpu: GPU, dtype: str) -> tuple[float, str]:
     """(FLOP/s the matmuls of a `dtype` model run at on `gpu`, a note or "")."""
     if dtype == "fp8":
         if gpu.fp8_flops is None:
-            return gpu.bf16_flops, f"{gpu.name} has no fp8: fp8 weights computed in bf16"
+            return gpu.bf16_flops, (
+                f"{gpu.name} has no fp8: dsv3 keeps bf16 copies of the fp8 weights (memory: "
+                "both) and reads and computes those"
+            )
         return gpu.fp8_flops, "fp8 compute at the fp8 peak (dsv3 itself dequantises to bf16)"
     if dtype == "fp32":
         if gpu.fp32_flops is None:
@@ -102,6 +105,12 @@ def _peak(gpu: GPU, dtype: str) -> tuple[float, str]:
     if dtype != "bf16":
         raise ValueError(f"dtype={dtype!r}: choose fp32, bf16 or fp8")
     return gpu.bf16_flops, ""
+
+
+def _bf16_copies(gpu: GPU, dtype: str) -> bool:
+    """Does a `dtype` model on `gpu` multiply by bf16 copies of fp8 weights
+    (`params.dense_copy_bytes`)? fp8 on a GPU without fp8 tensor cores."""
+    return dtype == "fp8" and gpu.fp8_flops is None
 
 
 def _split_dim(t: TensorSpec) -> int:
@@ -227,13 +236,16 @@ def fits(
     gpu, n = _gpu(gpu), max(int(n_gpus), 1)
     e = estimate(args, dtype, batch, seq_len, n)
     weights, kv, total = e["per_gpu_weight_bytes"], e["per_gpu_kv_bytes"], e["per_gpu_bytes"]
+    # fp8 without fp8 tensor cores (below sm89: no dsv3 fp8 path) keeps bf16 copies as well
+    dense = e["per_gpu_dense_copy_bytes"] if _bf16_copies(gpu, dtype) else 0
     return {
         "weights_per_gpu": weights,
         "kv_per_gpu": kv,
         "activations_per_gpu": total - weights - kv,
-        "bytes_per_gpu": total,
+        "dense_copies_per_gpu": dense,
+        "bytes_per_gpu": total + dense,
         "gpu_memory": gpu.memory_bytes,
-        "fits": total <= gpu.memory_bytes,
+        "fits": total + dense <= gpu.memory_bytes,
     }
 
 
@@ -281,8 +293,9 @@ def roofline(
     dec_flops = (batch * (matmul_tok - rep) + dec_attn) / n + batch * rep
 
     # Bytes: weights read + KV written + KV read (prefill reads what it writes once).
-    pre_w, pre_e = _weights_read(args, dtype, n, T)
-    dec_w, dec_e = _weights_read(args, dtype, n, batch)
+    wdtype = "bf16" if _bf16_copies(gpu, dtype) else dtype  # the weights the matmuls read
+    pre_w, pre_e = _weights_read(args, wdtype, n, T)
+    dec_w, dec_e = _weights_read(args, wdtype, n, batch)
     pre_kv = 2 * T * kv_tok
     dec_kv = batch * (prompt_len + 1) * kv_tok + batch * kv_tok
 

@@ -41,6 +41,14 @@ def cuda_ok() -> bool:
     return torch.cuda.is_available()
 
 
+def fp8_path() -> bool:
+    """Does this server's GPU multiply fp8 weights as they are (else an fp8 build keeps bf16
+    copies, `params.dense_copy_bytes`)? True without a visible GPU: ZeroGPU's cards have one."""
+    from dsv3.fp8 import keeps_dense_copies
+
+    return not torch.cuda.is_available() or not keeps_dense_copies(torch.device("cuda"))
+
+
 def tensor_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer (what the weights occupy, wherever they are)."""
     tensors = list(model.parameters()) + list(model.buffers())
@@ -110,9 +118,11 @@ def build(
     torch.manual_seed(int(seed))
     t0 = time.perf_counter()
     # Guarded: refused over budget; an allocation failure frees the partial model (MemoryBudgetError).
-    model, _ = memory.build_model(args, device, dtype, progress=progress)
+    model, est = memory.build_model(args, device, dtype, progress=progress)
     _sync(device)
     info = {"seconds": time.perf_counter() - t0, "model_bytes": tensor_bytes(model)}
+    if est.get("dense_kept_bytes"):  # fp8 on a GPU without an fp8 path: bf16 copies too
+        info["dense_kept_bytes"] = est["dense_kept_bytes"]
     if device == "cuda":
         info["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return model, info

@@ -117,3 +117,49 @@ def test_a_refusal_suggests_only_smaller_dtypes(monkeypatch, dtype, hint):
     fits, why = check_fits(2 << 20, "cpu", dtype=dtype)
     assert not fits and "a smaller preset" in why and "meta device" in why
     assert (f"try a smaller preset, {hint}, or" in why) if hint else "bf16" not in why
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_fp8_dense_copies_are_what_the_estimate_counts(world):
+    """A GPU without an fp8 path multiplies by bf16 copies of the fp8 weights, made at build
+    (`dequantize_once`): their bytes are the estimate's `dense_copy_bytes` (per rank when split),
+    and `run_bytes` adds them on such a GPU only."""
+    from dsv3 import estimate
+    from dsv3.params import run_bytes
+
+    from .test_parallel import BLOCKS
+
+    args = ModelArgs(**BLOCKS)
+    model = Transformer(args, dtype="fp8", world_size=world, rank=0)
+    e = estimate(args, "fp8", n_gpus=world)
+    key = "dense_copy_bytes" if world == 1 else "per_gpu_dense_copy_bytes"
+    assert model.dequantize_once() == e[key] > 0
+    per_gpu = world > 1
+    base = run_bytes(e, "cuda", per_gpu=per_gpu)
+    assert run_bytes(e, "cuda", per_gpu=per_gpu, fp8_path=False) == base + e[key]
+    assert run_bytes(e, "cpu", per_gpu=per_gpu, fp8_path=False) == base + e["dequant_bytes"]
+    assert estimate(args, "bf16")["dense_copy_bytes"] == 0
+    assert Transformer(args, dtype="bf16").dequantize_once() == 0
+
+
+def test_build_makes_the_dense_copies_and_frees_a_model_they_do_not_fit(monkeypatch):
+    """Where fp8 keeps bf16 copies, the build makes them (a build, not a later run, is refused
+    or fails), reports their bytes, and frees the whole model when they run out of memory."""
+    from dsv3 import fp8
+
+    monkeypatch.setattr(fp8, "keeps_dense_copies", lambda device: True)  # as on an A100
+    args = ModelArgs(**TINY)
+    model, est = build_model(args, "cpu", "fp8")
+    assert est["dense_kept_bytes"] == est["dense_copy_bytes"] > 0
+    refs = []
+
+    def no_room(self):
+        refs.append(weakref.ref(self))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Transformer, "dequantize_once", no_room)
+    with pytest.raises(MemoryBudgetError, match="freed") as raised:
+        build_model(args, "cpu", "fp8")
+    gc.collect()
+    assert refs and refs[0]() is None  # the error (kept here, as a caller may) holds no model
+    assert raised.value.__traceback__ is not None

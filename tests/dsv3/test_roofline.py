@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv3 import ModelArgs, presets
+from dsv3 import ModelArgs, estimate, presets
 from dsv3.params import count_params, tensor_specs, weight_bytes, weight_bytes_per_gpu
 from dsv3.roofline import GPU, GPUS, _tensor_bytes, fits, measure_gpu, roofline, speed_table
 
@@ -118,6 +118,15 @@ def test_fp8_halves_weight_bytes_and_uses_the_fp8_peak(seed):
     assert a100["prefill"]["compute_seconds"] == pytest.approx(
         a100["prefill"]["flops"] / GPUS["A100 80GB"].bf16_flops
     )
+    # There dsv3 multiplies by bf16 copies of the fp8 weights: it reads bf16's bytes and holds
+    # both (`params.dense_copy_bytes`, what `Transformer.dequantize_once` keeps)
+    a100_bf = roofline(seed, "A100 80GB", "bf16", batch=1, prompt_len=128)
+    for phase in ("prefill", "decode"):
+        assert a100[phase]["weight_bytes"] == a100_bf[phase]["weight_bytes"]
+    mem, h200 = a100["memory"], f8["memory"]
+    dense = estimate(seed, "fp8", 1, 129)["dense_copy_bytes"]
+    assert mem["dense_copies_per_gpu"] == dense > 0 and h200["dense_copies_per_gpu"] == 0
+    assert mem["bytes_per_gpu"] == h200["bytes_per_gpu"] + dense
     f32 = roofline(seed, "H200", "fp32", batch=1, prompt_len=128)
     assert f32["prefill"]["compute_seconds"] == pytest.approx(f32["prefill"]["flops"] / 67e12)
     assert f32["decode"]["weight_bytes"] == pytest.approx(2 * bf["decode"]["weight_bytes"])

@@ -576,3 +576,38 @@ def test_a_run_of_a_model_without_moe_layers_says_so(tiny_cfg):
     zero = Session(source="zerogpu")  # builds at Run: nothing to build first
     fig, _ = inspect.expert_views(zero, 1)
     assert "Press Run forward for the model built" in json.dumps(fig.to_dict(), default=str)
+
+
+# ---------------------------------------------------------------------- fp8 without an fp8 path
+def _memory_line(md: str) -> str:
+    return next(line for line in md.splitlines() if line.startswith("Memory"))
+
+
+def test_estimate_counts_fp8_copies_on_a_gpu_without_an_fp8_path(monkeypatch):
+    """On a GPU without an fp8 path (an A100) an fp8 build keeps bf16 copies of its weights:
+    the Estimate's memory sum names and adds them there; elsewhere it says what they would
+    cost on such a GPU, which a plan for other GPUs needs."""
+    from dsv3 import estimate as estimate_model
+    from dsv3.params import human_bytes
+
+    cfg, _ = configure.load_preset("small")
+    args = ModelArgs.from_dict(cfg)
+    e = estimate_model(args, dtype="fp8", batch=1, seq_len=args.max_seq_len)
+    dense = human_bytes(e["dense_copy_bytes"])
+    md, *_ = estimate.estimate(cfg, "cuda", "fp8", 1, 0, 1)  # no GPU here: could be an H200
+    assert "dequantised to bf16" not in _memory_line(md)
+    assert f"an fp8 build also keeps bf16 copies of these weights: + {dense}" in md
+    monkeypatch.setattr(runtime, "fp8_path", lambda: False)  # this server's GPU: an A100
+    md, *_ = estimate.estimate(cfg, "cuda", "fp8", 1, 0, 1)
+    total = human_bytes(e["total_bytes"] + e["dense_copy_bytes"])
+    line = _memory_line(md)
+    assert "fp8 weights dequantised to bf16 copies, kept (this GPU has no fp8 path" in line
+    assert f"{dense} = **{total}**" in line and "also keeps bf16 copies" not in md
+    md, *_ = estimate.estimate(cfg, "cuda", "bf16", 1, 0, 1)
+    assert "copies" not in md
+
+
+def test_build_message_names_the_fp8_copies():
+    info = {"seconds": 1.0, "model_bytes": 2**20, "dense_kept_bytes": 3 * 2**20}
+    msg = run._built_message(ModelArgs(), "cuda", "fp8", info, "fits")
+    assert "1.00 MiB + the fp8 weights kept dequantised to bf16, 3.00 MiB: this GPU has no" in msg

@@ -12,7 +12,7 @@ import pandas as pd
 
 from dsv3 import ConfigError, ModelArgs
 from dsv3 import estimate as estimate_model
-from dsv3.params import human_bytes, run_bytes
+from dsv3.params import NO_FP8_PATH, human_bytes, run_bytes
 from dsv3.roofline import GPUS, speed_table
 
 from .. import lazy, plots
@@ -143,11 +143,29 @@ def summary(
     kv_dtype = e.get("kv_dtype", dtype)
     kv_why = " (fp8 models keep their cache in bf16)" if dtype == "fp8" else ""
     n = e["n_gpus"]
-    # fp8 on CPU dequantises its weights for each call: working memory a GPU does not need
+    # fp8 on CPU dequantises its weights for each call, on a GPU without an fp8 path once, at
+    # build, into bf16 copies it keeps: memory a GPU with one does not need
     dev = lazy.runtime.resolve_device(device)
-    deq = run_bytes(e, dev) - e["total_bytes"]
-    deq_term = f" + fp8 weights dequantised per call on CPU {human_bytes(deq)}" if deq else ""
-    per_gpu_bytes = run_bytes(e, dev, per_gpu=True)
+    path = dev != "cuda" or dtype != "fp8" or lazy.runtime.fp8_path()
+    deq = run_bytes(e, dev, fp8_path=path) - e["total_bytes"]
+    deq_term = ""
+    if deq:
+        how = "per call on CPU" if dev == "cpu" else f"to bf16 copies, kept ({NO_FP8_PATH})"
+        deq_term = f" + fp8 weights dequantised {how} {human_bytes(deq)}"
+    per_gpu_bytes = run_bytes(e, dev, per_gpu=True, fp8_path=path)
+    dense_note = ""
+    if dtype == "fp8" and path:  # a plan for GPUs this server cannot ask
+        dense_note = (
+            "  \nOn a GPU without an fp8 path (compute capability below 8.9, e.g. an A100, or "
+            "no Triton) an fp8 build also keeps bf16 copies of these weights: + "
+            f"{human_bytes(e['dense_copy_bytes'])}"
+            + (
+                f", {human_bytes(e['per_gpu_dense_copy_bytes'])} per GPU"
+                if n > 1 and not note
+                else ""
+            )
+            + "."
+        )
     per_gpu = (  # a split the model cannot take has no per-GPU figure (`note` says why)
         f"per GPU with {n} GPU{'s' if n > 1 else ''}: **{human_bytes(per_gpu_bytes)}**."
         if not note
@@ -185,7 +203,9 @@ def summary(
             f"Memory ({dtype} weights, {kv_dtype} activations and cache): weights "
             f"{human_bytes(e['weight_bytes'])} + activations "
             f"{human_bytes(e['activation_bytes'])} + KV {human_bytes(e['kv_model_bytes'])} "
-            f"({e['kv_impl']}){deq_term} = **{human_bytes(e['total_bytes'] + deq)}**; " + per_gpu,
+            f"({e['kv_impl']}){deq_term} = **{human_bytes(e['total_bytes'] + deq)}**; "
+            + per_gpu
+            + dense_note,
             "",
             f"{_fits_line(e['weight_bytes'], device, f'a {dtype} build', dtype)}  ",
             note

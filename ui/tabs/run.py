@@ -13,7 +13,7 @@ import pandas as pd
 from dsv3 import ConfigError, ModelArgs, count_params, memory
 from dsv3 import estimate as estimate_model
 from dsv3.compare import changes
-from dsv3.params import human_bytes, run_bytes
+from dsv3.params import NO_FP8_PATH, human_bytes, run_bytes
 
 from .. import lazy, plots
 from ..components import Choice, WholeNumber
@@ -217,6 +217,11 @@ def _defer_to_zerogpu(session, args, dev, dtype, seed, request) -> tuple[Session
 
 def _built_message(args: ModelArgs, dev: str, dtype: str, info: dict, reason: str) -> str:
     mem = "no memory (meta)" if dev == "meta" else human_bytes(info["model_bytes"])
+    if "dense_kept_bytes" in info:
+        mem += (
+            f" + the fp8 weights kept dequantised to bf16, "
+            f"{human_bytes(info['dense_kept_bytes'])}: {NO_FP8_PATH}"
+        )
     if "cuda_peak_bytes" in info:
         mem += f", CUDA peak {human_bytes(info['cuda_peak_bytes'])}"
     return ok(
