@@ -112,18 +112,33 @@ def without_onednn(fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
                 torch._C._set_mkldnn_enabled(_onednn_off[1])
 
 
-# oneDNN's float32 linear (torch's own float32 matmuls call MKL); a private op, so looked up
-_MKLDNN_OPS = torch.ops.mkldnn
-ONEDNN_FP32 = torch.backends.mkldnn.is_available() and hasattr(_MKLDNN_OPS, "_linear_pointwise")
-
-
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """`F.linear` through oneDNN's matmul rather than torch's BLAS (MKL), same float32 math up
     to summation order. MKL picks its fastest code for Intel CPUs only: on an AMD EPYC
     (torch 2.13) oneDNN ran prefill-sized float32 products 1.24-1.32x as fast (215-224 GFLOP/s
     on 2 cores against MKL's 165-175), and the head of a 2-row decode step 1.65x; it costs more
     per call on small ones. `linear` measures it against `F.linear` per shape class."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _onednn_works() -> bool:
+    """Does this torch run oneDNN's float32 linear (a private op, meant for inductor's prepacked
+    weights) on plain and transposed weights, giving F.linear's numbers? Checked once."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.randn(3, 8), torch.randn(8, 5)
+        for weight in (w.t().contiguous(), w.t()):
+            if not torch.allclose(onednn_linear(x, weight), F.linear(x, weight), atol=1e-5):
+                return False
+    except Exception:  # noqa: BLE001 - missing op, refused layout: keep torch's BLAS
+        return False
+    return True
+
+
+ONEDNN_FP32 = _onednn_works()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -142,7 +157,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if rows == 0 or x.device.type != "cpu" or weight.dim() != 2:
         return F.linear(x, weight, bias)
     half = weight.dtype in HALF
-    dnn = ONEDNN_FP32 and weight.dtype == torch.float32 == x.dtype
+    # oneDNN's op ignores torch's oneDNN switch: honoured here (`without_onednn` relies on it)
+    dnn = ONEDNN_FP32 and weight.dtype == torch.float32 == x.dtype and _onednn_on()
     if (rows > SKINNY_ROWS and not dnn) or (rows == 1 and not half):
         return F.linear(x, weight, bias)
     key = ("linear", 1 << (rows - 1).bit_length(), *weight.shape, weight.stride(-1) == 1,
@@ -164,7 +180,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if form == "linear":
         return F.linear(x, weight, bias)
     if form == "oneDNN":
-        if x.requires_grad or weight.requires_grad:  # oneDNN's op has no backward
+        if not dnn or _needs_grad(x, weight, bias):  # switched off; the op has no backward
             return F.linear(x, weight, bias)
         return onednn_linear(x, weight, bias)
     if form == "linear, no oneDNN":
@@ -173,6 +189,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+_onednn_on = torch._C._get_mkldnn_enabled
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class KeepsDerived(nn.Module):

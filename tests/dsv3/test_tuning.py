@@ -197,6 +197,9 @@ def test_onednn_form_keeps_gradients(monkeypatch):
     x = torch.randn(64, 96, requires_grad=True)
     linear(x, w).sum().backward()
     torch.testing.assert_close(x.grad, w.sum(0).expand(64, 96))
+    b = torch.zeros(80, requires_grad=True)  # only the bias needs one
+    linear(torch.randn(64, 96), w, b).sum().backward()
+    torch.testing.assert_close(b.grad, torch.full((80,), 64.0))
 
 
 @pytest.mark.parametrize(
