@@ -35,13 +35,15 @@ def build_model(
     est = estimate(args, dtype_name, batch, seq_len)
     dev = torch.device(device)
     # fp8 on a GPU without an fp8 path keeps bf16 copies of its weights: made here, counted here
-    dense = False
-    if dtype_name == "fp8" and dev.type != "meta":
-        from .fp8 import keeps_dense_copies  # imports Triton: only where fp8 asks for it
+    dense_gpu = False
+    if dev.type == "cuda" or (dtype_name == "fp8" and dev.type != "meta"):
+        from .fp8 import keeps_dense_copies  # imports Triton: only where it matters
 
-        dense = keeps_dense_copies(dev)
+        dense_gpu = keeps_dense_copies(dev)
+    dense = dense_gpu and dtype_name == "fp8"
     if dev.type != "meta":
-        fits, why = check_fits(run_bytes(est, dev.type, fp8_path=not dense), dev, dtype=dtype_name)
+        need = run_bytes(est, dev.type, fp8_path=not dense)
+        fits, why = check_fits(need, dev, dtype=dtype_name, fp8_smaller=not dense_gpu)
         if not fits:
             raise MemoryBudgetError(f"build refused before allocating: {why}")
     failure, model = "", None

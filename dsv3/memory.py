@@ -100,15 +100,19 @@ def check_fits(
     freed: int = 0,
     dtype: str | None = None,
     freed_note: str = FREED_NOTE,
+    fp8_smaller: bool = True,
 ) -> tuple[bool, str]:
     """(fits, reason) for an allocation of `nbytes` on `device` (with `freed` more bytes free,
     from where `freed_note` says: see memory_limit). `dtype`, the build's ("fp32"/"bf16"/
     "fp8"), keeps the suggestion to dtypes smaller than it (none is, for fp8); None suggests
-    both."""
+    both. `fp8_smaller` False: fp8 is not smaller here (a GPU without an fp8 path keeps bf16
+    copies as well, `params.dense_copy_bytes`), so it is not suggested."""
     limit, what = memory_limit(device, freed, freed_note)
     if nbytes <= limit:
         return True, f"needs {human_bytes(nbytes)}, budget {human_bytes(limit)} ({what})"
     smaller = SMALLER_DTYPES.get(dtype, "bf16 or fp8")  # None (unknown): both
+    if not fp8_smaller:
+        smaller = smaller.replace(" or fp8", "").replace("fp8", "")
     tries = ", ".join(t for t in ("a smaller preset", smaller) if t)
     return False, (
         f"needs {human_bytes(nbytes)} but the budget is {human_bytes(limit)} ({what}); "

@@ -348,12 +348,13 @@ class Transformer(nn.Module):
         """Make now the bf16 copy of every fp8 weight of the main model that a GPU without an
         fp8 path multiplies by (`Linear.dense_weight`, the experts' `_dense`), rather than on
         the first forward, so that a build is refused or fails when they do not fit, not a run
-        later. Kept until the weights change (a load makes them again on use). -> their bytes
+        later. Kept until the weights change (a load makes them again on use; an MTP module's
+        are made when `forward(mtp=True)` first runs it). -> their bytes
         (`params.dense_copy_bytes`); 0 for a model that is not fp8."""
         from .moe import GroupedExperts
 
         dtype, kept = self.compute_dtype, 0
-        for m in self.layers.modules():  # the main model: the MTP module is not run
+        for m in self.layers.modules():  # what a plain forward runs (no MTP module)
             if isinstance(m, Linear) and m.scale is not None:
                 kept += m.dense_weight(dtype).nbytes
             elif isinstance(m, GroupedExperts) and m.w1.dtype == FP8:

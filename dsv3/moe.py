@@ -688,9 +688,18 @@ class GroupedExperts(KeepsDerived):
         return fused.prefer("moe_triton", key, x_TD.device, kernel, twin)
 
     def _dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Expert weight `name` dequantised once and kept (GPUs without an fp8 path)."""
-        sources = (getattr(self, name), getattr(self, f"{name}_scale"))
-        return self.derived(name, sources, lambda: self.effective(name, dtype), dtype)
+        """Expert weight `name` dequantised once and kept (GPUs without an fp8 path), one
+        expert at a time: the float32 working copy is one expert's, not the stack's (15 GB for
+        V3's w1 on one GPU; `params.dense_work_bytes`)."""
+        w, scale = getattr(self, name), getattr(self, f"{name}_scale")
+
+        def make() -> torch.Tensor:
+            out = torch.empty(w.shape, dtype=dtype, device=w.device)
+            for e in range(w.shape[0]):
+                out[e] = dequantize(w[e], scale[e], dtype)
+            return out
+
+        return self.derived(name, (w, scale), make, dtype)
 
     def _padded(self, x_TD, token_N, weight_N, counts, w1, w2, w3, run: int) -> torch.Tensor:
         """`dispatch_padded` gathering straight from the tokens into the padded rows and adding

@@ -232,14 +232,22 @@ def dense_copy_bytes(args: ModelArgs, n_gpus: int = 1) -> int:
     """Bytes of the bf16 copies an fp8 model keeps on a GPU without an fp8 path
     (`dsv3.fp8.fp8_matmul_ok`: compute capability below 8.9, or no Triton), made once at build
     (`Transformer.dequantize_once`): every fp8 weight of the main model at 2 bytes per element,
-    on one of `n_gpus` ranks as the weights split. The MTP module is not run, so not copied."""
+    on one of `n_gpus` ranks as the weights split. An MTP module's, made when `forward(mtp=True)`
+    first runs it, are not counted."""
     n = max(int(n_gpus), 1)
-    specs = _resolved(args)[1]
-    return sum(
-        2 * math.prod(_rank_shape(t, n))
-        for t in specs
-        if t.linear and not t.name.startswith("mtp.")
-    )
+    return sum(2 * math.prod(_rank_shape(t, n)) for t in _dense_specs(args))
+
+
+def dense_work_bytes(args: ModelArgs, n_gpus: int = 1) -> int:
+    """Working memory of making those copies (`layers.dequantize`: a float32 copy of one
+    matrix, an expert stack one expert at a time): 4 bytes per element of the largest."""
+    n = max(int(n_gpus), 1)
+    return max((4 * math.prod(_rank_shape(t, n)[-2:]) for t in _dense_specs(args)), default=0)
+
+
+def _dense_specs(args: ModelArgs) -> list[TensorSpec]:
+    """The fp8 weights a plain forward multiplies by (an MTP module runs only when asked)."""
+    return [t for t in _resolved(args)[1] if t.linear and not t.name.startswith("mtp.")]
 
 
 def layer_kv_elems(la, attn_impl: str) -> int:
@@ -377,6 +385,8 @@ def estimate(
         "dequant_bytes": dequant,  # fp8 on CPU only: see dequant_bytes
         "dense_copy_bytes": dense,  # fp8 on a GPU without an fp8 path: see dense_copy_bytes
         "per_gpu_dense_copy_bytes": dense_copy_bytes(args, n) if dtype == "fp8" else 0,
+        "dense_work_bytes": dense_work_bytes(args) if dtype == "fp8" else 0,
+        "per_gpu_dense_work_bytes": dense_work_bytes(args, n) if dtype == "fp8" else 0,
         "total_bytes": total,
         "n_gpus": n,
         "per_gpu_weight_bytes": per_gpu_weights,
@@ -410,13 +420,15 @@ def run_bytes(e: dict, device_type: str, per_gpu: bool = False, fp8_path: bool =
     """What a build and run of estimate `e` need on a device of `device_type`: its total (or
     per-GPU) figure, plus for fp8 on CPU the weights dequantised for each call
     (`dequant_bytes`), on a CUDA GPU without an fp8 path (`fp8_path` False) the bf16 copies
-    kept from the build (`dense_copy_bytes`); 0 for other dtypes. The one rule the app, the
+    kept from the build and the working memory of making them (`dense_copy_bytes`,
+    `dense_work_bytes`); 0 for other dtypes. The one rule the app, the
     CLI and `build_model` check against."""
     base = e["per_gpu_bytes"] if per_gpu else e["total_bytes"]
     if device_type == "cpu":
         return base + e["dequant_bytes"]
     if device_type == "cuda" and not fp8_path:
-        return base + e["per_gpu_dense_copy_bytes" if per_gpu else "dense_copy_bytes"]
+        pre = "per_gpu_" if per_gpu else ""
+        return base + e[f"{pre}dense_copy_bytes"] + e[f"{pre}dense_work_bytes"]
     return base
 
 

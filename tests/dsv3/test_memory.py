@@ -136,7 +136,9 @@ def test_fp8_dense_copies_are_what_the_estimate_counts(world):
     assert model.dequantize_once() == e[key] > 0
     per_gpu = world > 1
     base = run_bytes(e, "cuda", per_gpu=per_gpu)
-    assert run_bytes(e, "cuda", per_gpu=per_gpu, fp8_path=False) == base + e[key]
+    work = e["per_gpu_dense_work_bytes" if per_gpu else "dense_work_bytes"]
+    assert 0 < work < e[key]  # one matrix in float32 while it is made
+    assert run_bytes(e, "cuda", per_gpu=per_gpu, fp8_path=False) == base + e[key] + work
     assert run_bytes(e, "cpu", per_gpu=per_gpu, fp8_path=False) == base + e["dequant_bytes"]
     assert estimate(args, "bf16")["dense_copy_bytes"] == 0
     assert Transformer(args, dtype="bf16").dequantize_once() == 0
@@ -163,3 +165,28 @@ def test_build_makes_the_dense_copies_and_frees_a_model_they_do_not_fit(monkeypa
     gc.collect()
     assert refs and refs[0]() is None  # the error (kept here, as a caller may) holds no model
     assert raised.value.__traceback__ is not None
+
+
+def test_a_cuda_fp8_build_without_an_fp8_path_checks_the_copies_first(monkeypatch):
+    """On such a GPU (an A100) the check before allocating counts the bf16 copies and their
+    working memory; a refusal there needs no GPU, so this runs anywhere."""
+    from dsv3 import build, estimate, fp8
+    from dsv3.params import run_bytes
+
+    asked = []
+
+    def refuse(nbytes, device, dtype=None, fp8_smaller=True):
+        asked.append((nbytes, torch.device(device).type, fp8_smaller))
+        return False, "too big"
+
+    monkeypatch.setattr(build, "check_fits", refuse)
+    args = ModelArgs(**TINY)
+    e = estimate(args, "fp8", 1, 1)  # build_model's default batch x length
+    for dense in (True, False):
+        monkeypatch.setattr(fp8, "keeps_dense_copies", lambda device, d=dense: d)
+        with pytest.raises(MemoryBudgetError, match="refused before allocating"):
+            build_model(args, "cuda", "fp8")
+        extra = e["dense_copy_bytes"] + e["dense_work_bytes"] if dense else 0
+        # and, fp8 being no smaller there, it is not what the refusal suggests
+        assert asked[-1] == (run_bytes(e, "cuda") + extra, "cuda", not dense)
+    assert "fp8" not in check_fits(1 << 60, "cpu", dtype="fp32", fp8_smaller=False)[1]
