@@ -43,6 +43,13 @@ class Session:
     seed: int | None = None
     build_seconds: float = 0.0
     model_bytes: int = 0  # bytes of parameters and buffers
+    copy_bytes: int = 0  # bf16 copies of fp8 weights kept on a GPU without an fp8 path
+
+    @property
+    def held(self) -> int:
+        """Bytes the session's model holds on its device: weights and any kept copies."""
+        return self.model_bytes + self.copy_bytes
+
     source: str = ""  # "build", "zerogpu" or what was imported
     built_at: str = ""  # wall-clock time of the build, shown beside runs
     runs: int = 0
@@ -71,7 +78,7 @@ class Session:
         self.model = None
         self.config = None
         self.device = self.dtype = self.seed = None
-        self.model_bytes = 0
+        self.model_bytes = self.copy_bytes = 0
         self.runs = 0
         self.last_run = {}
         self.exported = ""
@@ -133,7 +140,7 @@ def held_bytes(device: str | None = None, exclude: Session | None = None) -> int
     with _LOCK:
         live = list(LIVE.values())
     return sum(
-        s.model_bytes
+        s.held
         for s in live
         if s.model is not None
         and s is not exclude
@@ -154,7 +161,7 @@ def _idle_victims(device: str, keep: Session | None) -> list[Session]:
             and s.model is not None
             and s.device == device
             and s.busy == 0
-            and s.model_bytes > 0
+            and s.held > 0
         ),
         key=lambda s: s.last_used,
     )
@@ -167,7 +174,7 @@ def fits(nbytes: float, device: str, session: Session | None, freed: int = 0) ->
     a new build or import replaces it (its bytes count as freed on the device)."""
     if device == "meta":
         return True, "meta device: nothing is allocated"
-    own = session.model_bytes if session is not None and session.device == device else 0
+    own = session.held if session is not None and session.device == device else 0
     note = memory.FREED_NOTE
     if own and freed:  # this session's model, which a build or import replaces, and others'
         note = (
@@ -199,12 +206,12 @@ def make_room(nbytes: float, device: str, session: Session | None) -> tuple[bool
     if ok:
         return True, reason, 0
     victims = _idle_victims(device, session)
-    if not victims or not fits(nbytes, device, session, sum(v.model_bytes for v in victims))[0]:
+    if not victims or not fits(nbytes, device, session, sum(v.held for v in victims))[0]:
         return False, reason, 0  # even freeing every idle model would not help: free nobody
     needed, freed = [], 0
     for v in victims:  # the shortest oldest-first prefix that makes it fit
         needed.append(v)
-        freed += v.model_bytes
+        freed += v.held
         if fits(nbytes, device, session, freed)[0]:
             break
     for v in needed:

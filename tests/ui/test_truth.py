@@ -599,10 +599,15 @@ def test_estimate_counts_fp8_copies_on_a_gpu_without_an_fp8_path(monkeypatch):
     assert f"an fp8 build also keeps bf16 copies of these weights: + {dense}" in md
     monkeypatch.setattr(runtime, "fp8_path", lambda: False)  # this server's GPU: an A100
     md, *_ = estimate.estimate(cfg, "cuda", "fp8", 1, 0, 1)
-    total = human_bytes(e["total_bytes"] + e["dense_copy_bytes"])
+    work = human_bytes(e["dense_work_bytes"])
+    total = human_bytes(e["total_bytes"] + e["dense_copy_bytes"] + e["dense_work_bytes"])
     line = _memory_line(md)
     assert "fp8 weights dequantised to bf16 copies, kept (this GPU has no fp8 path" in line
-    assert f"{dense} = **{total}**" in line and "also keeps bf16 copies" not in md
+    assert (
+        f"{dense} + one matrix's float32 working copy while they are made {work} = **{total}**"
+        in line
+    )
+    assert "also keeps bf16 copies" not in md
     md, *_ = estimate.estimate(cfg, "cuda", "bf16", 1, 0, 1)
     assert "copies" not in md
 
@@ -610,4 +615,25 @@ def test_estimate_counts_fp8_copies_on_a_gpu_without_an_fp8_path(monkeypatch):
 def test_build_message_names_the_fp8_copies():
     info = {"seconds": 1.0, "model_bytes": 2**20, "dense_kept_bytes": 3 * 2**20}
     msg = run._built_message(ModelArgs(), "cuda", "fp8", info, "fits")
-    assert "1.00 MiB + the fp8 weights kept dequantised to bf16, 3.00 MiB: this GPU has no" in msg
+    assert "1.00 MiB + the fp8 weights kept dequantised to bf16, 3.00 MiB (this GPU has no" in msg
+
+
+def test_fp8_is_not_offered_as_smaller_where_it_keeps_copies(monkeypatch):
+    """On a GPU without an fp8 path fp8 holds its weights and bf16 copies (3 bytes per weight
+    against bf16's 2): a refused build does not suggest it there, and what a build, import or
+    another session's model holds counts the copies."""
+    from dsv3 import estimate as estimate_model
+    from ui import state
+
+    args = ModelArgs.from_dict(configure.initial_config())
+    monkeypatch.setattr(state, "fits", lambda *a, **k: (True, ""))  # no GPU to ask here
+    monkeypatch.setattr(runtime, "fp8_path", lambda: True)  # an H200
+    assert "dtype fp8" in run._suggest(args, "cuda", "fp32", None)
+    monkeypatch.setattr(runtime, "fp8_path", lambda: False)  # an A100
+    assert "dtype fp8" not in run._suggest(args, "cuda", "fp32", None)
+    e = estimate_model(args, dtype="fp8", batch=1, seq_len=1)
+    held = e["weight_bytes"] + e["dense_copy_bytes"] + e["dense_work_bytes"]
+    assert estimate.weights_held(e, "cuda") == held and estimate.weights_held(e, "cpu") < held
+    s = Session(model=object(), device="cuda", model_bytes=100, copy_bytes=200)
+    monkeypatch.setitem(state.LIVE, "other", s)
+    assert state.held_bytes("cuda") == 300 and s.held == 300

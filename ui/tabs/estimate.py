@@ -44,6 +44,20 @@ def _fits_line(nbytes: float, device: str, what: str, dtype: str | None = None) 
     return f"{'✔ fits' if fits else '✘ does not fit'} {what} on **{dev}**: {reason}"
 
 
+def dense_copies_here(dev: str) -> bool:
+    """Does an fp8 model on this server's `dev` keep bf16 copies of its weights (a GPU without
+    an fp8 path), so that fp8 needs more memory than bf16 there?"""
+    return dev == "cuda" and not lazy.runtime.fp8_path()
+
+
+def weights_held(e: dict, dev: str) -> int:
+    """What a build or import of estimate `e` holds on `dev`: its weights, and on a GPU without
+    an fp8 path an fp8 model's bf16 copies with the working memory of making them."""
+    if e["dtype"] == "fp8" and dense_copies_here(dev):
+        return e["weight_bytes"] + e["dense_copy_bytes"] + e["dense_work_bytes"]
+    return e["weight_bytes"]
+
+
 def request(cfg: Any, device: Any, dtype: Any, batch: Any, length: Any, n_gpus: Any):
     """The estimate's inputs, checked: (args, device, dtype, batch, length, GPUs); length 0 =
     max_seq_len."""
@@ -150,8 +164,14 @@ def summary(
     deq = run_bytes(e, dev, fp8_path=path) - e["total_bytes"]
     deq_term = ""
     if deq:
-        how = "per call on CPU" if dev == "cpu" else f"to bf16 copies, kept ({NO_FP8_PATH})"
-        deq_term = f" + fp8 weights dequantised {how} {human_bytes(deq)}"
+        if dev == "cpu":
+            deq_term = f" + fp8 weights dequantised per call on CPU {human_bytes(deq)}"
+        else:
+            deq_term = (
+                f" + fp8 weights dequantised to bf16 copies, kept ({NO_FP8_PATH}), "
+                f"{human_bytes(e['dense_copy_bytes'])} + one matrix's float32 working copy "
+                f"while they are made {human_bytes(e['dense_work_bytes'])}"
+            )
     per_gpu_bytes = run_bytes(e, dev, per_gpu=True, fp8_path=path)
     dense_note = ""
     if dtype == "fp8" and path:  # a plan for GPUs this server cannot ask
@@ -207,7 +227,7 @@ def summary(
             + per_gpu
             + dense_note,
             "",
-            f"{_fits_line(e['weight_bytes'], device, f'a {dtype} build', dtype)}  ",
+            f"{_fits_line(weights_held(e, dev), device, f'a {dtype} build', dtype)}  ",
             note
             or _fits_line(
                 per_gpu_bytes,

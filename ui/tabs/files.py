@@ -15,13 +15,13 @@ import gradio as gr
 
 from dsv3 import ConfigError, count_params
 from dsv3 import estimate as estimate_model
-from dsv3.params import human_bytes
+from dsv3.params import NO_FP8_PATH, human_bytes
 
 from .. import lazy, plots, settings
 from ..components import guard_files
 from ..messages import choice, lit, ok, problem
 from ..state import Session, make_room
-from .estimate import DTYPES
+from .estimate import DTYPES, dense_copies_here, weights_held
 from .run import adopt, usable_device
 
 
@@ -129,7 +129,9 @@ def _clean(text: str, folder: Path) -> str:
 
 def _load(paths: list[Path], plan: tuple[str, Path | None], dev: str, dtype: str, session: Session):
     """Copy the upload to a private temp dir, check the memory, load the `plan` (`_plan`'s)
-    -> (model, seconds). The session's current model stays loaded until the import succeeds."""
+    -> (model, seconds, kind, bytes of the bf16 copies an fp8 model keeps on a GPU without an
+    fp8 path, made after the load as a build makes them). The session's current model stays
+    loaded until the import succeeds."""
     from dsv3 import checkpoint
 
     kind, native = plan
@@ -141,7 +143,7 @@ def _load(paths: list[Path], plan: tuple[str, Path | None], dev: str, dtype: str
             args = checkpoint.saved_args(folder / native.name)
         else:
             args = checkpoint.args_from_hf_config(checkpoint.read_hf_config(folder / "config.json"))
-        wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
+        wbytes = weights_held(estimate_model(args, dtype=dtype, batch=1, seq_len=1), dev)
         fits, reason, _ = make_room(wbytes, dev, session)
         if not fits:
             raise Refused(f"✘ not imported, nothing allocated: {dtype} weights: {reason}")
@@ -150,7 +152,10 @@ def _load(paths: list[Path], plan: tuple[str, Path | None], dev: str, dtype: str
             model = checkpoint.load(folder / native.name, device=dev, dtype=dtype)
         else:
             model = checkpoint.load_hf(folder, device=dev, dtype=dtype)
-        return model, time.perf_counter() - t0, kind
+        copies = 0
+        if model.dtype_name == "fp8" and dense_copies_here(dev):  # from the loaded weights
+            copies = model.dequantize_once()
+        return model, time.perf_counter() - t0, kind, copies
     except Refused:
         raise
     except (ConfigError, ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
@@ -178,7 +183,7 @@ def import_hf(
         plan = _plan(paths)
         _size_check(paths)
         with session.in_use():
-            model, seconds, kind = _load(paths, plan, dev, dtype, session)
+            model, seconds, kind, copies = _load(paths, plan, dev, dtype, session)
     except Refused as e:
         return session, gr.skip(), str(e)
     except ConfigError as e:
@@ -187,9 +192,8 @@ def import_hf(
     used = [p for p in paths if kind != "native" or p == plan[1]]
     unused = [p.name for p in paths if p not in used]
     source = lit(", ".join(p.name for p in used))
-    adopt(
-        session, model, None, seconds, lazy.runtime.tensor_bytes(model), f"import {source}", request
-    )
+    nbytes = lazy.runtime.tensor_bytes(model)
+    adopt(session, model, None, seconds, nbytes, f"import {source}", request, copies)
     total = plots.human(count_params(model.args)["total"])
     what = "this app's export" if kind == "native" else "a Hugging Face checkpoint"
     notes = ""
@@ -197,6 +201,9 @@ def import_hf(
         notes += f"; not used: {lit(', '.join(unused))} (the export carries its own config)"
     if dev == "meta":
         notes += "; on meta only the shapes are kept: the weights were not loaded"
+    if copies:
+        notes += f"; the fp8 weights are also kept dequantised to bf16, {human_bytes(copies)} "
+        notes += f"({NO_FP8_PATH})"
     msg = (
         f"imported {total} params ({what}: {source}) in {seconds:.2f} s onto {dev} in "
         f"{model.dtype_name}; it replaced the session's model{notes}"

@@ -31,7 +31,7 @@ from ..messages import (
     whole,
 )
 from ..state import Session, make_room, register
-from .estimate import DEVICES, DTYPES, check_batch
+from .estimate import DEVICES, DTYPES, check_batch, dense_copies_here, weights_held
 
 BALANCE_COLUMNS = [
     "layer",
@@ -107,7 +107,7 @@ def _build_request(cfg: Any, device: Any, dtype: Any, seed: Any, form_error: Any
     seed = whole(seed, "seed", 0, SEED_MAX, SEED_WHY)
     dtype = choice(dtype, "dtype", DTYPES)
     dev = usable_device(device)
-    wbytes = estimate_model(args, dtype=dtype, batch=1, seq_len=1)["weight_bytes"]
+    wbytes = weights_held(estimate_model(args, dtype=dtype, batch=1, seq_len=1), dev)
     return args, seed, dev, dtype, wbytes
 
 
@@ -128,8 +128,10 @@ def _suggest(args: ModelArgs, device: str, dtype: str, session: Session | None) 
 
     tips = []
     for d in ("bf16", "fp8"):
+        if d == "fp8" and dense_copies_here(device):
+            continue  # fp8 keeps bf16 copies as well here: not smaller
         if DTYPES.index(d) > DTYPES.index(dtype):
-            nbytes = estimate_model(args, dtype=d, batch=1, seq_len=1)["weight_bytes"]
+            nbytes = weights_held(estimate_model(args, dtype=d, batch=1, seq_len=1), device)
             ok_ = fits(nbytes, device, session)[0]
             tips.append(
                 f"dtype {d} ({human_bytes(nbytes)}{', fits' if ok_ else ', still too big'})"
@@ -151,12 +153,23 @@ def _refusal(args: ModelArgs, dev: str, dtype: str, reason: str, session: Sessio
     return msg
 
 
-def adopt(session: Session, model, seed, seconds: float, nbytes: int, source: str, request) -> None:
-    """Make `model` the session's (built or imported) and register the session."""
+def adopt(
+    session: Session,
+    model,
+    seed,
+    seconds: float,
+    nbytes: int,
+    source: str,
+    request,
+    copy_bytes: int = 0,
+) -> None:
+    """Make `model` the session's (built or imported) and register the session; `nbytes` its
+    weights, `copy_bytes` the bf16 copies of fp8 weights it keeps (`Transformer.dequantize_once`)."""
     session.model, session.config = model, model.args.to_dict()
     session.device, session.dtype = model.device.type, model.dtype_name
     session.seed, session.build_seconds, session.source = seed, seconds, source
     session.model_bytes = 0 if session.device == "meta" else nbytes  # meta holds no memory
+    session.copy_bytes = copy_bytes
     session.built_at = time.strftime("%H:%M:%S")
     session.runs = 0
     session.notes.pop("evicted", None)
@@ -198,7 +211,8 @@ def build(
         except (ConfigError, ValueError, RuntimeError) as e:  # RuntimeError: out of memory
             msg = problem(e) + " (the previous model, if any, had been freed to make room)"
             return session, msg, {**session.summary(), "ok": False, "error": str(e)}
-        adopt(session, model, seed, info["seconds"], info["model_bytes"], "build", request)
+        copies = info.get("dense_kept_bytes", 0)
+        adopt(session, model, seed, info["seconds"], info["model_bytes"], "build", request, copies)
     if evicted:
         reason += f"; freed {evicted} idle session model(s), least recently used first"
     msg = _built_message(args, dev, dtype, info, reason)
@@ -220,7 +234,7 @@ def _built_message(args: ModelArgs, dev: str, dtype: str, info: dict, reason: st
     if "dense_kept_bytes" in info:
         mem += (
             f" + the fp8 weights kept dequantised to bf16, "
-            f"{human_bytes(info['dense_kept_bytes'])}: {NO_FP8_PATH}"
+            f"{human_bytes(info['dense_kept_bytes'])} ({NO_FP8_PATH})"
         )
     if "cuda_peak_bytes" in info:
         mem += f", CUDA peak {human_bytes(info['cuda_peak_bytes'])}"
