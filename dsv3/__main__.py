@@ -23,7 +23,7 @@ from . import tuning
 from .config import CHOICES, FLOAT_RANGES, INT_RANGES, ConfigError, ModelArgs
 from .dist.plan import param_bytes
 from .dist.shard import init_process_group_from_env
-from .memory import check_fits, default_device
+from .memory import check_fits, default_device, is_oom
 from .params import NO_FP8_PATH, count_params, estimate, human_bytes, run_bytes
 
 SEED_DEMO = {
@@ -231,6 +231,11 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
         out = model(tokens)
     except (ConfigError, ValueError) as e:  # MemoryBudgetError and CheckpointError included
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # out of memory (the build's bf16 copies of fp8 weights included)
+        if not is_oom(e):
+            raise
+        print(f"error: out of memory on {device} ({type(e).__name__}): {e}", file=sys.stderr)
         return 2
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -156,7 +156,7 @@ def _side(
         rows += [
             ("speed", f"{name}: prefill {batch} x {seq_len}", "seconds", r["prefill"]["seconds"]),
             ("speed", f"{name}: decode", "tokens/s", r["decode"]["tokens_per_s"]),
-            ("speed", f"{name}: weights + KV + activations fit", "bool", r["memory"]["fits"]),
+            ("speed", f"{name}: memory per GPU fits", "bool", r["memory"]["fits"]),
         ]
     return rows
 

@@ -231,8 +231,9 @@ def fits(
     n_gpus: int = 1,
 ) -> dict[str, Any]:
     """Whether one GPU's weights, KV cache and activations for batch x seq_len tokens fit its
-    memory: the Estimate's per-GPU figure (`params.estimate`, the same numbers), without the
-    runtime's own memory (a necessary condition)."""
+    memory: the Estimate's per-GPU figure (`params.estimate`, the same numbers), plus for fp8
+    on a GPU without fp8 the bf16 copies dsv3 keeps there (`params.dense_copy_bytes`), without
+    the runtime's own memory (a necessary condition)."""
     gpu, n = _gpu(gpu), max(int(n_gpus), 1)
     e = estimate(args, dtype, batch, seq_len, n)
     weights, kv, total = e["per_gpu_weight_bytes"], e["per_gpu_kv_bytes"], e["per_gpu_bytes"]
@@ -389,10 +390,14 @@ def measure_gpu(seconds: float = 0.5) -> GPU | None:
     torch.cuda.empty_cache()  # the probe's buffers are gone: give their memory back
     props = torch.cuda.get_device_properties(dev)
     spec = next((g for g in GPUS.values() if g.name.split()[0] in props.name), None)
+    from .fp8 import keeps_dense_copies
+
+    # fp8 as dsv3 runs it on this card: an fp8 path (sm89+ with Triton), or bf16 copies
+    fp8 = None if keeps_dense_copies(dev) else 2 * bf16
     return GPU(
         name="this GPU",
         bf16_flops=bf16,
-        fp8_flops=2 * bf16 if spec is not None and spec.fp8_flops else None,
+        fp8_flops=fp8,
         bandwidth=bandwidth,
         memory_bytes=float(props.total_memory),
         link_bandwidth=spec.link_bandwidth if spec is not None else 32 * GB,

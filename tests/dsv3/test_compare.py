@@ -48,7 +48,7 @@ def test_head_override_on_layer_5_is_exactly_that_change():
     assert h200["unit"] == "seconds"
     assert h200["b"] == roofline(b, GPUS["H200"], "bf16", 2, 128, 1)["prefill"]["seconds"]
     assert m["H100 SXM x1: decode"]["unit"] == "tokens/s"
-    assert m["H100 SXM x1: weights + KV + activations fit"]["a"] is True
+    assert m["H100 SXM x1: memory per GPU fits"]["a"] is True
 
 
 def test_inherited_changes_show_per_layer_in_ranges():
@@ -158,8 +158,8 @@ def test_671b_compare_is_fast_and_complete():
     v3 = presets.load("deepseek-v3-671b")
     r = compare(v3, v3.replace(n_layers=40), dtype="fp8", n_gpus=8)
     m = rows(r)
-    assert m["H200 x8: weights + KV + activations fit"]["a"] is True
-    assert m["H100 SXM x8: weights + KV + activations fit"]["a"] is False
+    assert m["H200 x8: memory per GPU fits"]["a"] is True
+    assert m["H100 SXM x8: memory per GPU fits"]["a"] is False
     assert m["H200 x8: decode"]["b"] > m["H200 x8: decode"]["a"]
     assert [c["text"] for c in r["changes"]] == ["n_layers 61 -> 40", "layers 40-60 only in A"]
 

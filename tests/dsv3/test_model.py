@@ -406,3 +406,19 @@ def test_cli_seed_demo_prints_output_shape(capsys):
     assert main(["--seed-demo", "--device", "meta"]) == 0
     out = capsys.readouterr().out
     assert "torch.Size([2, 102400])" in out and "19,733,301,248" in out
+
+
+def test_cli_out_of_memory_is_one_line_not_a_traceback(capsys, monkeypatch):
+    """An allocation failure while building (the weights, or fp8's bf16 copies on a GPU
+    without an fp8 path) ends the CLI with a message and status 2."""
+    from dsv3.__main__ import main
+
+    def no_room(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Transformer, "__init__", no_room)
+    assert main(["--config", "tiny", "--device", "cpu", "--dtype", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: out of memory on cpu (OutOfMemoryError)") and "Traceback" not in err
+    )

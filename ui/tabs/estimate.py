@@ -298,7 +298,8 @@ def speed(
     md = stale_note(form_error) + (
         f"Floors from spec sheets (dsv3.roofline): prefill of **{batch} x {length}** tokens, "
         f"then one decode step at batch {batch}, in {dtype}; memory per GPU: weights + KV cache "
-        "+ activations, as the Estimate counts them. A floor is the larger of compute time and "
+        "+ activations, as the Estimate counts them (for fp8 on a GPU without fp8, also the bf16 "
+        "copies dsv3 keeps there). A floor is the larger of compute time and "
         "memory time (plus communication for several GPUs); it leaves out kernel launches and "
         "the host, so real runs are slower, most of all for small models."
         + "".join(f"  \n{n}" for n in notes)
