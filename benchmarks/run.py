@@ -747,9 +747,9 @@ def section_flops(rows: Rows, opts) -> None:
     def peak_round(product) -> Callable[[], float]:  # the best of a few: its own elapsed time
         return lambda: min(_timed(product) for _ in range(3))
 
-    # The peak is the faster of torch's BLAS (MKL) and oneDNN, the two the model's products
-    # choose between (`dsv3.layers.linear`): on an AMD EPYC MKL's is the lower one.
-    peaks = {"MKL": peak_round(lambda: a @ b)}
+    # The peak is the faster of torch's BLAS (MKL in x86 wheels) and oneDNN, the two the
+    # model's products choose between (`dsv3.layers.linear`): on an AMD EPYC MKL's is lower.
+    peaks = {"BLAS": peak_round(lambda: a @ b)}
     if ONEDNN_FP32:
         peaks["oneDNN"] = peak_round(lambda: onednn_linear(a, b_t))
     with torch.inference_mode():
