@@ -184,11 +184,16 @@ def best(ts: list[float]) -> float:
 
 
 def interleaved(fns: dict[str, Callable[[], float | None]], rounds: int) -> dict[str, list]:
-    """Run every fn once per round, in turn; a fn that returns a float reports its own elapsed
-    time, any other is timed here. One untimed warm-up round first."""
+    """Run every fn once per round, in turn, each round starting one fn later (as the probes
+    do, `dsv3.tuning.measure`): in a fixed order the fn after the one that sweeps the caches
+    always ran cold and the next one warm (a decode step's expert loop, always run after the
+    padded dispatch, timed 0.5 ms where its probe took 0.25-0.31, and `auto` read 0.72-0.86x
+    the fastest); a fn that returns a float reports its own elapsed time, any other is timed
+    here. One untimed warm-up round first."""
     times: dict[str, list[float]] = {n: [] for n in fns}
+    order = list(fns.items())
     for r in range(rounds + 1):
-        for name, fn in fns.items():
+        for name, fn in order[r % len(order) :] + order[: r % len(order)]:
             t0 = time.perf_counter()
             got = fn()
             dt = got if isinstance(got, float) else time.perf_counter() - t0

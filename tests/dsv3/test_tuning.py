@@ -96,6 +96,24 @@ def test_a_probe_times_at_least_min_rounds_whatever_the_budget():
     assert calls == {"a": 1 + tuning.PROBE_ROUNDS, "b": 1 + tuning.PROBE_ROUNDS}
 
 
+def test_past_the_first_rounds_only_contenders_run():
+    """A candidate several times slower than the fastest stops after the first rounds, so the
+    close ones get the rounds (and the budget) that tell them apart."""
+    calls = {"a": 0, "b": 0, "slow": 0}
+
+    def cand(name, seconds):
+        def run():
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return run
+
+    fns = {"a": cand("a", 0.001), "b": cand("b", 0.0012), "slow": cand("slow", 0.02)}
+    tuning.measure(fns, budget_s=10.0)
+    assert calls["slow"] == 1 + tuning.PROBE_MIN_ROUNDS
+    assert calls["a"] == calls["b"] == 1 + tuning.PROBE_ROUNDS
+
+
 def test_mode_from_environment(monkeypatch):
     monkeypatch.delenv("DSV3_DISPATCH", raising=False)
     assert tuning.mode() == "measured"
