@@ -212,7 +212,7 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
     t0 = time.perf_counter()
     try:
         model = Transformer(args, device=device, dtype=dtype)
-        if dense and device != "meta":
+        if dense:
             kept = human_bytes(model.dequantize_once())
             print(f"fp8 weights also kept dequantised to bf16 ({kept}): {NO_FP8_PATH}")
         build_s = time.perf_counter() - t0

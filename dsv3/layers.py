@@ -141,6 +141,13 @@ def _onednn_works() -> bool:
 ONEDNN_FP32 = _onednn_works()
 
 
+_onednn_on = torch._C._get_mkldnn_enabled
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """`F.linear(x, weight, bias)` in the fastest of equivalent forms, measured once per shape
     class on CPU (`dsv3.tuning`): which wins depends on the CPU, not the shapes alone.
@@ -189,13 +196,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], weight.shape[0])
-
-
-_onednn_on = torch._C._get_mkldnn_enabled
-
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class KeepsDerived(nn.Module):

@@ -91,7 +91,8 @@ def memory_limit(
     return int((free + freed) * frac), f"{int(frac * 100)}% of {what}"
 
 
-SMALLER_DTYPES = {"fp32": "bf16 or fp8", "bf16": "fp8", "fp8": ""}  # what a refusal suggests
+# what a refusal suggests: the dtypes smaller than the build's (None, unknown: both)
+SMALLER_DTYPES = {"fp32": ("bf16", "fp8"), "bf16": ("fp8",), "fp8": (), None: ("bf16", "fp8")}
 
 
 def check_fits(
@@ -110,9 +111,8 @@ def check_fits(
     limit, what = memory_limit(device, freed, freed_note)
     if nbytes <= limit:
         return True, f"needs {human_bytes(nbytes)}, budget {human_bytes(limit)} ({what})"
-    smaller = SMALLER_DTYPES.get(dtype, "bf16 or fp8")  # None (unknown): both
-    if not fp8_smaller:
-        smaller = smaller.replace(" or fp8", "").replace("fp8", "")
+    dtypes = SMALLER_DTYPES.get(dtype, SMALLER_DTYPES[None])
+    smaller = " or ".join(d for d in dtypes if fp8_smaller or d != "fp8")
     tries = ", ".join(t for t in ("a smaller preset", smaller) if t)
     return False, (
         f"needs {human_bytes(nbytes)} but the budget is {human_bytes(limit)} ({what}); "

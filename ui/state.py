@@ -44,12 +44,6 @@ class Session:
     build_seconds: float = 0.0
     model_bytes: int = 0  # bytes of parameters and buffers
     copy_bytes: int = 0  # bf16 copies of fp8 weights kept on a GPU without an fp8 path
-
-    @property
-    def held(self) -> int:
-        """Bytes the session's model holds on its device: weights and any kept copies."""
-        return self.model_bytes + self.copy_bytes
-
     source: str = ""  # "build", "zerogpu" or what was imported
     built_at: str = ""  # wall-clock time of the build, shown beside runs
     runs: int = 0
@@ -58,6 +52,11 @@ class Session:
     notes: dict[str, Any] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)  # for oldest-first eviction
     busy: int = 0  # requests of this session in progress: never evicted meanwhile
+
+    @property
+    def held(self) -> int:
+        """Bytes the session's model holds on its device: weights and any kept copies."""
+        return self.model_bytes + self.copy_bytes
 
     def touch(self) -> None:
         self.last_used = time.monotonic()

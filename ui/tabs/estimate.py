@@ -160,7 +160,7 @@ def summary(
     # fp8 on CPU dequantises its weights for each call, on a GPU without an fp8 path once, at
     # build, into bf16 copies it keeps: memory a GPU with one does not need
     dev = lazy.runtime.resolve_device(device)
-    path = dev != "cuda" or dtype != "fp8" or lazy.runtime.fp8_path()
+    path = not (dtype == "fp8" and dense_copies_here(dev))
     deq = run_bytes(e, dev, fp8_path=path) - e["total_bytes"]
     deq_term = ""
     if deq:
