@@ -441,7 +441,7 @@ def _run_views_follow(page: Any, event: Any) -> None:
     (a refused build keeps the model and its run, and they redraw the same)."""
     event.then(
         run_gone,
-        page.session,
+        [page.session, page.run_msg],
         [page.run_msg, page.balance, page.balance_table],
         **page.quiet(),
     )
@@ -457,10 +457,14 @@ def _redraw_run_views(page: Any, event: Any) -> None:
         event.then(*step, **page.quiet())
 
 
-def run_gone(session: Any) -> tuple[Any, Any, Any]:
+_NOT_KNOWN = object()  # `run_gone` called without the page's run message
+
+
+def run_gone(session: Any, shown: Any = _NOT_KNOWN) -> tuple[Any, Any, Any]:
     """The run message, balance figure and table once the model that ran is gone, or skips
-    while its run is still the session's."""
-    if isinstance(session, Session) and session.last_run:
+    while its run is still the session's, or when the page shows no run message (`shown`
+    empty or None: nothing ran, so no run is gone)."""
+    if (isinstance(session, Session) and session.last_run) or shown in ("", None):
         return gr.skip(), gr.skip(), gr.skip()
     return (
         "the model that made the last run is gone: press Run forward for this one",
