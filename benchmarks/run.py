@@ -609,7 +609,11 @@ def section_moe(rows: Rows, opts) -> None:
                 probe = next((t for k, _, t in tuning.choices("moe") if k == key), {})
             else:
                 chosen, probe = "rule", {}
-            times = interleaved(fns, opts.rounds * 3 if T > len(counts) else opts.rounds * 10)
+            # A decode step's dispatches take 0.2-2.5 ms: 300 rounds (~2 s). With 60, on an
+            # AMD EPYC whose speed changes in phases of seconds, the loop and gathered forms
+            # (0.22 and 0.28 ms at best over 2,000 rounds) swapped places in 1 run of 3.
+            rounds = opts.rounds * 3 if T > len(counts) else opts.rounds * 50
+            times = interleaved(fns, rounds)
         t = {k: best(v) for k, v in times.items()}
         title = f"MoE dispatch, {what}: {len(x_ND)} pairs (top-{K}) over {len(counts)} experts"
         fastest = min(t, key=t.__getitem__)
