@@ -164,10 +164,11 @@ def _shardable(args: ModelArgs, n: int) -> str:
 def _weights_read(args: ModelArgs, dtype: str, n: int, tokens: float) -> tuple[float, float]:
     """(bytes of weights one GPU reads for `tokens` tokens, mean routed experts touched per MoE
     layer). Everything is read once except routed experts and embedding rows, of which only
-    those the tokens touch are."""
+    those the tokens touch are, and the MTP modules, which a plain forward does not run (they
+    are held, `fits`, but not read)."""
     layers = args.layers()
     total, touched = 0.0, []
-    for t in tensor_specs(args):
+    for t in _main_specs(args):
         b = _tensor_bytes(t, dtype, n)
         if t.group == "embedding":
             b *= _distinct(args.vocab_size, 1, tokens) / args.vocab_size
@@ -194,7 +195,12 @@ def _pair_flops(args: ModelArgs, absorbed: bool) -> float:
 
 def _replicated_flops_per_token(args: ModelArgs) -> float:
     """Matmul FLOPs per token every GPU repeats (replicated wq_a, wkv_a, gate)."""
-    return sum(2 * t.numel for t in tensor_specs(args) if len(t.shape) == 2 and not t.sharded)
+    return sum(2 * t.numel for t in _main_specs(args) if len(t.shape) == 2 and not t.sharded)
+
+
+def _main_specs(args: ModelArgs) -> list[TensorSpec]:
+    """The tensors a plain forward reads: all but the MTP modules' (group "mtp")."""
+    return [t for t in tensor_specs(args) if t.group != "mtp"]
 
 
 def _phase(
