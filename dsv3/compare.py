@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import LAYER_FIELDS, ModelArgs, unused_by
 from .params import estimate, human_bytes
-from .roofline import GPU, roofline
+from .roofline import GPU, roofline, split_problem
 
 __all__ = ["compare", "layer_map", "to_csv", "to_markdown"]
 
@@ -191,6 +191,12 @@ def compare(
     ]
     settings = {"dtype": dtype, "batch": batch, "seq_len": seq_len, "n_gpus": n_gpus}
     notes = [note for name, x in (("A", a), ("B", b)) if (note := _beyond(name, x, batch, seq_len))]
+    for name, x in (("A", a), ("B", b)):
+        if why := split_problem(x, n_gpus, dtype):
+            notes.append(
+                f"{name} does not split over {_gpus(n_gpus)} ({why}): its per-GPU and speed "
+                "figures are a what-if with every share rounded down, and it fits no GPU"
+            )
     return {"changes": changes(a, b), "rows": rows, "settings": settings, "notes": notes}
 
 

@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ModelArgs, scale_shape
+from .config import ConfigError, ModelArgs, scale_shape
 from .params import BYTES, TensorSpec, configured_kv_elems, estimate, tensor_specs
 
 __all__ = ["GPU", "GPUS", "fits", "measure_gpu", "roofline", "speed_table"]
@@ -142,11 +142,16 @@ def _distinct(items: int, k: int, draws: float) -> float:
     return items * (1.0 - (1.0 - k / items) ** draws) if draws > 0 else 0.0
 
 
-def _shardable(args: ModelArgs, n: int) -> str:
-    """ "" when dsv3.parallel can split `args` over n ranks, else why not (its divisibility
-    rules; fp8 block alignment is not checked here)."""
-    if n == 1:
-        return ""
+def split_problem(args: ModelArgs, n: int, dtype: str = "bf16") -> str:
+    """ "" when dsv3.parallel can split `args` over n GPUs, else why not: the message of
+    `dist.plan.check_shardable`, the rule the model's build applies (the field, the layer)."""
+    from .dist.plan import check_shardable  # torch-free
+
+    try:
+        check_shardable(args, n, dtype=dtype)
+    except ConfigError as e:
+        return str(e)
+    return ""
     if args.vocab_size % n:
         return f"vocab_size={args.vocab_size}"
     for la in args.layers():
@@ -239,9 +244,12 @@ def fits(
     """Whether one GPU's weights, KV cache and activations for batch x seq_len tokens fit its
     memory: the Estimate's per-GPU figure (`params.estimate`, the same numbers), plus for fp8
     on a GPU without fp8 the bf16 copies dsv3 keeps there (`params.dense_copy_bytes`), without
-    the runtime's own memory (a necessary condition)."""
+    the runtime's own memory (a necessary condition). A model that does not split over n GPUs
+    does not fit them ("split": why, as `split_problem` says; its per-GPU bytes are a what-if
+    with every share rounded down)."""
     gpu, n = _gpu(gpu), max(int(n_gpus), 1)
     e = estimate(args, dtype, batch, seq_len, n)
+    split = split_problem(args, n, dtype)
     weights, kv, total = e["per_gpu_weight_bytes"], e["per_gpu_kv_bytes"], e["per_gpu_bytes"]
     # fp8 without fp8 tensor cores (below sm89: no dsv3 fp8 path) keeps bf16 copies as well
     dense = e["per_gpu_dense_copy_bytes"] if _bf16_copies(gpu, dtype) else 0
@@ -252,7 +260,8 @@ def fits(
         "dense_copies_per_gpu": dense,
         "bytes_per_gpu": total + dense,
         "gpu_memory": gpu.memory_bytes,
-        "fits": total + dense <= gpu.memory_bytes,
+        "fits": not split and total + dense <= gpu.memory_bytes,
+        "split": split,
     }
 
 
@@ -276,11 +285,6 @@ def roofline(
     if batch < 1 or prompt_len < 1:
         raise ValueError(f"batch={batch}, prompt_len={prompt_len}: both must be >= 1")
     peak, note = _peak(gpu, dtype)
-    why = _shardable(args, n)
-    if why:
-        note = (note + "; " if note else "") + (
-            f"dsv3.parallel cannot split {why} over {n} GPUs: shares are rounded down"
-        )
     act = BYTES.get(dtype, 2)  # activations and KV cache: fp8 builds compute in bf16
     kv_tok = configured_kv_elems(args, n) * act
     D, V, L = args.dim, args.vocab_size, args.n_layers
@@ -340,7 +344,8 @@ def speed_table(
     gpus: tuple[GPU | str, ...] | None = None,
     n_gpus: tuple[int, ...] = (1, 8),
 ) -> list[dict[str, Any]]:
-    """One row per GPU kind and N: predicted prefill seconds, decode tokens/s, fit."""
+    """One row per GPU kind and N: predicted prefill seconds, decode tokens/s, fit ("split":
+    why the model does not split over N, else "")."""
     rows = []
     for g in gpus if gpus is not None else tuple(GPUS.values()):
         for n in n_gpus:
@@ -350,7 +355,8 @@ def speed_table(
                 dict(gpu=r["gpu"], n_gpus=n, prefill_seconds=pre["seconds"],
                      prefill_bound=pre["bound"], decode_seconds=dec["seconds"],
                      decode_tokens_per_s=dec["tokens_per_s"], decode_bound=dec["bound"],
-                     bytes_per_gpu=mem["bytes_per_gpu"], fits=mem["fits"], note=r["note"])
+                     bytes_per_gpu=mem["bytes_per_gpu"], fits=mem["fits"], split=mem["split"],
+                     note=r["note"])
             )  # fmt: skip
     return rows
 

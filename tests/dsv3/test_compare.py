@@ -173,3 +173,17 @@ def test_a_side_compared_beyond_its_allocation_is_noted():
     assert f"max_batch_size {a.max_batch_size}" in r["notes"][0]
     assert r["notes"][0] in to_markdown(r)
     assert compare(a, b, batch=1, seq_len=a.max_seq_len)["notes"] == []
+
+
+def test_a_side_that_does_not_split_over_n_gpus_says_so_and_fits_no_gpu():
+    """The Estimate says tiny does not split over 3 GPUs (vocab_size 1024): Compare said
+    "per-GPU memory (3 GPUs) 2.06 MiB" and "fits: yes" without a word. Now each side that
+    does not split is noted with the build's reason, and fits no GPU."""
+    a = presets.load("tiny")
+    b = a.replace(vocab_size=1026)  # its 4 heads do not split over 3 either
+    r = compare(a, b, seq_len=a.max_seq_len, n_gpus=3)
+    assert [n[:2] for n in r["notes"]] == ["A ", "B "]
+    assert "vocab_size=1024 does not split over world_size=3" in r["notes"][0]
+    assert all(not x["a"] and not x["b"] for m, x in rows(r).items() if m.endswith("fits"))
+    fine = compare(a, a, seq_len=a.max_seq_len, n_gpus=2)
+    assert fine["notes"] == [] and all(x["a"] for m, x in rows(fine).items() if m.endswith("fits"))

@@ -160,9 +160,12 @@ def test_eight_gpus_divide_bytes_and_add_communication(seed):
     comm = (2 * L + 1) * 2 * 7 / 8 * tokens * seed.dim * 2 + 7 / 8 * 2 * seed.vocab_size * 2
     assert eight["prefill"]["comm_bytes"] == pytest.approx(comm)
     assert eight["memory"]["weights_per_gpu"] == weight_bytes_per_gpu(seed, "bf16", 8)
-    # a split dsv3.parallel refuses is named
+    # a split dsv3.parallel refuses is named, as the build names it, and does not fit
     three = roofline(seed, "H200", "bf16", n_gpus=3)
-    assert "cannot split" in three["note"]
+    assert "does not split over world_size=3" in three["memory"]["split"]
+    assert not three["memory"]["fits"] and eight["memory"]["split"] == ""
+    row = speed_table(seed, "bf16", 1, 128, gpus=("H200",), n_gpus=(3,))[0]
+    assert not row["fits"] and row["split"] == three["memory"]["split"]
 
 
 def test_override_layer_changes_the_numbers():

@@ -447,6 +447,17 @@ def test_a_split_the_model_cannot_take_shows_no_per_gpu_fit(tiny_cfg):
     assert "per GPU with 2 GPUs: **" in two and "does not split" not in two
 
 
+def test_the_speed_table_fits_no_split_the_model_cannot_take(tiny_cfg):
+    """Tiny's 8-GPU rows said "yes, 935.78 KiB" while the Estimate says its 4 heads do not
+    split over 8; each note showed once per GPU count; its prefill read 0.0 ms."""
+    head, table = estimate.speed(tiny_cfg, "fp8", 1, 0)
+    eight, one = table[table["GPUs"] == 8], table[table["GPUs"] == 1]
+    assert set(eight["fits"]) == {"no: does not split"} and set(one["fits"]) == {"yes"}
+    assert head.count("✘ 8 GPUs: n_heads=4") == 1
+    assert head.count("A100 80GB has no fp8") == 1
+    assert (table["prefill (ms)"] > 0).all()
+
+
 def test_the_index_head_box_answers_without_enter():
     """A head typed into Inspect > DSA and left (Tab or a click elsewhere) changed nothing:
     the box listened to Enter alone, while the layer box follows every change."""

@@ -262,6 +262,11 @@ SPEED_COLUMNS = [
 ]
 
 
+def _sig(x: float, digits: int = 3) -> float:
+    """x to `digits` significant digits: a tiny model's 0.00032 ms prefill is not shown as 0."""
+    return float(f"{x:.{digits}g}")
+
+
 def speed(
     cfg: Any, dtype: Any = "bf16", batch: Any = 1, length: Any = 0, form_error: Any = ""
 ) -> tuple[str, Any]:
@@ -283,9 +288,9 @@ def speed(
             [
                 r["gpu"],
                 r["n_gpus"],
-                "yes" if r["fits"] else "no",
+                "yes" if r["fits"] else "no: does not split" if r["split"] else "no",
                 human_bytes(r["bytes_per_gpu"]),
-                round(r["prefill_seconds"] * 1e3, 2),
+                _sig(r["prefill_seconds"] * 1e3),
                 r["prefill_bound"],
                 round(r["decode_tokens_per_s"], 1),
                 r["decode_bound"],
@@ -295,6 +300,14 @@ def speed(
         columns=SPEED_COLUMNS,
     )
     notes = sorted({r["note"] for r in rows if r.get("note")})
+    notes += sorted(  # once per N, not per GPU kind
+        {
+            f"✘ {r['n_gpus']} GPUs: {r['split']}; its rows are a what-if, every share rounded "
+            "down"
+            for r in rows
+            if r["split"]
+        }
+    )
     md = stale_note(form_error) + (
         f"Floors from spec sheets (dsv3.roofline): prefill of **{batch} x {length}** tokens, "
         f"then one decode step at batch {batch}, in {dtype}; memory per GPU: weights + KV cache "
