@@ -9,6 +9,7 @@ draws them exactly as their base components (`is_template`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -95,7 +96,8 @@ class _OneMessage:
         try:
             return super().model_validate(obj, *a, **kw)  # type: ignore[misc]
         except ValidationError:
-            raise gr.Error(NOT_A_FILE) from None
+            # a refusal, not a fault: no traceback in the server's log
+            raise gr.Error(NOT_A_FILE, print_exception=False) from None
 
 
 class _Upload(_OneMessage, FileData):
@@ -106,9 +108,29 @@ class _Uploads(_OneMessage, ListFiles):
     pass
 
 
-def guard_files(component: Any) -> Any:
+def guard_files(component: Any, field: str) -> Any:
     """`component` (a gr.File or gr.UploadButton) answering a payload that is not an upload with
-    NOT_A_FILE. (Gradio sets `data_model` per instance; a subclass would not render as its base
-    for UploadButton.)"""
+    NOT_A_FILE, and a file of a type it does not take with a message naming `field`, the file
+    and the types allowed; neither leaves a traceback in the server's log (Gradio prints one
+    for its own refusals). (Gradio sets `data_model` per instance; a subclass would not render
+    as its base for UploadButton.)"""
     component.data_model = _Uploads if component.file_count == "multiple" else _Upload
+    checked = component.preprocess
+    allowed = ", ".join(component.file_types or [])
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return checked(payload)
+        except gr.Error:
+            files = getattr(payload, "root", payload)  # ListFiles holds its FileData in root
+            names = [Path(getattr(f, "orig_name", None) or getattr(f, "path", "")).name
+                     for f in (files if isinstance(files, list) else [files])]  # fmt: skip
+            wrong = [n for n in names if not n.lower().endswith(tuple(component.file_types or []))]
+            raise gr.Error(
+                f"field {field}: {', '.join(wrong) or 'a file'}: not an allowed file type; "
+                f"allowed: {allowed}; nothing was imported",
+                print_exception=False,
+            ) from None
+
+    component.preprocess = preprocess
     return component

@@ -524,3 +524,28 @@ def test_server_budget_ignores_meta_models_and_own_model(monkeypatch, tiny_cfg):
 class _Req:
     def __init__(self, session_hash: str):
         self.session_hash = session_hash
+
+
+@pytest.mark.parametrize("multiple", [True, False])
+def test_an_upload_of_the_wrong_type_names_the_field_and_types(tmp_path, multiple):
+    """Gradio refused a .bin upload with "Invalid file type ..." (no field) and printed a
+    traceback to the server's log for it."""
+    import gradio as gr
+    from gradio.data_classes import FileData, ListFiles
+
+    from ui.components import guard_files
+
+    bad = tmp_path / "x.bin"
+    bad.write_bytes(b"abc")
+    comp = (gr.File(file_count="multiple", file_types=[".json", ".safetensors"]) if multiple
+            else gr.UploadButton("up", file_types=[".json"]))  # fmt: skip
+    guard_files(comp, "checkpoint")
+    one = FileData(path=str(bad), orig_name="x.bin")
+    with pytest.raises(gr.Error) as e:
+        comp.preprocess(ListFiles(root=[one]) if multiple else one)
+    allowed = ".json, .safetensors" if multiple else ".json"
+    assert e.value.message == (
+        f"field checkpoint: x.bin: not an allowed file type; allowed: {allowed}; nothing was "
+        "imported"
+    )
+    assert e.value.print_exception is False

@@ -169,6 +169,24 @@ def test_import_of_the_apps_own_export_gives_the_same_model(tiny_cfg):
     assert "onto meta" in msg and "the weights were not loaded" in msg
 
 
+def test_two_exports_uploaded_together_are_named_as_exports(tiny_cfg, tmp_path):
+    """Two of this app's exports uploaded at once were answered "w_fp32.safetensors was not
+    exported by this app (no dsv3 metadata)"."""
+    s = _built(tiny_cfg)
+    first, _ = files_tab.export_weights(s)
+    second = tmp_path / "second.safetensors"
+    second.write_bytes(Path(first).read_bytes())
+    _, _, msg = files_tab.import_hf([first, str(second)], "cpu", "fp32", Session())
+    assert "are each an export of this app: import one at a time" in msg, msg
+    assert "not exported by this app" not in msg
+    plain = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(plain))
+    _, _, msg = files_tab.import_hf([first, str(plain)], "cpu", "fp32", Session())
+    assert "is an export of this app: upload it alone" in msg, msg
+
+
 def test_wrong_format_errors_name_the_upload_not_a_temp_folder(tiny_cfg, tmp_path):
     from safetensors.torch import save_file
 

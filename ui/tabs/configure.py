@@ -400,7 +400,8 @@ def render_bar(page: Any) -> None:
                 scale=1,
                 size="sm",
                 elem_id="upload-btn",
-            )
+            ),
+            "config upload",
         )
     with gr.Row(equal_height=True):
         page.hf_text = gr.Textbox(

@@ -302,8 +302,7 @@ def speed(
     notes = sorted({r["note"] for r in rows if r.get("note")})
     notes += sorted(  # once per N, not per GPU kind
         {
-            f"✘ {r['n_gpus']} GPUs: {r['split']}; its rows are a what-if, every share rounded "
-            "down"
+            f"✘ {r['n_gpus']} GPUs: {r['split']}; its rows are a what-if, every share rounded down"
             for r in rows
             if r["split"]
         }

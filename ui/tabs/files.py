@@ -105,11 +105,32 @@ def _plan(paths: list[Path]) -> tuple[str, Path | None]:
             if "config.json" not in names:
                 raise ConfigError(str(e), field="checkpoint") from None
     if "config.json" not in names:
+        exports = [p.name for p in tensors if _is_export(p)]
+        if len(exports) > 1:
+            raise Refused(
+                f"⚠ {lit(', '.join(exports))} are each an export of this app: import one at a "
+                "time (each carries its own config)"
+            )
+        if exports:
+            raise Refused(
+                f"⚠ {lit(exports[0])} is an export of this app: upload it alone (an export is "
+                "one file; the other .safetensors are not part of it)"
+            )
         raise Refused(
             f"⚠ {lit(tensors[0].name)} was not exported by this app (no dsv3 metadata): upload "
             "the checkpoint's config.json with it"
         )
     return "hf", None
+
+
+def _is_export(path: Path) -> bool:
+    """Whether a .safetensors file carries this app's ModelArgs (`checkpoint.saved_args`)."""
+    from dsv3 import checkpoint
+
+    try:
+        return checkpoint.saved_args(path) is not None
+    except checkpoint.CheckpointError:
+        return False
 
 
 def _size_check(paths: list[Path]) -> None:
@@ -227,7 +248,8 @@ def render(page: Any) -> None:
                         file_count="multiple",
                         file_types=[".json", ".safetensors"],
                         elem_id="hf-files",
-                    )
+                    ),
+                    "checkpoint",
                 )
                 page.import_btn = gr.Button(
                     "Import checkpoint (device/dtype from Build)", elem_id="import-btn"
