@@ -69,7 +69,10 @@ def whole(value: Any, label: str, lo: int, hi: int | None = None, why: str = "")
     (`why`, when given, follows the allowed range in that message)."""
     allowed = _allowed(lo, hi)
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise ConfigError(f"{label} is empty; enter a whole number {allowed}", field=label)
+        # a browser's number box sends no value for text it cannot read, as for an empty box
+        raise ConfigError(
+            f"{label} is empty or not a number; enter a whole number {allowed}", field=label
+        )
     n: int | None = None
     if isinstance(value, bool):
         n = None

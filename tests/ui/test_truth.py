@@ -669,3 +669,23 @@ def test_fp8_is_not_offered_as_smaller_where_it_keeps_copies(monkeypatch):
     s = Session(model=object(), device="cuda", model_bytes=100, copy_bytes=200)
     monkeypatch.setitem(state.LIVE, "other", s)
     assert state.held_bytes("cuda") == 300 and s.held == 300
+
+
+@pytest.mark.parametrize(
+    "batch, seq, words",
+    [
+        (0, 4, "batch=0 is out of range; allowed: 1..4"),
+        (5, 4, "batch=5 is out of range; allowed: 1..4"),
+        (1, 0, "seq length=0 is out of range; allowed: 1..512"),
+        ("abc", 4, "batch='abc' is not a whole number; allowed: 1..4"),
+        (None, 4, "batch is empty or not a number; enter a whole number 1..4"),
+    ],
+)
+def test_batch_and_length_errors_give_the_whole_range(tiny_cfg, batch, seq, words):
+    """batch=0 said "allowed: >= 1" where batch=5 said "1..4"; seq length 0 gave no upper end."""
+    s = _built(tiny_cfg)
+    _, md, *_ = run.forward(s, batch, seq, 0, "", 0)
+    assert words in md and s.model is not None
+    est = estimate.estimate(tiny_cfg, "cpu", "fp32", batch if seq else 1, 0, 1)[0]
+    if seq:
+        assert words.replace("seq length", "length") in est

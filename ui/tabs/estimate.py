@@ -81,14 +81,10 @@ def check_batch(args: ModelArgs, batch: int) -> None:
 
 def sizes(args: ModelArgs, batch: Any, length: Any) -> tuple[int, int]:
     """Batch and length (0 = max_seq_len) within the config's max_batch_size / max_seq_len."""
-    batch, length = whole(batch, "batch", 1), whole(length, "length", 0)
-    check_batch(args, batch)
-    if length > args.max_seq_len:
-        raise ConfigError(
-            f"length={length} exceeds max_seq_len={args.max_seq_len}; allowed: "
-            f"0..{args.max_seq_len} (0 = max_seq_len)",
-            field="length",
-        )
+    batch = whole(batch, "batch", 1, args.max_batch_size, f"max_batch_size={args.max_batch_size}")
+    length = whole(
+        length, "length", 0, args.max_seq_len, f"max_seq_len={args.max_seq_len}; 0 = max_seq_len"
+    )
     return batch, length or args.max_seq_len
 
 

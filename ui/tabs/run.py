@@ -264,7 +264,8 @@ def _check_shape(args: ModelArgs, B: int, S: int, decode_steps: int) -> None:
     if S + decode_steps > args.max_seq_len:
         raise ConfigError(
             f"seq length {S} + decode steps {decode_steps} = {S + decode_steps} exceeds "
-            f"max_seq_len={args.max_seq_len}",
+            f"max_seq_len={args.max_seq_len}; allowed: seq length + decode steps "
+            f"<= {args.max_seq_len}",
             field="seq length",
         )
 
@@ -278,8 +279,12 @@ def _run_request(args: ModelArgs, batch, seq_len, token_seed, token_ids, decode_
     except ValueError as e:
         raise ConfigError(str(e), field="token ids") from None
     if tokens is None:
-        batch = whole(batch, "batch", 1)  # the config's maxima: _check_shape
-        seq_len = whole(seq_len, "seq length", 1)
+        batch = whole(
+            batch, "batch", 1, args.max_batch_size, f"max_batch_size={args.max_batch_size}"
+        )
+        seq_len = whole(
+            seq_len, "seq length", 1, args.max_seq_len, f"max_seq_len={args.max_seq_len}"
+        )
         seed = whole(token_seed, "token seed", 0, SEED_MAX, SEED_WHY)
         tokens = lazy.runtime.make_tokens(args.vocab_size, batch, seq_len, seed)
     _check_shape(args, *tokens.shape, decode_steps)
