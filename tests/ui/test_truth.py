@@ -319,7 +319,12 @@ def test_a_new_model_takes_the_old_runs_views_with_it(tiny_cfg):
     s, msg, info = run.build(tiny_cfg, "cpu", "fp32", 1, s, progress=NO_PROGRESS)
     assert info["ok"]
     md, balance, table = run.run_gone(s)
-    assert "gone" in md and table.empty
+    assert "gone: press Run forward for this one" in md and table.empty
+    # freed: no model to run; the message said "press Run forward for this one"
+    freed, _ = run.release_model(s)
+    md, _, _ = run.run_gone(freed, "a run's message")
+    assert "gone: build one, then press Run forward" in md and "this one" not in md
+    s, msg, info = run.build(tiny_cfg, "cpu", "fp32", 1, freed, progress=NO_PROGRESS)
     # a page that never ran shows no run message: a build there has no run to call gone
     for shown in ("", None):
         assert all(isinstance(v, type(gr_skip())) for v in run.run_gone(Session(), shown))

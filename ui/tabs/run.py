@@ -471,8 +471,10 @@ def run_gone(session: Any, shown: Any = _NOT_KNOWN) -> tuple[Any, Any, Any]:
     empty or None: nothing ran, so no run is gone)."""
     if (isinstance(session, Session) and session.last_run) or shown in ("", None):
         return gr.skip(), gr.skip(), gr.skip()
+    built = isinstance(session, Session) and session.model is not None
     return (
-        "the model that made the last run is gone: press Run forward for this one",
+        "the model that made the last run is gone: "
+        + ("press Run forward for this one" if built else "build one, then press Run forward"),
         plots.empty("press Run forward to see the routing balance of this model"),
         pd.DataFrame(columns=BALANCE_COLUMNS),
     )
