@@ -24,8 +24,13 @@ CSS = """
 /* Wide Markdown tables scroll sideways on a narrow screen instead of breaking numbers. */
 #compare-md table, #estimate-summary table { display: block; overflow-x: auto; }
 #compare-md td:not(:first-child), #compare-md th:not(:first-child) { white-space: nowrap; }
-/* The architecture table keeps its columns readable on a phone: it scrolls sideways. */
-#architecture { overflow-x: auto; }
+/* Row labels wrap between words, never inside one ("weigh ts"), and keep a readable width. */
+#compare-md td:first-child, #estimate-summary td:first-child { word-break: normal;
+  overflow-wrap: normal; }
+#compare-md td:first-child, #compare-md th:first-child { min-width: 11em; }
+/* The architecture table keeps its columns readable on a phone: it scrolls sideways (Gradio's
+   block hides overflow, hence !important). */
+#architecture { overflow-x: auto !important; }
 #architecture .js-plotly-plot { min-width: 880px; }
 /* The override table's headers are fixed: renaming one would only change what it shows. */
 #overrides thead th, #overrides thead th * { pointer-events: none; }

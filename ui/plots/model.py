@@ -83,7 +83,9 @@ def layer_map(layers: list[dict[str, Any]]) -> go.Figure:
     # Legend entries for the two colours.
     for name, color in (("dense", DENSE_COLOR), ("MoE", MOE_COLOR)):
         fig.add_trace(go.Bar(x=[None], y=[None], name=name, marker_color=color), 1, 1)
-    fig.update_xaxes(dtick=max(1, len(layers) // 16))
+    # Layers as categories: Plotly thins their labels to the plot's width (a fixed step
+    # overlapped them at 400 px for 30-61 layers) and never shows a half layer.
+    fig.update_xaxes(type="category")
     fig.update_xaxes(title_text="layer", row=3, col=1)
     for row, unit in ((1, "heads"), (2, "experts"), (3, "width (units)")):
         fig.update_yaxes(title_text=unit, row=row, col=1)
