@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -33,19 +34,61 @@ SEED_DEMO = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block buried it under ~35 lines)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see python -m dsv3 --help)\n")
+
+
+def _whole(lo: int, hi: int | None = None):
+    """An argparse type: a whole number in lo..hi, else a message with the range."""
+    allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+
+    def whole(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number; allowed: {allowed}"
+            ) from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"{n} is out of range; allowed: {allowed}")
+        return n
+
+    return whole
+
+
+def _real(text: str) -> float:
+    """An argparse type: a finite number (the field's range is ModelArgs' to check: its message
+    names the field and the range, and the option is put in front of it)."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return x
+
+
+SEED_MAX = 2**53 - 1  # as the app's seeds (a browser's number box rounds larger ones)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dsv3", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m dsv3", description=__doc__.split("\n")[0])
     source = p.add_mutually_exclusive_group()
     source.add_argument("--config", help="preset name, preset JSON or ModelArgs JSON file")
     source.add_argument(
         "--seed-demo",
         action="store_true",
-        help="n_layers 32, dim 2048, overrides on layers 5 and 10, bf16, tokens (2, 128)",
+        help="n_layers 32, dim 2048, overrides on layers 5 and 10, bf16, tokens (2, 128) "
+        "unless --batch / --seq say otherwise",
     )
     p.add_argument(
         "--device",
         default="auto",
-        help="auto (cuda when it fits, else meta for --seed-demo, cpu otherwise), cpu, cuda, meta",
+        help="auto (cuda when present, else cpu; meta, shapes only, when the model fits "
+        "neither), cpu, cuda, cuda:N, meta",
     )
     p.add_argument(
         "--dtype",
@@ -53,36 +96,37 @@ def _parser() -> argparse.ArgumentParser:
         choices=["fp32", "bf16", "fp8"],
         help="default: fp32 on cpu, bf16 on cuda",
     )
-    p.add_argument("--batch", type=_positive, default=2)
-    p.add_argument("--seq", type=_positive, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=_whole(1), default=None, help="1..max_batch_size (default 2)")
+    p.add_argument(
+        "--seq", type=_whole(1), default=None, help="prompt tokens, 1..max_seq_len (default 16)"
+    )
+    p.add_argument("--seed", type=_whole(0, SEED_MAX), default=0, help=f"0..{SEED_MAX}")
     p.add_argument(
         "--decode",
-        type=int,
+        type=_whole(0),
         default=0,
         metavar="N",
-        help="then greedy-decode N tokens with the KV cache (CUDA: replayed CUDA graphs)",
+        help="then greedy-decode N tokens with the KV cache (CUDA: replayed CUDA graphs); "
+        "--seq + N <= max_seq_len",
     )
     p.add_argument("--layer-config", help="per-layer overrides as JSON")
     for f in dataclasses.fields(ModelArgs):
         if f.name in ("layer_config", "dtype"):  # --dtype is the build dtype
             continue
-        kind = float if f.name in FLOAT_RANGES else int if f.name in INT_RANGES else str
+        kind, allowed = str, ""
+        if f.name in FLOAT_RANGES:
+            lo, hi, low_rule = FLOAT_RANGES[f.name]
+            kind, allowed = _real, f"{low_rule}, <= {hi:g}"
+        elif f.name in INT_RANGES:
+            kind, allowed = _whole(*INT_RANGES[f.name]), "{}..{}".format(*INT_RANGES[f.name])
         choices = [c for c in CHOICES.get(f.name, ()) if c is not None] or None
         if f.name == "gate_bias":
             choices = ["auto", "true", "false"]  # auto = the reference rule (dim == 7168)
         p.add_argument(
             "--" + f.name.replace("_", "-"), dest="f_" + f.name, type=kind, default=None,
-            choices=choices,
+            choices=choices, help=allowed or None,
         )  # fmt: skip
     return p
-
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return n
 
 
 def _device(text: str) -> str:
@@ -99,15 +143,29 @@ def _load_args(ns: argparse.Namespace) -> ModelArgs:
     if ns.seed_demo:
         base = json.loads(json.dumps(SEED_DEMO))
     elif ns.config:
-        try:
-            from . import presets
+        plain = _plain_args_file(ns.config)
+        if plain is not None:  # a ModelArgs JSON file, not a preset document
+            return _with_flags(plain, ns)
+        from . import presets
 
-            return _with_flags(presets.load(ns.config).to_dict(), ns)
-        except ImportError:
-            with open(ns.config) as fh:
-                base = json.load(fh)
-            base = base.get("args", base)
+        return _with_flags(presets.load(ns.config).to_dict(), ns)
     return _with_flags(base, ns)
+
+
+def _plain_args_file(path: str) -> dict | None:
+    """The fields of a plain ModelArgs JSON file (`{"n_layers": 2, "dim": 128}`: no preset
+    document around them), or None for anything else (a preset name or document: presets.load
+    reads and checks those)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        return None  # presets.load names the problem
+    if isinstance(doc, dict) and "args" not in doc and "schema" not in doc:
+        return doc
+    return None
 
 
 def _with_flags(base: dict, ns: argparse.Namespace) -> ModelArgs:
@@ -127,6 +185,29 @@ def _with_flags(base: dict, ns: argparse.Namespace) -> ModelArgs:
                 f"--layer-config is not valid JSON: {e}", field="layer_config"
             ) from None
     return ModelArgs.from_dict(base)
+
+
+def _option(e: ConfigError, ns: argparse.Namespace) -> str:
+    """ "--dim: " when the error's field came from that option, else "" (a field of a preset or
+    file keeps the field's own name)."""
+    field = getattr(e, "field", None)
+    if field and getattr(ns, f"f_{field}", None) is not None:
+        return f"--{field.replace('_', '-')}: "
+    return ""
+
+
+def _shape_problem(args: ModelArgs, ns: argparse.Namespace) -> str:
+    """Why --batch / --seq / --decode do not fit the config's caches, or ""."""
+    if ns.batch > args.max_batch_size:
+        return f"--batch {ns.batch} is out of range; allowed: 1..{args.max_batch_size} (max_batch_size)"
+    if ns.seq > args.max_seq_len:
+        return f"--seq {ns.seq} is out of range; allowed: 1..{args.max_seq_len} (max_seq_len)"
+    if ns.seq + ns.decode > args.max_seq_len:
+        return (
+            f"--seq {ns.seq} + --decode {ns.decode} = {ns.seq + ns.decode} exceeds "
+            f"max_seq_len={args.max_seq_len}; allowed: --seq + --decode <= {args.max_seq_len}"
+        )
+    return ""
 
 
 def _table(args: ModelArgs) -> str:
@@ -169,11 +250,15 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
     try:
         args = _load_args(ns)
     except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_option(e, ns)}{e}", file=sys.stderr)
         return 2
     if ns.seed_demo:
-        ns.batch, ns.seq = 2, 128
         ns.dtype = ns.dtype or "bf16"
+    ns.batch = ns.batch or 2
+    ns.seq = ns.seq or (128 if ns.seed_demo else 16)
+    if why := _shape_problem(args, ns):
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     device = ns.device
     dtype = ns.dtype or ("fp32" if device == "cpu" else "bf16")
     auto = device == "auto"
@@ -196,7 +281,7 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
             per_rank = run_bytes(e, kind, per_gpu=True, fp8_path=not dense)
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if device == "cpu" else 1
             need = per_rank * local
-        fits, why = check_fits(need, device)
+        fits, why = check_fits(need, device, dtype=dtype, fp8_smaller=not dense)
         if not fits and not auto:
             print(f"error: {device}: {why}", file=sys.stderr)
             return 2
@@ -243,13 +328,14 @@ def _run(ns: argparse.Namespace, world: int, local_rank: int) -> int:
     print(out.size())
     if ns.decode > 0 and device != "meta":
         _decode(model, out, ns.seq, ns.decode)
+    elif ns.decode > 0:
+        print(f"the {ns.decode} decode steps asked were not run: meta has shapes only")
     return 0
 
 
 def _decode(model, logits, seq: int, steps: int) -> None:
     """Greedy decoding after the prefill, timed (the first steps capture the CUDA graphs that
     the others replay; `model.graphs.note` says why not, when they cannot be used)."""
-    steps = min(steps, model.args.max_seq_len - seq)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     sync()
     probes = tuning.count()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -408,6 +409,56 @@ def test_cli_seed_demo_prints_output_shape(capsys):
     assert main(["--seed-demo", "--device", "meta"]) == 0
     out = capsys.readouterr().out
     assert "torch.Size([2, 102400])" in out and "19,733,301,248" in out
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        # a traceback from torch.cat: the steps were cut to 0 without a word
+        (
+            "--seq 512 --decode 4",
+            "error: --seq 512 + --decode 4 = 516 exceeds max_seq_len=512; "
+            "allowed: --seq + --decode <= 512",
+        ),
+        ("--seq 100000", "error: --seq 100000 is out of range; allowed: 1..512 (max_seq_len)"),
+        ("--batch 5", "error: --batch 5 is out of range; allowed: 1..4 (max_batch_size)"),
+        # a traceback from torch.manual_seed; -1 was taken
+        (
+            "--seed 99999999999999999999999",
+            "argument --seed: 99999999999999999999999 is out of "
+            "range; allowed: 0..9007199254740991",
+        ),
+        ("--seed -1", "argument --seed: -1 is out of range; allowed: 0..9007199254740991"),
+        ("--decode -5", "argument --decode: -5 is out of range; allowed: >= 0"),
+        # "invalid _positive value: 'abc'" under ~35 lines of usage
+        ("--batch abc", "argument --batch: 'abc' is not a whole number; allowed: >= 1"),
+        ("--dim 2.5", "argument --dim: '2.5' is not a whole number; allowed: 1..65536"),
+        ("--rope-factor 1e400", "argument --rope-factor: '1e400' is not a finite number"),
+        ("--rope-factor 0.5", "error: --rope-factor: rope_factor=0.5 is out of range"),
+    ],
+)
+def test_cli_bad_values_are_one_line_naming_the_option_and_range(capsys, argv, words):
+    from dsv3.__main__ import main
+
+    with pytest.raises(SystemExit) if "argument" in words else contextlib.nullcontext() as e:
+        rc = main(["--config", "tiny", "--device", "cpu", *argv.split()])
+    rc = e.value.code if e is not None else rc
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_takes_a_plain_model_args_file_and_says_what_it_skips(tmp_path, capsys):
+    """--help says "ModelArgs JSON file"; such a file was refused as a preset with unknown keys.
+    --seed-demo forced batch 2 x 128 over --batch/--seq, and meta skipped decoding silently."""
+    from dsv3.__main__ import main
+
+    f = tmp_path / "plain.json"
+    f.write_text('{"n_layers": 2, "dim": 128}')
+    assert main(["--config", str(f), "--device", "meta", "--decode", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.Size([2, 102400])" in out and "the 3 decode steps asked were not run" in out
+    assert main(["--seed-demo", "--device", "meta", "--batch", "1", "--seq", "8"]) == 0
+    assert "torch.Size([1, 102400])" in capsys.readouterr().out
 
 
 def test_cli_out_of_memory_is_one_line_not_a_traceback(capsys, monkeypatch):
