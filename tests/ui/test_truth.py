@@ -324,6 +324,10 @@ def test_a_new_model_takes_the_old_runs_views_with_it(tiny_cfg):
     freed, _ = run.release_model(s)
     md, _, _ = run.run_gone(freed, "a run's message")
     assert "gone: build one, then press Run forward" in md and "this one" not in md
+    # the shape trace went too: it kept the freed model's 69 modules under "nothing traced yet"
+    table, fig, note = inspect.trace_view(freed, "", "all")
+    assert table.empty and "nothing traced yet" in note
+    assert "Build a model and press Run forward" in json.dumps(fig.to_dict())
     s, msg, info = run.build(tiny_cfg, "cpu", "fp32", 1, freed, progress=NO_PROGRESS)
     # a page that never ran shows no run message: a build there has no run to call gone
     for shown in ("", None):

@@ -140,8 +140,11 @@ TRACE_READABLE = 200  # shape-trace modules above which the view suggests its fi
 def trace_view(session: Any, layer: Any = "", module_type: Any = "") -> tuple[Any, Any, str]:
     """The last run's per-module output shapes, filtered by layer and module type."""
     trace = _last(session).get("trace")
-    if not trace:
-        return gr.skip(), gr.skip(), "⚠ nothing traced yet: press Run forward"
+    if not trace:  # the table and plot go too: they showed a model that is gone (Free, Build)
+        empty = pd.DataFrame(columns=TRACE_COLUMNS)
+        return empty, plots.empty(BEFORE_RUN.format("module output shapes")), (
+            "⚠ nothing traced yet: press Run forward"
+        )
     layer = layer.strip() if isinstance(layer, str) else layer
     try:
         if layer not in ("", None, "none"):
