@@ -698,3 +698,23 @@ def test_batch_and_length_errors_give_the_whole_range(tiny_cfg, batch, seq, word
     est = estimate.estimate(tiny_cfg, "cpu", "fp32", batch if seq else 1, 0, 1)[0]
     if seq:
         assert words.replace("seq length", "length") in est
+
+
+def test_the_config_line_follows_form_edits(tiny_cfg):
+    """A download refused for the form's error kept "the form has an error" after the error
+    was fixed; after an edit the line still read "✔ preset tiny"."""
+    _, refused = configure.export_config(tiny_cfg, "", "dim=2.5 is not a whole number")
+    assert "the form has an error" in refused
+    assert configure.after_edit(refused, "dim=2.5 ...") is not None  # still broken: kept
+    assert isinstance(configure.after_edit(refused, "dim=2.5 ..."), type(gr_skip()))
+    assert configure.after_edit(refused, "") == configure.FIXED
+    line = configure.after_edit("✔ preset **tiny**", "")
+    assert line == "✔ preset **tiny**; the form was edited since"
+    assert isinstance(configure.after_edit(line, ""), type(gr_skip()))  # said once
+    import app
+
+    cfg = app.demo.get_config_file()
+    fns = [d.get("api_name") or "" for d in cfg["dependencies"]]
+    assert any("after_edit" in str(f) for f in fns) or any(
+        getattr(b.fn, "__name__", "") == "after_edit" for b in app.demo.fns.values()
+    )

@@ -202,6 +202,23 @@ def not_a_preset(status: Any) -> Any:
     return gr.update(value=None) if ok_ else gr.skip()
 
 
+EDITED = "; the form was edited since"
+FIXED = "✔ the form's error is fixed: save or download again"
+
+
+def after_edit(source: Any, form_error: Any) -> Any:
+    """The config line after a form edit: a refusal that blamed the form's error goes once the
+    form is valid again (it stayed, next to the form's own "✔ valid"), and where the config came
+    from gets "edited since" (it still read "✔ preset tiny" for a form holding another dim)."""
+    if form_error or not isinstance(source, str):
+        return gr.skip()
+    if "the form has an error" in source:
+        return FIXED
+    if source.startswith("✔") and source != FIXED and not source.endswith(EDITED):
+        return source + EDITED
+    return gr.skip()
+
+
 def delete_browser(store: Any, name: Any) -> tuple[Any, Any, str]:
     store = dict(store) if isinstance(store, dict) else {}
     if not isinstance(name, str) or store.pop(name, None) is None:
@@ -484,6 +501,7 @@ def wire(page: Any) -> None:
         api_name="config_from_form",
     )
     page.config_changed(edited)
+    edited.then(after_edit, [page.source_msg, page.form_error], page.source_msg, **quiet())
     page.more_rows_btn.click(more_rows, page.overrides, page.overrides, **quiet())
 
     page.save_btn.click(

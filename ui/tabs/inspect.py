@@ -142,8 +142,10 @@ def trace_view(session: Any, layer: Any = "", module_type: Any = "") -> tuple[An
     trace = _last(session).get("trace")
     if not trace:  # the table and plot go too: they showed a model that is gone (Free, Build)
         empty = pd.DataFrame(columns=TRACE_COLUMNS)
-        return empty, plots.empty(BEFORE_RUN.format("module output shapes")), (
-            "⚠ nothing traced yet: press Run forward"
+        return (
+            empty,
+            plots.empty(BEFORE_RUN.format("module output shapes")),
+            ("⚠ nothing traced yet: press Run forward"),
         )
     layer = layer.strip() if isinstance(layer, str) else layer
     try:
