@@ -718,3 +718,20 @@ def test_the_config_line_follows_form_edits(tiny_cfg):
     assert any("after_edit" in str(f) for f in fns) or any(
         getattr(b.fn, "__name__", "") == "after_edit" for b in app.demo.fns.values()
     )
+
+
+def test_the_per_layer_table_has_the_mtp_module(tiny_cfg):
+    """With n_mtp_layers 2 the per-layer table listed layers 0-3 only: 160,528 of the
+    parameters the summary counts had no row."""
+    from dsv3 import count_params
+
+    cfg = {**tiny_cfg, "n_mtp_layers": 2}
+    _, table, *_ = estimate.estimate(cfg, "cpu", "fp32", 1, 0, 1)
+    last = table.iloc[-1]
+    assert last["layer"] == "MTP (2 layers, not run)"
+    assert last["params"] == count_params(ModelArgs.from_dict(cfg))["mtp"] == 160_528
+    _, plain, *_ = estimate.estimate(tiny_cfg, "cpu", "fp32", 1, 0, 1)
+    assert (
+        len(plain) == tiny_cfg["n_layers"]
+        and not plain["layer"].astype(str).str.startswith("MTP").any()
+    )

@@ -125,8 +125,16 @@ def estimate(
 
 def _views(args: ModelArgs, e: dict) -> tuple[Any, Any, Any]:
     layers = [la.to_dict() for la in args.layers()]
+    table = pd.DataFrame(e["layers"])
+    if e["params"]["mtp"]:  # the MTP module's parameters have a row too (a plain forward
+        n = args.n_mtp_layers  # does not run it: no active parameters, no KV per token)
+        mtp = dict.fromkeys(table.columns, "") | {
+            "layer": f"MTP ({n} layer{'s' if n > 1 else ''}, not run)",
+            "params": e["params"]["mtp"],
+        }
+        table = pd.concat([table.astype(object), pd.DataFrame([mtp])], ignore_index=True)
     return (
-        pd.DataFrame(e["layers"]),
+        table,
         plots.layer_map(layers),
         plots.params_by_group(e["params"]),
     )
