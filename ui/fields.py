@@ -321,7 +321,7 @@ def _parse_long(rows: list[list[Any]]) -> dict[int, dict[str, Any]]:
             )
         if _blank(value):
             raise ConfigError(
-                f"override row {n}: {name} in layer {layer} has no value (delete the row to "
+                f"override row {n}: {name} in layer {layer} has no value (clear the row to "
                 f"inherit); {info(name)}",
                 field=name,
                 layer=layer,

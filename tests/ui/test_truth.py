@@ -587,6 +587,11 @@ def test_a_long_shape_trace_points_to_its_filters():
     assert note == "300 of 300 modules; filter by layer or type above to read them"
     _, _, note = inspect.trace_view(s, "3", "all")
     assert note == "1 of 300 modules"
+    _, _, note = inspect.trace_view(s, "", " MLA ")
+    assert note.startswith("300 of 300")
+    # a type the trace does not hold read "0 of 300 modules", without the types there are
+    _, _, note = inspect.trace_view(s, "", "Nonsense")
+    assert "module type='Nonsense': choose one of all, MLA" in note
 
 
 @pytest.mark.parametrize("override", [{}, {0: {"attn_impl": "naive"}}])

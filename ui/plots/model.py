@@ -223,7 +223,9 @@ def shape_trace(trace: list[dict[str, Any]]) -> go.Figure:
     )
     fig.update_xaxes(title_text="module, in call order (index)")
     n_layers = len({t.get("layer") for t in trace if t.get("layer") is not None})
-    title = f"Shape trace: {len(trace)} modules" + (f" in {n_layers} layers" if n_layers else "")
+    title = f"Shape trace: {len(trace)} module{'s' if len(trace) != 1 else ''}" + (
+        f" in {n_layers} layer{'s' if n_layers != 1 else ''}" if n_layers else ""
+    )
     return _layout(fig, title, 420, bargap=0.1)
 
 

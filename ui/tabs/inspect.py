@@ -151,7 +151,10 @@ def trace_view(session: Any, layer: Any = "", module_type: Any = "") -> tuple[An
     try:
         if layer not in ("", None, "none"):
             layer = whole(layer, "layer", 0, _last(session)["n_layers"] - 1)
-        kind = module_type if isinstance(module_type, str) and module_type != "all" else None
+        types = sorted({t["type"] for t in trace})
+        typed = module_type.strip() if isinstance(module_type, str) else module_type
+        kind = choice(typed or "all", "module type", ["all", *types])  # blank = all
+        kind = None if kind == "all" else kind
         rows = filter_trace(trace, layer if layer != "" else None, kind)
     except (ConfigError, ValueError) as e:
         return gr.skip(), gr.skip(), problem(e)

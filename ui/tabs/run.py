@@ -475,7 +475,11 @@ def run_gone(session: Any, shown: Any = _NOT_KNOWN) -> tuple[Any, Any, Any]:
     return (
         "the model that made the last run is gone: "
         + ("press Run forward for this one" if built else "build one, then press Run forward"),
-        plots.empty("press Run forward to see the routing balance of this model"),
+        plots.empty(
+            "press Run forward to see the routing balance of this model"
+            if built
+            else "build a model and press Run forward to see its routing balance"
+        ),
         pd.DataFrame(columns=BALANCE_COLUMNS),
     )
 
