@@ -147,6 +147,10 @@ def test_bias_effect_bars_with_gaps_and_unbiased_layers_marked():
     marked = next(t for t in fig.data if t.type == "scatter")
     assert list(marked.x) == [3]
     assert fig.layout.yaxis.title.text and fig.layout.height
+    assert "zero in every layer" not in fig.layout.title.text
+    # a random build's bias is all zeros: its 0% bars are no finding, and the title says why
+    zero = [{**router_stats(1), "bias_min": 0.0, "bias_max": 0.0, "bias_changed": 0.0}]
+    assert "the bias is zero in every layer" in plots.bias_effect(zero).layout.title.text
 
 
 def test_empty_inputs_say_so():

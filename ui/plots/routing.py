@@ -389,7 +389,14 @@ def bias_effect(rstats: list[dict[str, Any]], n_layers: int | None = None) -> go
         )
     fig.update_xaxes(title_text="layer", dtick=max(1, len(x) // 16), row=2, col=1)
     fig.update_xaxes(range=[-0.5, len(x) - 0.5])
-    return _layout(fig, "What the router's selection bias changes (gaps: no MoE)", 480)
+    title = "What the router's selection bias changes (gaps: no MoE)"
+    biased = [st for st in rstats if st["gate_bias"]]
+    if biased and all(st.get("bias_min") == st.get("bias_max") == 0 for st in biased):
+        # 0% everywhere is then no finding: a random build (or a reset bias) holds zeros
+        title += (
+            "<br>the bias is zero in every layer (as a random build leaves it): it changes nothing"
+        )
+    return _layout(fig, title, 480)
 
 
 def indexer_mask(sel: dict[str, Any]) -> go.Figure:
