@@ -365,6 +365,9 @@ def test_dsa_index_head_range_is_the_layers(tiny_cfg):
         _, note = inspect.dsa_view(s, 1, bad)
         assert "**index head**" in note and "allowed: 0..3" in note
     assert "index head 3 alone" in inspect.dsa_view(s, 1, "3")[1]
+    # a batch of 2 draws its first sequence: the note says which, of how many
+    run.forward(s, 2, 12, 0, "", 0)
+    assert "layer 1, sequence 0 of the batch (of 2)" in inspect.dsa_view(s, 1, "")[1]
 
 
 def test_a_refused_batch_leaves_the_config_views_following_the_config():

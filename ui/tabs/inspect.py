@@ -185,8 +185,11 @@ def dsa_view(session: Any, layer: Any = 0, head: Any = "") -> tuple[Any, str]:
         if kind == "dsa" and _last(session).get("meta"):
             why = "ran on meta: shapes only, no kept keys (build on cpu or cuda to see them)"
         return plots.empty(f"layer {layer} {why}"), ""
+    rows = (_last(session).get("input_shape") or [1])[0]
     return plots.indexer_mask(sel), (
-        f"layer {layer}: each query attends to at most {sel['topk']} keys"
+        f"layer {layer}, sequence {sel['batch']} of the batch"
+        + (f" (of {rows})" if rows > 1 else "")
+        + f": each query attends to at most {sel['topk']} keys"
         + (
             f"; index head {sel['head']} alone agrees on {sel['head_agreement']:.0%} of them"
             if sel.get("head") is not None

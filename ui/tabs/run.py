@@ -354,6 +354,7 @@ def forward(
         "trace": trace,
         "n_layers": args.n_layers,
         "meta": bool(r.get("meta")),
+        "input_shape": list(r["input_shape"]),
     }
     return (session, *_run_outputs(r, trace, args.n_layers))
 
