@@ -123,6 +123,7 @@ def _side(
 ) -> list[tuple[str, str, str, Any]]:
     """(section, metric, unit, value) rows of one config."""
     est = estimate(args, dtype, batch, seq_len, n_gpus)
+    splits = not split_problem(args, n_gpus, dtype)
     p = est["params"]
     rows = [
         ("size", "total parameters", "count", p["total"]),
@@ -146,18 +147,32 @@ def _side(
     rows.append(
         ("compute", f"FLOPs per token ({seq_len} context)", "flops", est["flops_per_token"])
     )
+
+    # A split the model cannot take has no per-GPU figures (None: "does not split"), as the
+    # Estimate shows none
+    def split(value: Any) -> Any:
+        return value if splits else None
+
     rows.append(
-        ("memory", f"per-GPU weights ({_gpus(n_gpus)})", "bytes", est["per_gpu_weight_bytes"])
+        (
+            "memory",
+            f"per-GPU weights ({_gpus(n_gpus)})",
+            "bytes",
+            split(est["per_gpu_weight_bytes"]),
+        )
     )
-    rows.append(("memory", f"per-GPU memory ({_gpus(n_gpus)})", "bytes", est["per_gpu_bytes"]))
+    rows.append(
+        ("memory", f"per-GPU memory ({_gpus(n_gpus)})", "bytes", split(est["per_gpu_bytes"]))
+    )
     for g in gpus:
         r = roofline(args, g, dtype, batch, seq_len, n_gpus)
         name = f"{r['gpu']} x{n_gpus}"
         rows += [
-            ("speed", f"{name}: prefill {batch} x {seq_len}", "seconds", r["prefill"]["seconds"]),
-            ("speed", f"{name}: decode", "tokens/s", r["decode"]["tokens_per_s"]),
+            ("speed", f"{name}: prefill {batch} x {seq_len}", "seconds",
+             split(r["prefill"]["seconds"])),
+            ("speed", f"{name}: decode", "tokens/s", split(r["decode"]["tokens_per_s"])),
             ("speed", f"{name}: memory per GPU fits", "bool", r["memory"]["fits"]),
-        ]
+        ]  # fmt: skip
     return rows
 
 
@@ -194,8 +209,8 @@ def compare(
     for name, x in (("A", a), ("B", b)):
         if why := split_problem(x, n_gpus, dtype):
             notes.append(
-                f"{name} does not split over {_gpus(n_gpus)} ({why}): its per-GPU and speed "
-                "figures are a what-if with every share rounded down, and it fits no GPU"
+                f"{name} does not split over {_gpus(n_gpus)} ({why}): no per-GPU or speed "
+                "figures, and it fits no GPU"
             )
     return {"changes": changes(a, b), "rows": rows, "settings": settings, "notes": notes}
 
@@ -234,6 +249,8 @@ SECOND_UNITS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns"))
 
 
 def _fmt(value: Any, unit: str, signed: bool = False) -> str:
+    if value is None:
+        return "does not split"
     sign = "+" if signed and value > 0 else ""
     if unit == "count":
         return f"{value:+,}" if signed else f"{value:,}"
@@ -277,7 +294,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         a, b, u = r["a"], r["b"], r["unit"]
         delta = ratio = ""
-        if _numeric(r):
+        if _numeric(r) and a is not None and b is not None:
             delta = _fmt(b - a, u, signed=True) if b != a else "="
             ratio = _ratio(b / a) if a else ""
         cells = [r["metric"], _fmt(a, u), _fmt(b, u), delta, ratio]
@@ -296,7 +313,7 @@ def to_csv(result: dict[str, Any]) -> str:
         w.writerow(["change", where, c["field"], "", c["a"], c["b"], "", ""])
     for r in result["rows"]:
         a, b = r["a"], r["b"]
-        num = _numeric(r)
+        num = _numeric(r) and a is not None and b is not None
         delta = b - a if num else ""
         ratio = b / a if num and a else ""
         w.writerow(["metric", r["section"], r["metric"], r["unit"], a, b, delta, ratio])

@@ -185,5 +185,12 @@ def test_a_side_that_does_not_split_over_n_gpus_says_so_and_fits_no_gpu():
     assert [n[:2] for n in r["notes"]] == ["A ", "B "]
     assert "vocab_size=1024 does not split over world_size=3" in r["notes"][0]
     assert all(not x["a"] and not x["b"] for m, x in rows(r).items() if m.endswith("fits"))
+    # no per-GPU figures for a split it cannot take, as the Estimate: "does not split"
+    per_gpu = [x for m, x in rows(r).items() if "per-GPU" in m or "prefill" in m or "decode" in m]
+    assert per_gpu and all(x["a"] is None and x["b"] is None for x in per_gpu)
+    md = to_markdown(r)
+    assert "| per-GPU memory (3 GPUs) | does not split | does not split |  |  |" in md
+    assert "does not split" not in to_markdown(compare(a, a, seq_len=a.max_seq_len))
+    to_csv(r)  # writes, with empty deltas
     fine = compare(a, a, seq_len=a.max_seq_len, n_gpus=2)
     assert fine["notes"] == [] and all(x["a"] for m, x in rows(fine).items() if m.endswith("fits"))
