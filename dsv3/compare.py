@@ -120,10 +120,11 @@ def _side(
     seq_len: int,
     n_gpus: int,
     gpus: tuple[GPU | str, ...],
+    splits: bool,
 ) -> list[tuple[str, str, str, Any]]:
-    """(section, metric, unit, value) rows of one config."""
+    """(section, metric, unit, value) rows of one config; `splits` False: it does not split
+    over n_gpus (`roofline.split_problem`)."""
     est = estimate(args, dtype, batch, seq_len, n_gpus)
-    splits = not split_problem(args, n_gpus, dtype)
     p = est["params"]
     rows = [
         ("size", "total parameters", "count", p["total"]),
@@ -198,20 +199,21 @@ def compare(
     parameters, weights per dtype, KV per token (naive/absorb), FLOPs per token, per-GPU memory
     for `n_gpus`, and the roofline's prefill seconds (batch x seq_len), decode tokens/s and fit
     on each of `gpus` (see dsv3.roofline)."""
-    side_a = _side(a, dtype, batch, seq_len, n_gpus, gpus)
-    side_b = _side(b, dtype, batch, seq_len, n_gpus, gpus)
+    why = {name: split_problem(x, n_gpus, dtype) for name, x in (("A", a), ("B", b))}
+    side_a = _side(a, dtype, batch, seq_len, n_gpus, gpus, not why["A"])
+    side_b = _side(b, dtype, batch, seq_len, n_gpus, gpus, not why["B"])
     rows = [
         {"section": s, "metric": m, "unit": u, "a": va, "b": vb}
         for (s, m, u, va), (_, _, _, vb) in zip(side_a, side_b)
     ]
     settings = {"dtype": dtype, "batch": batch, "seq_len": seq_len, "n_gpus": n_gpus}
     notes = [note for name, x in (("A", a), ("B", b)) if (note := _beyond(name, x, batch, seq_len))]
-    for name, x in (("A", a), ("B", b)):
-        if why := split_problem(x, n_gpus, dtype):
-            notes.append(
-                f"{name} does not split over {_gpus(n_gpus)} ({why}): no per-GPU or speed "
-                "figures, and it fits no GPU"
-            )
+    notes += [
+        f"{name} does not split over {_gpus(n_gpus)} ({w}): no per-GPU or speed figures, and "
+        "it fits no GPU"
+        for name, w in why.items()
+        if w
+    ]
     return {"changes": changes(a, b), "rows": rows, "settings": settings, "notes": notes}
 
 

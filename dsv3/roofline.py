@@ -152,18 +152,6 @@ def split_problem(args: ModelArgs, n: int, dtype: str = "bf16") -> str:
     except ConfigError as e:
         return str(e)
     return ""
-    if args.vocab_size % n:
-        return f"vocab_size={args.vocab_size}"
-    for la in args.layers():
-        if la.n_heads % n:
-            return f"layer {la.layer_id} n_heads={la.n_heads}"
-        if la.ffn == "dense" and la.inter_dim % n:
-            return f"layer {la.layer_id} inter_dim={la.inter_dim}"
-        if la.ffn == "moe" and la.n_routed_experts % n:
-            return f"layer {la.layer_id} n_routed_experts={la.n_routed_experts}"
-        if la.ffn == "moe" and (la.n_shared_experts * la.moe_inter_dim) % n:
-            return f"layer {la.layer_id} shared width={la.n_shared_experts * la.moe_inter_dim}"
-    return ""
 
 
 def _weights_read(args: ModelArgs, dtype: str, n: int, tokens: float) -> tuple[float, float]:

@@ -13,7 +13,7 @@ import pandas as pd
 from dsv3 import ConfigError, ModelArgs
 from dsv3 import estimate as estimate_model
 from dsv3.params import NO_FP8_PATH, human_bytes, run_bytes
-from dsv3.roofline import GPUS, speed_table
+from dsv3.roofline import GPUS, speed_table, split_problem
 
 from .. import lazy, plots
 from ..components import WholeNumber
@@ -69,19 +69,14 @@ def request(cfg: Any, device: Any, dtype: Any, batch: Any, length: Any, n_gpus: 
     return args, device, dtype, batch, length, n_gpus
 
 
-def check_batch(args: ModelArgs, batch: int) -> None:
-    """A batch within the config's max_batch_size, else a ConfigError saying so."""
-    if batch > args.max_batch_size:
-        raise ConfigError(
-            f"batch={batch} exceeds max_batch_size={args.max_batch_size}; allowed: "
-            f"1..{args.max_batch_size}",
-            field="batch",
-        )
+def check_batch(args: ModelArgs, batch: Any) -> int:
+    """A batch in 1..max_batch_size, else a ConfigError with the whole range."""
+    return whole(batch, "batch", 1, args.max_batch_size, f"max_batch_size={args.max_batch_size}")
 
 
 def sizes(args: ModelArgs, batch: Any, length: Any) -> tuple[int, int]:
     """Batch and length (0 = max_seq_len) within the config's max_batch_size / max_seq_len."""
-    batch = whole(batch, "batch", 1, args.max_batch_size, f"max_batch_size={args.max_batch_size}")
+    batch = check_batch(args, batch)
     length = whole(
         length, "length", 0, args.max_seq_len, f"max_seq_len={args.max_seq_len}; 0 = max_seq_len"
     )
@@ -90,15 +85,8 @@ def sizes(args: ModelArgs, batch: Any, length: Any) -> tuple[int, int]:
 
 def split_note(args: ModelArgs, n_gpus: int, dtype: str) -> str:
     """Why the model does not split over n_gpus (tensor/expert parallel), or ""."""
-    if n_gpus == 1:
-        return ""
-    from dsv3.dist.plan import check_shardable
-
-    try:
-        check_shardable(args, n_gpus, dtype=dtype)
-    except ConfigError as why:
-        return f"✘ does not split over {n_gpus} GPUs: {why}"
-    return ""
+    why = split_problem(args, n_gpus, dtype)
+    return f"✘ does not split over {n_gpus} GPUs: {why}" if why else ""
 
 
 def estimate(

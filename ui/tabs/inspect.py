@@ -145,7 +145,7 @@ def trace_view(session: Any, layer: Any = "", module_type: Any = "") -> tuple[An
         return (
             empty,
             plots.empty(BEFORE_RUN.format("module output shapes")),
-            ("⚠ nothing traced yet: press Run forward"),
+            "⚠ nothing traced yet: press Run forward",
         )
     layer = layer.strip() if isinstance(layer, str) else layer
     try:

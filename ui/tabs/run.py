@@ -279,9 +279,7 @@ def _run_request(args: ModelArgs, batch, seq_len, token_seed, token_ids, decode_
     except ValueError as e:
         raise ConfigError(str(e), field="token ids") from None
     if tokens is None:
-        batch = whole(
-            batch, "batch", 1, args.max_batch_size, f"max_batch_size={args.max_batch_size}"
-        )
+        batch = check_batch(args, batch)
         seq_len = whole(
             seq_len, "seq length", 1, args.max_seq_len, f"max_seq_len={args.max_seq_len}"
         )
